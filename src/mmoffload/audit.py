@@ -195,6 +195,7 @@ class _Record:
     """The fields of a TrainingSample or MicroBatch that audit reads, named once."""
 
     num_tokens: int
+    token_ids: Sequence[int]
     per_token: dict[str, Sequence[Any] | None]
     totals: dict[str, Sequence[int] | None]
     mm_kwargs: object
@@ -205,6 +206,7 @@ class _Record:
 def _sample_record(sample: TrainingSample) -> _Record:
     return _Record(
         num_tokens=len(sample.token_ids),
+        token_ids=sample.token_ids,
         per_token={name: getattr(sample, name) for name in SAMPLE_PER_TOKEN_FIELDS},
         totals={},
         mm_kwargs=sample.mm_kwargs,
@@ -216,6 +218,7 @@ def _sample_record(sample: TrainingSample) -> _Record:
 def _micro_batch_record(batch: MicroBatch) -> _Record:
     return _Record(
         num_tokens=len(batch.input_ids),
+        token_ids=batch.input_ids,
         per_token={name: getattr(batch, name) for name in MICRO_BATCH_PER_TOKEN_FIELDS},
         totals={name: getattr(batch, name) for name in MICRO_BATCH_TOTAL_FIELDS},
         mm_kwargs=batch.mm_kwargs,
@@ -277,26 +280,30 @@ class _Auditor:
             self.violation(loc, "missing_type_ids", "Expected `mm_token_type_ids` where there are image refs")
         placeholder_reasons = self.refs(loc, images, trainer_bound)
         # Spans are checked even without refs: an image-typed token in a text sample is stray too.
+        positions: dict[int, int] = {}
         if aligned and record.type_ids is not None:
-            stray: list[int] = []
             spans = [(ref.offset, ref.length) for ref in images]
-            for problem in span_problems(record.type_ids, spans):
-                if problem.kind == "stray":
-                    stray.append(problem.position or 0)
-                else:
+            problems = span_problems(record.type_ids, spans, record.token_ids)
+            stray = [problem for problem in problems if problem.kind == "stray"]
+            for problem in problems:
+                if problem.kind != "stray":
                     placeholder_reasons.setdefault(problem.image or 0, []).append(problem.message)
+                    if problem.position is not None:
+                        positions.setdefault(problem.image or 0, problem.position)
             if stray:
                 self.report.stray_image_tokens += len(stray)
                 self.violation(
                     loc,
                     "stray_image_token",
                     f"{len(stray)} image-typed token(s) outside every placeholder, first at position "
-                    f"{stray[0]}",
-                    position=stray[0],
+                    f"{stray[0].position}: {stray[0].window}",
+                    position=stray[0].position,
                 )
         for image, reasons in sorted(placeholder_reasons.items()):
             self.report.placeholder_mismatches += 1
-            self.violation(loc, "placeholder_mismatch", "; ".join(reasons), image=image)
+            self.violation(
+                loc, "placeholder_mismatch", "; ".join(reasons), image=image, position=positions.get(image)
+            )
         return bool(images)
 
     def refs(self, loc: _Loc, images: Sequence[MMImageRef], trainer_bound: bool) -> dict[int, list[str]]:

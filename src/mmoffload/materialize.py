@@ -278,7 +278,8 @@ class Materializer:
                 f"Expected {len(micro_batch.input_ids)} `mm_token_type_ids` with image refs, got {found}",
                 where,
             )
-        problems = span_problems(type_ids, [(ref.offset, ref.length) for ref in refs])
+        spans = [(ref.offset, ref.length) for ref in refs]
+        problems = span_problems(type_ids, spans, micro_batch.input_ids, family.token_names)
         if problems:
             problem = problems[0]
             at = where.at(image=problem.image) if problem.image is not None else where

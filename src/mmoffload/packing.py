@@ -406,7 +406,7 @@ def check_micro_batch(micro_batch: MicroBatch, where: Where | None = None) -> No
     if micro_batch.mm_token_type_ids is None:
         raise IntegrityError("Expected `mm_token_type_ids` in a micro batch with refs, got none", where)
     spans = [(ref.offset, ref.length) for ref in micro_batch.mm_refs.images]
-    problems = span_problems(micro_batch.mm_token_type_ids, spans)
+    problems = span_problems(micro_batch.mm_token_type_ids, spans, micro_batch.input_ids)
     if problems:
         at = where.at(image=problems[0].image) if where else Where(image=problems[0].image)
         raise IntegrityError(f"Expected image refs on image-typed tokens: {problems[0].message}", at)

@@ -524,10 +524,11 @@ def _sample(
     if len(family_names) > 1:
         raise BadInputError(f"Expected one family per sample, got {', '.join(family_names)}", where)
     spans = [(image.ref.offset, image.ref.length) for image in branch.images]
-    token_types = context.families.get(family_names[0], where).token_types
+    family = context.families.get(family_names[0], where)
+    token_types = family.token_types
     if IMAGE_TYPE in token_types.values():
         type_ids = type_ids_from_tokens(branch.tokens, token_types)
-        problems = span_problems(type_ids, spans)
+        problems = span_problems(type_ids, spans, branch.tokens, family.token_names)
         if problems:
             problem = problems[0]
             at = branch.images[problem.image].where if problem.image is not None else where

@@ -56,6 +56,10 @@ class Family(ABC):
         self.token_types: dict[int, int] = {
             ids[name]: kind for name, kind in self.typed_tokens.items() if name in ids
         }
+        # Names of the family's special tokens, for token windows in messages and pages.
+        self.token_names: dict[int, str] = {
+            tokens.get(name, token_id): name for name, token_id in self.default_token_ids.items()
+        }
 
     @abstractmethod
     def configure(self, config: dict[str, Any]) -> None:
