@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mmoffload_cli import audit, demo, materialize, offload, pack, refs
+from mmoffload_cli import audit, demo, materialize, offload, pack, refs, show
 
 app = typer.Typer(
     name="mmoffload",
@@ -21,6 +21,7 @@ app.command()(pack.pack)
 app.command()(audit.audit)
 app.command()(demo.demo)
 app.command()(materialize.materialize)
+app.command()(show.show)
 
 
 def main() -> None:
