@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mmoffload_cli import audit, demo, materialize, offload, pack, refs, show
+from mmoffload_cli import audit, demo, inspect, materialize, offload, pack, refs, show
 
 app = typer.Typer(
     name="mmoffload",
@@ -22,6 +22,7 @@ app.command()(audit.audit)
 app.command()(demo.demo)
 app.command()(materialize.materialize)
 app.command()(show.show)
+app.command()(inspect.inspect)
 
 
 def main() -> None:

@@ -25,6 +25,14 @@ Inputs = Annotated[
         show_default=False,
     ),
 ]
+HtmlOut = Annotated[
+    Path | None,
+    typer.Option(
+        "--html",
+        metavar="OUT.html",
+        help="Also write a page: figures, distinct images, per-rank plots (needs the html extra).",
+    ),
+]
 VerifyHashes = Annotated[
     bool, typer.Option("--verify-hashes", help="Also re-hash every referenced file (each once).")
 ]
@@ -35,6 +43,7 @@ def audit(
     verify_hashes: VerifyHashes = False,
     model: options.Model = None,
     expect: options.Expect = None,
+    html_out: HtmlOut = None,
     as_json: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
@@ -52,11 +61,18 @@ def audit(
         mmoffload audit RUN --expect examples=4 --expect data_uris=0 --expect type_ids_present=true
 
         mmoffload audit offloaded.jsonl
+
+        mmoffload audit RUN --html audit.html
     """
     with render.errors_to_exit():
         model_dir = resolve_model_dir(model) if model is not None else None
         report = audit_paths(inputs, verify_hashes=verify_hashes, model_dir=model_dir)
         expectations = check_expectations(report, expect or [])
+        if html_out is not None:
+            from mmoffload.audit_html import audit_page  # Only --html needs the page and its plots.
+            from mmoffload.io import atomic_write
+
+            atomic_write(html_out, audit_page(inputs, report).encode())
     render.emit_report(report, "audit", as_json=as_json, quiet=quiet)
     if not (as_json or quiet):
         render.stdout.print(violations_table(report))

@@ -458,6 +458,15 @@ class _Auditor:
                 )
 
 
+def binary_artifacts(paths: Sequence[Path]) -> list[tuple[list[Path], list[Path]]]:
+    """Return the TrainingBatch and rank files ``audit`` reads, per run (loose files are one run).
+
+    Raises:
+        UsageError: as ``audit`` does for the same paths.
+    """
+    return [(group.training_batches, group.rank_files) for group in _plan(paths).groups]
+
+
 def audit(
     paths: Sequence[Path], *, verify_hashes: bool = False, model_dir: Path | None = None
 ) -> AuditReport:
@@ -485,6 +494,27 @@ def audit(
             auditor.rank_file(path)
     for path in plan.jsonl:
         auditor.jsonl(path)
+    auditor.check_files()
+    auditor.report.ok = not auditor.report.violations
+    return auditor.report
+
+
+def audit_record(
+    file: str,
+    index: int,
+    record: TrainingSample | MicroBatch,
+    *,
+    families: Families,
+    verify_hashes: bool = True,
+) -> AuditReport:
+    """Audit one sample or micro batch on its own, its image files included.
+
+    Gives exactly the violations ``audit`` reports for that record (``inspect``
+    marks them on its page), with ``file`` and ``index`` as their location.
+    """
+    auditor = _Auditor(families, verify_hashes)
+    fields = _sample_record(record) if isinstance(record, TrainingSample) else _micro_batch_record(record)
+    auditor.record(_Loc(file, index), fields, trainer_bound=True)
     auditor.check_files()
     auditor.report.ok = not auditor.report.violations
     return auditor.report

@@ -6,7 +6,7 @@ same rules, and audit counts them all: one definition keeps them agreeing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +57,24 @@ class SpanProblem:
     window: str | None = None
 
 
+def run_edges(streams: Sequence[Sequence[object] | np.ndarray], cuts: Iterable[int] = ()) -> list[int]:
+    """Return where runs start, then the end: a run is a stretch equal in every stream.
+
+    Args:
+        streams: Equal-length per-token arrays (tokens, mask, type ids...).
+        cuts: Positions where a run must start anyway (clamped into the tokens).
+
+    Returns:
+        Sorted positions ``[0, ..., n]``: run ``k`` is ``[edges[k], edges[k + 1])``.
+    """
+    n = len(streams[0])
+    edges = {0, n, *(min(max(cut, 0), n) for cut in cuts)}
+    for stream in streams:
+        values = np.asarray(stream)
+        edges |= set((np.flatnonzero(values[1:] != values[:-1]) + 1).tolist())
+    return sorted(edges)
+
+
 def token_window(
     token_ids: Sequence[int],
     position: int,
@@ -85,11 +103,10 @@ def token_window(
         return "(no tokens)"
     names = DEFAULT_TOKEN_NAMES if token_names is None else token_names
     position = min(max(position, 0), len(tokens) - 1)
-    cuts = {0, len(tokens), position, position + 1}
+    cuts = [position, position + 1]
     if span is not None:
-        cuts |= {min(max(edge, 0), len(tokens)) for edge in (span[0], span[0] + span[1])}
-    cuts |= set((np.flatnonzero(tokens[1:] != tokens[:-1]) + 1).tolist())
-    edges = sorted(cuts)
+        cuts += [span[0], span[0] + span[1]]
+    edges = run_edges([tokens], cuts)
     starts = edges[:-1]
     centre = starts.index(position)
     first, last = max(centre - runs, 0), min(centre + runs, len(starts) - 1)

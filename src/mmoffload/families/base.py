@@ -37,6 +37,7 @@ class Family(ABC):
     name: ClassVar[str]
     policy: ClassVar[ForwardPolicy]
     payload_key: ClassVar[str]
+    patch_size: int  # Pixels per patch side, set by ``configure``.
     # Special-token name -> token type, and the published ids used when no tokenizer is given.
     typed_tokens: ClassVar[dict[str, int]]
     default_token_ids: ClassVar[dict[str, int]]
@@ -77,6 +78,10 @@ class Family(ABC):
     @abstractmethod
     def placeholder_length(self, grid: Grid) -> int:
         """Return the number of placeholder tokens an image of this grid takes."""
+
+    def input_size(self, grid: Grid) -> tuple[int, int]:
+        """Return the (width, height) in pixels that the model sees for ``grid``: one patch per cell."""
+        return grid[2] * self.patch_size, grid[1] * self.patch_size
 
     def payload(self, grid: Grid) -> dict[str, Any]:
         """Return the descriptor payload for ``grid``."""

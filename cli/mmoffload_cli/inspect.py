@@ -1,0 +1,55 @@
+"""``mmoffload inspect``: one sample or micro batch as an HTML page, images on their token spans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mmoffload.families import Families, resolve_model_dir
+from mmoffload.inspect_html import TokenText, inspect_page
+from mmoffload.io import atomic_write
+from mmoffload.show import select
+from mmoffload_cli import options, render
+from mmoffload_cli.show import MicroBatchIndex, Rank, SampleIndex, Step, Target
+
+HtmlOut = Annotated[Path, typer.Option("--html", metavar="OUT.html", help="Write the page here.")]
+
+
+def inspect(
+    target: Target,
+    html_out: HtmlOut,
+    step: Step = None,
+    rank: Rank = None,
+    micro_batch: MicroBatchIndex = None,
+    sample: SampleIndex = None,
+    model: options.Model = None,
+    as_json: options.Json = False,
+    quiet: options.Quiet = False,
+) -> None:
+    """Write one sample or micro batch as a self-contained HTML page.
+
+    The page shows the token stream (decoded with --model's tokenizer, offline,
+    else ids) with bands for the loss mask, sequences, padding and image tokens;
+    each image as a thumbnail at its span with its file, hash, sizes, grid and
+    expected placeholder length; and every problem audit reports, marked where
+    it is. Exit 0 when there is no problem, 1 when the page marks some, 2 when
+    the selection cannot be read.
+
+    Examples:
+
+        mmoffload inspect RUN --html sample.html
+
+        mmoffload inspect RUN --rank 1 --micro-batch 3 --model /models/Qwen3-VL-8B-Instruct --html mb.html
+
+        mmoffload inspect RUN --sample 0 --html sample.html
+    """
+    with render.errors_to_exit():
+        families = Families(resolve_model_dir(model) if model is not None else None)
+        selected = select(target, step=step, rank=rank, micro_batch=micro_batch, sample=sample)
+        document, report = inspect_page(selected, families, TokenText.for_model(families))
+        atomic_write(html_out, document.encode())
+    render.emit_report(report, f"inspect: wrote {html_out}", as_json=as_json, quiet=quiet)
+    if not report.ok:
+        raise typer.Exit(render.EXIT_PROBLEMS)

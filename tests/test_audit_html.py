@@ -1,0 +1,82 @@
+"""``audit --html`` on the demo run: figures, distinct images and per-rank plots, in a real Chromium."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from mmoffload import rundir
+from mmoffload.audit import audit
+from mmoffload.demo import run_demo
+from mmoffload.packing import PackOptions, pack_run
+from mmoffload.wire import read_rank_file, read_training_batch
+from mmoffload_cli.app import app
+from tests.browser import chromium, open_page, visible
+
+pytest.importorskip("matplotlib", reason="audit --html draws with matplotlib (the html extra)")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return [Path(run.run_dir) for run in run_demo(tmp_path_factory.mktemp("demo")).runs]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    yield from chromium()
+
+
+def audit_html(paths: list[Path], out: Path) -> int:
+    result = CliRunner().invoke(app, ["audit", *map(str, paths), "--html", str(out), "-q"])
+    assert result.stderr == ""
+    return result.exit_code
+
+
+def test_audit_html_of_the_demo_shows_figures_images_and_rank_plots(
+    browser: Any, runs: list[Path], tmp_path: Path
+) -> None:
+    by = pytest.importorskip("selenium.webdriver.common.by").By
+    page = tmp_path / "audit.html"
+    assert audit_html(runs, page) == 0
+    report = audit(runs)
+
+    assert open_page(browser, page, tmp_path / "audit.png") == []
+    assert browser.find_element(by.ID, "verdict").text == "ok: no violations"
+    for name in ("examples", "micro_batches", "descriptors", "unique_images"):
+        cell = browser.find_element(by.CSS_SELECTOR, f"tr[data-figure='{name}'] td:last-child")
+        assert cell.text == f"{getattr(report, name):,}"
+    gallery = browser.find_elements(by.CSS_SELECTOR, "figure.gallery-image")
+    assert len(gallery) == report.unique_images
+    assert sum(int(f.get_attribute("data-references")) for f in gallery) == report.descriptors
+    assert all(visible(browser, f.find_element(by.TAG_NAME, "img")) for f in gallery)
+    plots = browser.find_elements(by.CSS_SELECTOR, ".plot svg")
+    assert [p.find_element(by.XPATH, "..").get_attribute("data-plot") for p in plots] == [
+        "tokens",
+        "fill_ratio",
+        "padding",
+        "truncation",
+    ]
+    assert all(visible(browser, plot) for plot in plots)
+    assert len(browser.find_elements(by.CSS_SELECTOR, "tr[data-rank]")) == report.rank_files
+
+
+def test_truncation_per_rank_is_what_the_cut_dropped(runs: list[Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run)
+    pack_run(run, PackOptions(seq_len=2000, world_size=2))
+    page = tmp_path / "audit.html"
+    assert audit_html([run], page) == 0
+
+    samples = read_training_batch(rundir.training_batch_path(run, 0)).examples
+    packed = [mb for path in rundir.rank_paths(run, 0) for mb in read_rank_file(path) if any(mb.loss_mask)]
+    dropped = sum(len(s.token_ids) for s in samples) - sum(
+        sum(name != "" for name in mb.env_names) for mb in packed
+    )
+    rows = page.read_text().split("<tr data-rank=")[1:]
+    cells = [row.split("<td>")[-1].split("<")[0] for row in rows]
+    assert dropped > 0 and sum(int(cell.replace(",", "")) for cell in cells) == dropped
