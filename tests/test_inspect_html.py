@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 
 from mmoffload import rundir
 from mmoffload.demo import fixtures_dir, run_demo
+from mmoffload.packing import PackOptions, pack_run
 from mmoffload.wire import MicroBatch, MMRefs, encode, read_rank_file
 from mmoffload_cli.app import app
 from tests.browser import chromium, open_page, visible
@@ -147,6 +149,28 @@ def test_a_missing_image_file_is_marked_on_its_card(run: Path, tmp_path: Path) -
     assert "<div class='missing-image'>Cannot read image file" in document
 
 
+def test_a_corrupt_image_file_is_marked_on_its_card(run: Path, tmp_path: Path) -> None:
+    batch = demo_batch(run)
+    corrupt = tmp_path / "assets" / Path(batch.mm_refs.images[0].uri).name
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"not an image")
+    ref = msgspec.structs.replace(batch.mm_refs.images[0], uri=corrupt.as_uri())
+    ref.item = {**ref.item, "raw_image_uri": ref.uri}
+    batch.mm_refs = MMRefs([ref, *batch.mm_refs.images[1:]])
+    broken = tmp_path / "rank_0.bin"
+    broken.write_bytes(encode([batch]))
+    page = tmp_path / "corrupt.html"
+    assert inspect(broken, page) == 1
+
+    document = page.read_text()
+    assert "<li class='problem-item' data-kind='hash_mismatch' data-problem='0' data-image='0'>" in document
+    assert (
+        "<li class='problem-item' data-kind='undecodable_image' data-problem='1' data-image='0'>" in document
+    )
+    assert re.search(r"<figure class='image-span problem' id='img-0'[^>]*data-problem='0 1'", document)
+    assert "<div class='missing-image'>Image file does not decode: not an image format</div>" in document
+
+
 def test_the_page_needs_no_network(run: Path, tmp_path: Path) -> None:
     page = tmp_path / "demo.html"
     assert inspect(run, page) == 0
@@ -154,3 +178,27 @@ def test_the_page_needs_no_network(run: Path, tmp_path: Path) -> None:
     sources = re.findall(r"(?:src|href)='([^']*)'", document)
     assert sources and all(source.startswith(("data:", "#")) for source in sources)
     assert "<script" not in document and "http" not in document.split("<body>")[0]
+
+
+def test_sequences_and_padding_are_banded(browser: Any, run: Path, tmp_path: Path) -> None:
+    by = pytest.importorskip("selenium.webdriver.common.by").By
+    packed = tmp_path / "run"
+    shutil.copytree(run, packed)
+    pack_run(packed, PackOptions(seq_len=8192, pad_multiple=64))
+    batch = demo_batch(packed)
+    page = tmp_path / "packed.html"
+    assert inspect(packed, page) == 0
+
+    assert open_page(browser, page, tmp_path / "packed.png") == []
+    tags = browser.find_elements(by.CSS_SELECTOR, "#tokens .seq-start")
+    starts = [sum(batch.sequence_lengths[:k]) for k in range(len(batch.sequence_lengths))]
+    assert len(starts) > 1 and [int(tag.get_attribute("data-seq")) for tag in tags] == list(
+        range(len(starts))
+    )
+    following = [
+        browser.execute_script("return arguments[0].nextElementSibling.dataset.pos", tag) for tag in tags
+    ]
+    assert [int(pos) for pos in following] == starts
+    padding = browser.find_elements(by.CSS_SELECTOR, "#tokens .t.pad")
+    padded = sum(name == "" for name in batch.env_names)
+    assert padded > 0 and sum(int(run.get_attribute("data-count")) for run in padding) == padded

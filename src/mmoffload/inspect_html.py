@@ -120,7 +120,9 @@ def read_image(uri: str) -> ImageFile:
             width, height = opened.size
             image = to_rgb(opened)
             image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except UnidentifiedImageError:
+        return ImageFile(path, len(data), None, None, None, "Image file does not decode: not an image format")
+    except (OSError, ValueError) as exc:
         return ImageFile(path, len(data), None, None, None, f"Image file does not decode: {exc}")
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=THUMBNAIL_QUALITY)
