@@ -13,6 +13,8 @@ from rich.table import Table
 from mmoffload.audit import AuditReport, Expectation, check_expectations
 from mmoffload.audit import audit as audit_paths
 from mmoffload.families import resolve_model_dir
+from mmoffload.ray_backend import RayOptions
+from mmoffload.remap import Remap
 from mmoffload_cli import options, render
 
 SHOWN_VIOLATIONS = 10
@@ -35,6 +37,9 @@ def audit(
     verify_hashes: VerifyHashes = False,
     model: options.Model = None,
     expect: options.Expect = None,
+    remap: options.Remap = None,
+    ray: options.Ray = False,
+    ray_address: options.RayAddress = None,
     as_json: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
@@ -52,10 +57,20 @@ def audit(
         mmoffload audit RUN --expect examples=4 --expect data_uris=0 --expect type_ids_present=true
 
         mmoffload audit offloaded.jsonl
+
+        mmoffload audit RUN --verify-hashes --remap /mnt/rollout/assets=/data/assets
+
+        mmoffload audit dumps/*.jsonl --ray --ray-address ray://head:10001
     """
     with render.errors_to_exit():
         model_dir = resolve_model_dir(model) if model is not None else None
-        report = audit_paths(inputs, verify_hashes=verify_hashes, model_dir=model_dir)
+        report = audit_paths(
+            inputs,
+            verify_hashes=verify_hashes,
+            model_dir=model_dir,
+            remap=Remap.parse(remap or []),
+            ray=RayOptions(address=ray_address) if ray or ray_address else None,
+        )
         expectations = check_expectations(report, expect or [])
     render.emit_report(report, "audit", as_json=as_json, quiet=quiet)
     if not (as_json or quiet):
