@@ -15,6 +15,7 @@ Optional: needs the ``ray`` extra (``ray[data]``); ``ray`` is imported only here
 from __future__ import annotations
 
 import contextlib
+import logging
 import pickle
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -67,10 +68,10 @@ def ray_session(options: RayOptions) -> Iterator[None]:
         return
     local = {} if options.address else {"num_cpus": options.num_cpus}
     ray.init(address=options.address, include_dashboard=False, log_to_driver=False, **local)
+    # A run this opened is a command's: its stderr carries mmoffload's messages, not Ray Data's progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
-        data_context = ray.data.DataContext.get_current()
-        data_context.execution_options.preserve_order = True
-        data_context.enable_progress_bars = False
         yield
     finally:
         # Only this process's connection (and the local cluster it started): never `ray stop`.
@@ -156,6 +157,8 @@ def _ordered(
 ) -> Iterator[tuple[Where, bytes, Any]]:
     """Run ``task`` over windows of lines on Ray; yield ``(where, line, result)`` in input order."""
     ray = _import_ray()
+    # Ray Data reorders rows by default; outputs must keep the input's order.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     for window in _windows(lines, ray_options.window_bytes):
         rows = [{"where": pickle.dumps(where), "line": line} for where, line in window]
         dataset = ray.data.from_items(rows).map_batches(
