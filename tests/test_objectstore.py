@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from mmoffload.assets import content_hash, resolve_assets_dir
 from mmoffload.audit import audit
 from mmoffload.demo import fixtures_dir
-from mmoffload.errors import IntegrityError
+from mmoffload.errors import IntegrityError, UsageError
 from mmoffload.materialize import MissingImagePolicy, materialize_run
 from mmoffload.offload import offload_files
 from mmoffload.packing import PackOptions, pack_run
@@ -167,6 +167,29 @@ def test_an_existing_object_with_other_content_is_detected_not_rewritten(tmp_pat
     assert result.exit_code == 2
     assert "Content hash mismatch" in result.stderr and "in.jsonl:1" in result.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_bucket_that_does_not_exist_stops_the_run_with_exit_2(tmp_path, s3_endpoint):
+    result = runner.invoke(
+        app,
+        ["offload", str(QWEN_TRACES), "-o", str(tmp_path / "out.jsonl"), "--assets", "s3://no-such-bucket/p"],
+    )
+    assert result.exit_code == 2
+    assert "Cannot write `s3://no-such-bucket/p/" in result.stderr and "qwen_vl.jsonl:1" in result.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_unreachable_endpoint_is_one_clear_error(tmp_path, s3_endpoint, monkeypatch):
+    import fsspec
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    store = ObjectStore("s3://bucket-x/p")
+    # A client of its own that gives up fast (the default one retries for seconds).
+    store.fs = fsspec.filesystem(
+        "s3", skip_instance_cache=True, retries=1, config_kwargs={"retries": {"max_attempts": 1}}
+    )
+    with pytest.raises(UsageError, match="Cannot reach `s3://bucket-x/p/"):
+        store.put(image_bytes())
 
 
 def test_a_corrupt_object_is_a_hash_mismatch_in_audit(tmp_path, bucket):

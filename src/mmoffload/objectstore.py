@@ -13,6 +13,8 @@ rewritten, so a corrupt object is reported instead of silently kept or hidden.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +27,7 @@ from mmoffload.assets import (
     read_verified,
     sniff_extension,
 )
-from mmoffload.errors import BadInputError, IntegrityError, UsageError, Where
+from mmoffload.errors import BadInputError, UsageError, Where
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +66,13 @@ class ObjectStore:
         digest = content_hash(data)
         uri = f"{self.root}/{digest}{extension}"
         try:
-            self.fs.pipe_file(uri, data, mode="create")
+            with _reaching(uri):
+                self.fs.pipe_file(uri, data, mode="create")
         except FileExistsError:
             read_verified(uri, digest, where)
             return StoredObject(digest, uri, written=False)
-        except OSError as exc:
-            raise IntegrityError(f"Cannot write `{uri}`: {exc}", where) from exc
+        except OSError as exc:  # A missing bucket, no permission: the run cannot go on.
+            raise UsageError(f"Cannot write `{uri}`: {exc.strerror or exc}", where) from exc
         return StoredObject(digest, uri, written=True)
 
 
@@ -79,8 +82,10 @@ def cat_object(uri: str) -> bytes:
     Raises:
         FileNotFoundError: there is no such object.
         OSError: it cannot be read.
+        UsageError: the store cannot be reached.
     """
-    return bytes(_filesystem(uri).cat_file(uri))
+    with _reaching(uri):
+        return bytes(_filesystem(uri).cat_file(uri))
 
 
 def object_size(uri: str) -> int:
@@ -88,8 +93,21 @@ def object_size(uri: str) -> int:
 
     Raises:
         FileNotFoundError: there is no such object.
+        UsageError: the store cannot be reached.
     """
-    return int(_filesystem(uri).size(uri))
+    with _reaching(uri):
+        return int(_filesystem(uri).size(uri))
+
+
+@contextlib.contextmanager
+def _reaching(uri: str) -> Iterator[None]:
+    """Turn a client's own errors (no endpoint, bad credentials) into one clear error; OSErrors pass."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:  # botocore and its peers raise their own classes, not OSError.
+        raise UsageError(f"Cannot reach `{uri}`: {exc}") from exc
 
 
 def _filesystem(url: str) -> Any:
