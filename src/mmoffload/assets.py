@@ -146,8 +146,13 @@ class AssetStore:
         return StoredImage(digest, path, written=True)
 
 
-def open_store(location: Path | str) -> AssetStore | ObjectStore:
-    """Open the asset store at a directory, a ``file://`` URL or an object-store URL (``s3://b/p``)."""
+def open_store(location: Path | str | AssetStore | ObjectStore) -> AssetStore | ObjectStore:
+    """Open the asset store at a directory, a ``file://`` URL or an object-store URL (``s3://b/p``).
+
+    A store passed in is returned as it is.
+    """
+    if not isinstance(location, Path | str):
+        return location
     if isinstance(location, str):
         location = resolve_assets_dir(location, None)
     if isinstance(location, str):

@@ -35,9 +35,8 @@ from mmoffload.imageparts import (
 from mmoffload.io import TEMP_PREFIX, atomic_writer, decode_json_line, iter_lines
 
 if TYPE_CHECKING:
-    from mmoffload.ray_backend import RayOptions
-
     from mmoffload.objectstore import ObjectStore, StoredObject
+    from mmoffload.ray_backend import RayOptions
 
 REJECTS_SUFFIX = ".rejects.jsonl"
 # An image write takes milliseconds; a temp this old in the asset directory is a killed run's.
@@ -233,7 +232,7 @@ def offload_record(
         BadInputError: a bad image part or source, naming its JSON path.
         IntegrityError: a missing ``file://`` source (when checked or adopted).
     """
-    store = open_store(assets) if isinstance(assets, Path | str) else assets
+    store = open_store(assets)
     return Offloader(store, options).record(record)
 
 
@@ -324,7 +323,7 @@ def offload_files(
     """
     started = time.perf_counter()
     options = options or OffloadOptions()
-    store = open_store(assets) if isinstance(assets, Path | str) else assets
+    store = open_store(assets)
     report = OffloadReport(inputs=len(inputs), assets=str(store.root))
     if isinstance(store, AssetStore):
         store.root.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from mmoffload import offload
+from mmoffload.assets import open_store
 from mmoffload.errors import MMOffloadError, UsageError, Where
 from mmoffload.io import iter_lines
 
@@ -132,9 +133,7 @@ def offload_dataset(
     Returns:
         The lazily offloaded dataset (run it with ``write_json``, ``iter_rows``, ...).
     """
-    from mmoffload.assets import open_store
-
-    store = open_store(assets) if isinstance(assets, Path | str) else assets
+    store = open_store(assets)
     return dataset.map_batches(
         _offload_column,
         batch_format="numpy",
