@@ -83,6 +83,8 @@ def test_an_object_store_run_goes_through_refs_pack_audit_and_materialize(tmp_pa
     )
     report = audit([remote], verify_hashes=True)
     assert report.ok, report.violations
+    jsonl_report = audit([remote / "offloaded.jsonl"], verify_hashes=True)
+    assert jsonl_report.ok and jsonl_report.unique_images == report.unique_images
     assert (report.object_uris, report.file_uris, report.missing_files) == (report.descriptors, 0, 0)
     assert report.unique_images == audit([local], verify_hashes=True).unique_images > 0
 

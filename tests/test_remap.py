@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from mmoffload.errors import UsageError
 from mmoffload.remap import Remap
+from mmoffload_cli.app import app
 
 
 def test_a_path_rule_rewrites_file_uris_under_it():
@@ -47,3 +49,11 @@ def test_uris_no_rule_matches_are_kept():
 def test_a_rule_without_both_sides_is_a_usage_error(text):
     with pytest.raises(UsageError, match="Expected --remap FROM=TO"):
         Remap.parse([text])
+
+
+@pytest.mark.parametrize("command", ["audit", "materialize"])
+def test_a_bad_remap_rule_is_exit_2_with_one_line(tmp_path, command):
+    result = CliRunner().invoke(app, [command, str(tmp_path), "--remap", "no-equals-sign"])
+    assert result.exit_code == 2
+    assert "Expected --remap FROM=TO" in result.stderr
+    assert "Traceback" not in result.stderr
