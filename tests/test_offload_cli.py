@@ -159,3 +159,12 @@ def test_a_run_killed_mid_way_leaves_no_output_and_only_intact_images(tmp_path):
         data = path.read_bytes()
         assert hashlib.sha256(data).hexdigest()[:32] == path.stem
         Image.open(io.BytesIO(data)).load()
+
+
+def test_ray_without_the_ray_extra_is_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: importing it fails
+    source = write_jsonl(tmp_path / "in.jsonl", [record(data_url(PNG))])
+    result = invoke(source, "-o", tmp_path / "out.jsonl", "--assets", tmp_path / "assets", "--ray")
+    assert result.exit_code == 2
+    assert "needs the `ray` extra" in result.stderr
+    assert not (tmp_path / "out.jsonl").exists()

@@ -13,6 +13,8 @@ from rich.table import Table
 from mmoffload.audit import AuditReport, Expectation, check_expectations
 from mmoffload.audit import audit as audit_paths
 from mmoffload.families import resolve_model_dir
+from mmoffload.ray_backend import RayOptions
+from mmoffload.remap import Remap
 from mmoffload_cli import options, render
 
 SHOWN_VIOLATIONS = 10
@@ -44,6 +46,9 @@ def audit(
     model: options.Model = None,
     expect: options.Expect = None,
     html_out: HtmlOut = None,
+    remap: options.Remap = None,
+    ray: options.Ray = False,
+    ray_address: options.RayAddress = None,
     as_json: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
@@ -63,10 +68,20 @@ def audit(
         mmoffload audit offloaded.jsonl
 
         mmoffload audit RUN --html audit.html
+
+        mmoffload audit RUN --verify-hashes --remap /mnt/rollout/assets=/data/assets
+
+        mmoffload audit dumps/*.jsonl --ray --ray-address ray://head:10001
     """
     with render.errors_to_exit():
         model_dir = resolve_model_dir(model) if model is not None else None
-        report = audit_paths(inputs, verify_hashes=verify_hashes, model_dir=model_dir)
+        report = audit_paths(
+            inputs,
+            verify_hashes=verify_hashes,
+            model_dir=model_dir,
+            remap=Remap.parse(remap or []),
+            ray=RayOptions(address=ray_address) if ray or ray_address else None,
+        )
         expectations = check_expectations(report, expect or [])
         if html_out is not None:
             from mmoffload.audit_html import audit_page  # Only --html needs the page and its plots.

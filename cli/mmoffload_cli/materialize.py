@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from mmoffload.materialize import MissingImagePolicy, iter_rank_files, materialize_run
-from mmoffload_cli import render
+from mmoffload.remap import Remap
+from mmoffload_cli import options, render
 from mmoffload_cli.options import Json, Model, Quiet
 
 
@@ -29,6 +30,7 @@ def materialize(
             help="Write each micro batch's tensors to DIR/step_<N>/rank_<R>_mb_<K>.safetensors.",
         ),
     ] = None,
+    remap: options.Remap = None,
     json_output: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -47,12 +49,19 @@ def materialize(
         mmoffload materialize run/ --missing-image-policy error --json
 
         mmoffload materialize run/ --model qwen2_5_vl --save run/materialized
+
+        mmoffload materialize run/ --remap s3://rollouts/assets=/data/assets
     """
     with render.errors_to_exit():
         total = sum(path.stat().st_size for _, path in iter_rank_files(run))
         with render.progress_bar("materialize", total, enabled=not quiet) as advance:
             report = materialize_run(
-                run, model=model, missing_image_policy=missing_image_policy, save_dir=save, advance=advance
+                run,
+                model=model,
+                missing_image_policy=missing_image_policy,
+                save_dir=save,
+                remap=Remap.parse(remap or []),
+                advance=advance,
             )
     render.emit_report(report, "materialize", as_json=json_output, quiet=quiet)
     if report.images_placeholdered:

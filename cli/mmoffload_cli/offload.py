@@ -9,8 +9,9 @@ import typer
 
 from mmoffload.assets import resolve_assets_dir
 from mmoffload.offload import OffloadOptions, offload_files, plan_outputs
+from mmoffload.ray_backend import RayOptions
 from mmoffload_cli import render
-from mmoffload_cli.options import Assets, Json, Output, Quiet, Workers
+from mmoffload_cli.options import Assets, Json, Output, Quiet, Ray, RayAddress, Workers
 
 
 def offload(
@@ -44,6 +45,8 @@ def offload(
         typer.Option("--rejects", help="Rejects file for the whole run (default: <output>.rejects.jsonl)."),
     ] = None,
     workers: Workers = 1,
+    ray: Ray = False,
+    ray_address: RayAddress = None,
     json_output: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -61,6 +64,8 @@ def offload(
         mmoffload offload a.jsonl b.jsonl -o out/ --workers 8 --skip-bad-lines --json
 
         mmoffload offload rollouts.jsonl --in-place
+
+        mmoffload offload dumps/*.jsonl -o out/ --assets s3://bucket/run1/images --ray
     """
     with render.errors_to_exit():
         outputs = plan_outputs(inputs, output, in_place)
@@ -74,6 +79,7 @@ def offload(
                 skip_bad_lines=skip_bad_lines,
                 rejects=rejects,
                 workers=workers,
+                ray=RayOptions(address=ray_address) if ray or ray_address else None,
                 advance=advance,
             )
     render.emit_report(report, "offload", as_json=json_output, quiet=quiet)

@@ -8,11 +8,22 @@ from typing import Annotated
 import typer
 
 Output = Annotated[Path | None, typer.Option("-o", "--output", help="Write the result here.")]
+# A string, not a Path: a Path would fold `s3://bucket` into `s3:/bucket`.
 Assets = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--assets",
-        help="Image asset directory (default: $VF_RENDERER_IMAGE_OFFLOAD_DIR, else RUN/assets/images).",
+        help="Image asset directory, or an object-store URL such as s3://bucket/prefix "
+        "(default: $VF_RENDERER_IMAGE_OFFLOAD_DIR, else RUN/assets/images).",
+    ),
+]
+Remap = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--remap",
+        metavar="FROM=TO",
+        help="Read image URIs under prefix FROM from TO instead (paths or URLs; repeatable), "
+        "e.g. --remap /mnt/rollout/assets=/data/assets.",
     ),
 ]
 RunDir = Annotated[Path, typer.Option("--run-dir", help="Run directory (RUN/rollouts/step_<N>/...).")]
@@ -32,4 +43,18 @@ Model = Annotated[
 Expect = Annotated[
     list[str] | None,
     typer.Option("--expect", help="Assert a figure, NAME=VALUE (repeatable); a failed one exits 1."),
+]
+Ray = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help="Run the per-line work as tasks on a Ray cluster: --ray-address, else $RAY_ADDRESS, "
+        "else a local cluster for the run (needs the `ray` extra; same output bytes, input order kept).",
+    ),
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address", metavar="ADDRESS", help="Ray cluster for --ray (host:port, ray://host:port)."
+    ),
 ]

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from mmoffload.families import resolve_model_dir
+from mmoffload.remap import Remap
 from mmoffload.traces import RefsOptions, build_refs
 from mmoffload_cli import options, render
 
@@ -59,6 +60,7 @@ def refs(
     verify_hashes: VerifyHashes = True,
     skip_invalid: SkipInvalid = False,
     rejects: Rejects = None,
+    remap: options.Remap = None,
     as_json: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
@@ -75,6 +77,8 @@ def refs(
         mmoffload refs a.jsonl b.jsonl --run-dir RUN --model qwen3_vl --step-size 256 --json
 
         mmoffload refs traces.jsonl --run-dir RUN --skip-invalid --rejects bad.jsonl
+
+        mmoffload refs traces.jsonl --run-dir RUN --remap /mnt/rollout/assets=/data/assets
     """
     with render.errors_to_exit():
         model_dir = resolve_model_dir(model) if model is not None else None
@@ -90,6 +94,7 @@ def refs(
                 verify_hashes=verify_hashes,
                 skip_invalid=skip_invalid,
                 rejects_path=rejects,
+                remap=Remap.parse(remap or []),
             ),
         )
     render.emit_report(report, "refs", as_json=as_json, quiet=quiet)

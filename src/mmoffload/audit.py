@@ -27,18 +27,30 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from mmoffload import rundir
-from mmoffload.assets import content_hash, is_local_file_uri, uri_to_path
+from mmoffload.assets import (
+    asset_location,
+    asset_size,
+    content_hash,
+    is_local_file_uri,
+    is_object_uri,
+    read_asset,
+)
 from mmoffload.descriptors import DESCRIPTOR_KIND, HASH_PATTERN, descriptor_problems, descriptor_uri
 from mmoffload.errors import BadInputError, PathPart, UsageError, Where, json_path
 from mmoffload.families import Families
 from mmoffload.imageparts import ImageSource, iter_image_sources, source_kind
 from mmoffload.io import decode_json_line, iter_lines
+from mmoffload.remap import Remap
 from mmoffload.spans import span_problems
+
+if TYPE_CHECKING:
+    from mmoffload.ray_backend import RayOptions
+
 from mmoffload.wire import (
     MICRO_BATCH_PER_TOKEN_FIELDS,
     MICRO_BATCH_TOTAL_FIELDS,
@@ -101,6 +113,8 @@ class AuditReport(msgspec.Struct):
     # (so that ``hash_mismatches = 0`` can be told apart from "not checked").
     jsonl_records: int = 0
     hashes_verified: bool = False
+    # Object-store image URIs among trainer-bound refs (docs/scale.md), beside ``file_uris``.
+    object_uris: int = 0
     violations: list[Violation] = msgspec.field(default_factory=list)
     ok: bool = True
 
@@ -230,10 +244,12 @@ def _micro_batch_record(batch: MicroBatch) -> _Record:
 class _Auditor:
     """Accumulates figures and violations over every artifact, then checks the files once."""
 
-    def __init__(self, families: Families, verify_hashes: bool) -> None:
+    def __init__(self, families: Families, verify_hashes: bool, remap: Remap | None = None) -> None:
         self.families = families
         self.report = AuditReport(hashes_verified=verify_hashes)
-        self.files: dict[Path, _FileUse] = {}
+        self.remap = remap or Remap()
+        # Local image files by path, object-store images by URL.
+        self.files: dict[Path | str, _FileUse] = {}
 
     def violation(self, loc: _Loc, kind: str, reason: str, **where: Any) -> None:
         self.report.violations.append(
@@ -320,6 +336,8 @@ class _Auditor:
                 self.report.descriptors += 1
             if trainer_bound and is_local_file_uri(ref.uri):
                 self.report.file_uris += 1
+            elif trainer_bound and is_object_uri(ref.uri):
+                self.report.object_uris += 1
             for reason in _ref_problems(ref.item, ref.hash, ref.uri, ref.offset, previous_end):
                 self.violation(loc, "bad_ref", reason, image=image)
             previous_end = max(previous_end, ref.offset + ref.length)
@@ -389,7 +407,7 @@ class _Auditor:
         """Count one image source; a local file is registered for the file check."""
         kind = source_kind(source)
         if kind == "file":
-            use = self.files.setdefault(uri_to_path(source), _FileUse(loc, image))
+            use = self.files.setdefault(asset_location(self.remap(source)), _FileUse(loc, image))
             if expected_hash is not None:
                 use.hashes.add(expected_hash)
             return
@@ -406,37 +424,51 @@ class _Auditor:
 
     def jsonl(self, path: Path) -> None:
         for index, (where, line) in enumerate(iter_lines(path)):
-            loc = _Loc(str(path), index, where.line)
-            try:
-                value = decode_json_line(line, where)
-            except BadInputError as exc:
-                self.violation(loc, "undecodable", exc.message)
-                continue
-            self.report.jsonl_records += 1
-            for source in self.image_sources(loc, value, ()):
-                self.source(loc, source.source, source.path)
-            for parts, obj in _descriptors_and_samples(value):
-                if obj.get("mm_kwargs") is not None:
-                    self.report.eager_mm_kwargs += 1
-                    self.violation(
-                        loc, "eager_mm_kwargs", "Expected no eager `mm_kwargs`", path=json_path(parts)
-                    )
-                if obj.get("kind") == DESCRIPTOR_KIND and (problems := descriptor_problems(obj)):
-                    self.report.non_strict_descriptors += 1
-                    self.violation(loc, "non_strict_descriptor", "; ".join(problems), path=json_path(parts))
+            self.jsonl_line(index, where, line)
+
+    def jsonl_line(self, index: int, where: Where, line: bytes) -> None:
+        """Audit one JSONL line, the ``index``-th record of its file."""
+        loc = _Loc(str(where.file), index, where.line)
+        try:
+            value = decode_json_line(line, where)
+        except BadInputError as exc:
+            self.violation(loc, "undecodable", exc.message)
+            return
+        self.report.jsonl_records += 1
+        for source in self.image_sources(loc, value, ()):
+            self.source(loc, source.source, source.path)
+        for parts, obj in _descriptors_and_samples(value):
+            if obj.get("mm_kwargs") is not None:
+                self.report.eager_mm_kwargs += 1
+                self.violation(loc, "eager_mm_kwargs", "Expected no eager `mm_kwargs`", path=json_path(parts))
+            if obj.get("kind") == DESCRIPTOR_KIND and (problems := descriptor_problems(obj)):
+                self.report.non_strict_descriptors += 1
+                self.violation(loc, "non_strict_descriptor", "; ".join(problems), path=json_path(parts))
+
+    def merge(self, report: AuditReport, files: dict[Path | str, _FileUse]) -> None:
+        """Add the figures, violations and files of another auditor's later records (a Ray task's)."""
+        for name, kind in FIGURES.items():
+            if kind is int:
+                setattr(self.report, name, getattr(self.report, name) + getattr(report, name))
+        self.report.violations.extend(report.violations)
+        for path, use in files.items():
+            if (mine := self.files.setdefault(path, use)) is not use:
+                mine.hashes |= use.hashes
 
     # --- files, once each
 
     def check_files(self) -> None:
         """Stat (and with hashes on, hash) each distinct referenced file once."""
         self.report.unique_images = len(self.files)
-        present: list[tuple[Path, _FileUse]] = []
+        present: list[tuple[Path | str, _FileUse]] = []
         for path, use in self.files.items():
             try:
-                self.report.image_bytes += path.stat().st_size
+                self.report.image_bytes += asset_size(path)
             except OSError as exc:
                 self.report.missing_files += 1
-                reason = "Missing image file" if isinstance(exc, FileNotFoundError) else exc.strerror
+                reason = (
+                    "Missing image file" if isinstance(exc, FileNotFoundError) else exc.strerror or str(exc)
+                )
                 self.violation(use.first, "missing_file", f"{reason}: `{path}`", image=use.image)
                 continue
             if use.hashes:
@@ -468,7 +500,12 @@ def binary_artifacts(paths: Sequence[Path]) -> list[tuple[list[Path], list[Path]
 
 
 def audit(
-    paths: Sequence[Path], *, verify_hashes: bool = False, model_dir: Path | None = None
+    paths: Sequence[Path],
+    *,
+    verify_hashes: bool = False,
+    model_dir: Path | None = None,
+    remap: Remap | None = None,
+    ray: RayOptions | None = None,
 ) -> AuditReport:
     """Audit run directories, ``.bin`` artifacts and JSONL files; return every figure and problem.
 
@@ -478,6 +515,8 @@ def audit(
             TrainingBatch) and rollout or trace ``.jsonl`` files.
         verify_hashes: Also re-hash every referenced file against its refs' hashes.
         model_dir: A model directory whose settings the families use (default: their defaults).
+        remap: URI prefix rewrites applied before each image file is checked (``--remap``).
+        ray: audit the JSONL lines as tasks on a Ray cluster (``ray_backend``); same report.
 
     Returns:
         The report; ``ok`` is true when there is no violation.
@@ -486,14 +525,19 @@ def audit(
         UsageError: a path is missing, unreadable or of an unknown kind, or a run has no artifacts.
     """
     plan = _plan(paths)
-    auditor = _Auditor(Families(model_dir), verify_hashes)
+    auditor = _Auditor(Families(model_dir), verify_hashes, remap)
     for group in plan.groups:
         for path in group.training_batches:
             auditor.training_batch(path, trainer_bound=not group.rank_files)
         for path in group.rank_files:
             auditor.rank_file(path)
-    for path in plan.jsonl:
-        auditor.jsonl(path)
+    if ray is not None and plan.jsonl:
+        from mmoffload.ray_backend import audit_jsonl_on_ray  # The optional `ray` extra.
+
+        audit_jsonl_on_ray(auditor, plan.jsonl, ray)
+    else:
+        for path in plan.jsonl:
+            auditor.jsonl(path)
     auditor.check_files()
     auditor.report.ok = not auditor.report.violations
     return auditor.report
@@ -589,11 +633,11 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _hash_file(path: Path) -> str:
+def _hash_file(path: Path | str) -> str:
     try:
-        return content_hash(path.read_bytes())
+        return content_hash(read_asset(path))
     except OSError as exc:
-        return f"unreadable ({exc.strerror})"  # Vanished since the stat: disagrees with every ref.
+        return f"unreadable ({exc.strerror or exc})"  # Vanished since the stat: disagrees with every ref.
 
 
 def _ref_problems(item: dict[str, Any], digest: str, uri: str, offset: int, previous_end: int) -> list[str]:

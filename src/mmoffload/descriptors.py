@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from mmoffload.assets import is_local_file_uri
+from mmoffload.assets import is_local_file_uri, is_object_uri
 from mmoffload.errors import BadInputError, PathPart, Where, json_path
 
 DESCRIPTOR_KIND = "prime_raw_mm_item"
@@ -61,7 +61,8 @@ def descriptor_problems(descriptor: object) -> list[str]:
     if not isinstance(family, str) or not FAMILY_NAME.fullmatch(family):
         problems.append(f"Expected `family` as a name of [A-Za-z0-9_.-], got `{family!r}`")
     uri = descriptor_uri(descriptor)
-    if not isinstance(uri, str) or not is_local_file_uri(uri):
+    # Object-store URLs are this project's extension for runs without a shared FS (docs/scale.md).
+    if not isinstance(uri, str) or not (is_local_file_uri(uri) or is_object_uri(uri)):
         shown = uri[:60] + "..." if isinstance(uri, str) and len(uri) > 60 else uri
         problems.append(f"Expected `raw_image_uri` as a local `file://` URI, got `{shown!r}`")
     if "raw_image_data" in descriptor:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from mmoffload.assets import is_local_file_uri
+from mmoffload.assets import is_local_file_uri, is_object_uri
 from mmoffload.errors import BadInputError, PathPart, Where
 
 SourceKind = Literal["data", "file", "remote"]
@@ -66,10 +66,10 @@ class ImagePart:
 
 
 def source_kind(source: str) -> SourceKind:
-    """Classify a source: ``data:`` URL, local ``file://`` URI, or anything else (remote)."""
+    """Classify a source: ``data:`` URL, stored file (local ``file://`` or object store), or remote."""
     if source[:5].lower() == "data:":
         return "data"
-    if is_local_file_uri(source):
+    if is_local_file_uri(source) or is_object_uri(source):
         return "file"
     return "remote"
 

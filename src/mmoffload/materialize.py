@@ -26,13 +26,14 @@ import safetensors.numpy
 from PIL import Image
 
 from mmoffload import rundir
-from mmoffload.assets import uri_to_path, verify_hash
+from mmoffload.assets import asset_location, read_asset, verify_hash
 from mmoffload.descriptors import descriptor_uri, validate_descriptor
 from mmoffload.errors import BadInputError, IntegrityError, UsageError, Where
 from mmoffload.families import Families, Family, ForwardPolicy, Grid, resolve_model_dir
 from mmoffload.families.base import to_rgb
 from mmoffload.io import atomic_write
 from mmoffload.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
+from mmoffload.remap import Remap
 from mmoffload.spans import span_problems
 from mmoffload.wire import MicroBatch, read_rank_file
 
@@ -116,6 +117,7 @@ class Materializer:
         missing_image_policy: MissingImagePolicy = MissingImagePolicy.PLACEHOLDER_ZERO_LOSS,
         cache: PixelCache | None = None,
         as_torch: bool = False,
+        remap: Remap | None = None,
     ) -> None:
         """Configure a materializer.
 
@@ -124,6 +126,7 @@ class Materializer:
             missing_image_policy: what an absent image file does.
             cache: processed-image cache; a fresh one of the default size when None.
             as_torch: return torch tensors instead of numpy arrays (the ``torch`` extra).
+            remap: URI prefix rewrites applied before each image is read (``--remap``).
 
         Raises:
             UsageError: ``as_torch`` without torch installed.
@@ -131,6 +134,7 @@ class Materializer:
         self.families = families
         self.missing_image_policy = MissingImagePolicy(missing_image_policy)
         self.cache = cache if cache is not None else PixelCache()
+        self.remap = remap or Remap()
         self.stats = MaterializeStats()
         self._prepared: set[str] = set()
         self._to_torch = _torch_converter() if as_torch else None
@@ -294,14 +298,15 @@ class Materializer:
         if cached is not None:
             self.stats.cache_hits += 1
             return cached
-        path = uri_to_path(uri, at)
+        uri = self.remap(uri)
+        path = asset_location(uri, at)
         started = time.perf_counter()
         try:
-            data = path.read_bytes()
+            data = read_asset(path)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise IntegrityError(f"Cannot read image file `{uri}`: {exc.strerror}", at) from exc
+            raise IntegrityError(f"Cannot read image file `{uri}`: {exc.strerror or exc}", at) from exc
         hashed = time.perf_counter()
         verify_hash(data, digest, path, at)
         decoding = time.perf_counter()
@@ -423,6 +428,7 @@ def materialize_run(
     missing_image_policy: MissingImagePolicy = MissingImagePolicy.PLACEHOLDER_ZERO_LOSS,
     save_dir: Path | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    remap: Remap | None = None,
     advance: Callable[[int], None] | None = None,
 ) -> MaterializeReport:
     """Materialize every micro batch of every rank file of a run, as a trainer would.
@@ -433,6 +439,7 @@ def materialize_run(
         missing_image_policy: what an absent image file does.
         save_dir: when given, write each micro batch's tensors under it (see ``saved_path``).
         cache_bytes: bound of the processed-image cache.
+        remap: URI prefix rewrites applied before each image is read (``--remap``).
         advance: called with each rank file's size in bytes once it is done (progress).
 
     Raises:
@@ -443,7 +450,7 @@ def materialize_run(
     started = time.perf_counter()
     families = Families(resolve_model_dir(model) if model is not None else None)
     materializer = Materializer(
-        families, missing_image_policy=missing_image_policy, cache=PixelCache(cache_bytes)
+        families, missing_image_policy=missing_image_policy, cache=PixelCache(cache_bytes), remap=remap
     )
     rank_files = list(iter_rank_files(run_dir))
     if not rank_files:

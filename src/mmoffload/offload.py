@@ -18,11 +18,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import msgspec
 
-from mmoffload.assets import AssetStore, StoredImage, read_verified, uri_to_path
+from mmoffload.assets import AssetStore, StoredImage, is_object_uri, open_store, read_verified, uri_to_path
 from mmoffload.errors import BadInputError, IntegrityError, MMOffloadError, UsageError, Where
 from mmoffload.imageparts import (
     ImagePart,
@@ -33,6 +33,10 @@ from mmoffload.imageparts import (
     rewrite_part,
 )
 from mmoffload.io import TEMP_PREFIX, atomic_writer, decode_json_line, iter_lines
+
+if TYPE_CHECKING:
+    from mmoffload.objectstore import ObjectStore, StoredObject
+    from mmoffload.ray_backend import RayOptions
 
 REJECTS_SUFFIX = ".rejects.jsonl"
 # An image write takes milliseconds; a temp this old in the asset directory is a killed run's.
@@ -117,10 +121,10 @@ class RejectedLine(msgspec.Struct, omit_defaults=True):
 class Offloader:
     """Rewrites records against one asset store, remembering recent data URLs (per process)."""
 
-    def __init__(self, store: AssetStore, options: OffloadOptions | None = None) -> None:
+    def __init__(self, store: AssetStore | ObjectStore, options: OffloadOptions | None = None) -> None:
         self.store = store
         self.options = options or OffloadOptions()
-        self._cache: collections.OrderedDict[str, StoredImage] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[str, StoredImage | StoredObject] = collections.OrderedDict()
         self._cache_bytes = 0
 
     def record(self, record: Any, where: Where | None = None) -> RecordCounts:
@@ -170,7 +174,7 @@ class Offloader:
         counts.remote_kept += 1
         return part.source
 
-    def _store_data_url(self, url: str, where: Where, counts: RecordCounts) -> StoredImage:
+    def _store_data_url(self, url: str, where: Where, counts: RecordCounts) -> StoredImage | StoredObject:
         if (cached := self._cache.get(url)) is not None:
             self._cache.move_to_end(url)
             counts.dedup_hits += 1
@@ -185,7 +189,8 @@ class Offloader:
 
     def _file(self, uri: str, where: Where, counts: RecordCounts) -> str:
         opts = self.options
-        if not (opts.check_files or opts.adopt_files):
+        # An object-store ref is stored already; refs and audit check the object itself.
+        if not (opts.check_files or opts.adopt_files) or is_object_uri(uri):
             counts.already_file += 1
             return uri
         path = uri_to_path(uri, where)
@@ -197,7 +202,7 @@ class Offloader:
         counts.adopted += 1
         return self._put(read_verified(path, None, where), where, counts).uri
 
-    def _put(self, data: bytes, where: Where, counts: RecordCounts) -> StoredImage:
+    def _put(self, data: bytes, where: Where, counts: RecordCounts) -> StoredImage | StoredObject:
         stored = self.store.put(data, where)
         if stored.written:
             counts.unique_images_written += 1
@@ -208,7 +213,7 @@ class Offloader:
 
 
 def offload_record(
-    record: Any, assets: Path | AssetStore, options: OffloadOptions | None = None
+    record: Any, assets: Path | str | AssetStore | ObjectStore, options: OffloadOptions | None = None
 ) -> RecordCounts:
     """Offload the images of one request body or rollout record, in place.
 
@@ -217,7 +222,7 @@ def offload_record(
 
     Args:
         record: a JSON value (an OpenAI chat request, a rollout record, ...); mutated.
-        assets: the asset directory, or an ``AssetStore`` on it.
+        assets: the asset directory or object-store URL (``s3://bucket/prefix``), or a store on it.
         options: what to do with ``file://`` and remote sources.
 
     Returns:
@@ -227,7 +232,7 @@ def offload_record(
         BadInputError: a bad image part or source, naming its JSON path.
         IntegrityError: a missing ``file://`` source (when checked or adopted).
     """
-    store = assets if isinstance(assets, AssetStore) else AssetStore(assets)
+    store = open_store(assets)
     return Offloader(store, options).record(record)
 
 
@@ -281,12 +286,13 @@ def sweep_stale_temps(directory: Path, older_than: float = STALE_TEMP_SECONDS) -
 def offload_files(
     inputs: list[Path],
     outputs: list[Path],
-    assets: Path,
+    assets: Path | str | AssetStore | ObjectStore,
     *,
     options: OffloadOptions | None = None,
     skip_bad_lines: bool = False,
     rejects: Path | None = None,
     workers: int = 1,
+    ray: RayOptions | None = None,
     advance: Callable[[int], None] = lambda _n: None,
 ) -> OffloadReport:
     """Offload every image in JSONL ``inputs`` into ``assets``, writing ``outputs``.
@@ -298,12 +304,13 @@ def offload_files(
     Args:
         inputs: JSONL files, one record per line; never modified (unless an output is its input).
         outputs: one path per input (see ``plan_outputs``).
-        assets: the image asset directory.
+        assets: the image asset directory or object-store URL, or a store on it.
         options: what to do with ``file://`` and remote sources.
         skip_bad_lines: keep going past bad lines, writing each whole, with its reason,
             to a rejects file (``rejects``, else ``<output>.rejects.jsonl``).
         rejects: one rejects file for the whole run.
         workers: processes for decode, hash and write; output order is kept.
+        ray: run the per-line work as tasks on a Ray cluster instead (``ray_backend``).
         advance: called with the byte count of each line processed (progress).
 
     Returns:
@@ -316,11 +323,12 @@ def offload_files(
     """
     started = time.perf_counter()
     options = options or OffloadOptions()
-    store = AssetStore(assets)
-    store.root.mkdir(parents=True, exist_ok=True)
+    store = open_store(assets)
     report = OffloadReport(inputs=len(inputs), assets=str(store.root))
-    report.stale_temps_removed = sweep_stale_temps(store.root)
-    with contextlib.ExitStack() as commits, _line_results(store, options, workers) as results:
+    if isinstance(store, AssetStore):
+        store.root.mkdir(parents=True, exist_ok=True)
+        report.stale_temps_removed = sweep_stale_temps(store.root)
+    with contextlib.ExitStack() as commits, _line_results(store, options, workers, ray) as results:
         reject_files: dict[Path, BinaryIO] = {}
         for source, target in zip(inputs, outputs, strict=True):
             report.jsonl_bytes_in += _size(source)
@@ -351,14 +359,22 @@ Results = Callable[[Iterable[tuple[Where, bytes]]], Iterator[tuple[Where, bytes,
 
 
 @contextlib.contextmanager
-def _line_results(store: AssetStore, options: OffloadOptions, workers: int) -> Iterator[Results]:
-    """Yield a function that offloads a stream of lines, in order, in this or ``workers`` processes."""
+def _line_results(
+    store: AssetStore | ObjectStore, options: OffloadOptions, workers: int, ray: RayOptions | None
+) -> Iterator[Results]:
+    """Yield a function that offloads a stream of lines, in order, here, in ``workers`` processes or on Ray."""
+    if ray is not None:
+        from mmoffload.ray_backend import ray_line_results  # The optional `ray` extra.
+
+        with ray_line_results(store, options, ray) as results:
+            yield results
+        return
     if workers <= 1:
         offloader = Offloader(store, options)
         yield lambda lines: ((where, line, _offload_line(offloader, where, line)) for where, line in lines)
         return
     context = get_context("spawn" if os.name == "nt" else "forkserver")
-    with context.Pool(workers, initializer=_init_worker, initargs=(store.root, options)) as pool:
+    with context.Pool(workers, initializer=_init_worker, initargs=(store, options)) as pool:
         yield lambda lines: _parallel(pool, workers, lines)
 
 
@@ -405,9 +421,9 @@ def _batches(lines: Iterable[tuple[Where, bytes]]) -> Iterator[list[tuple[Where,
 _worker: Offloader | None = None
 
 
-def _init_worker(root: Path, options: OffloadOptions) -> None:
+def _init_worker(store: AssetStore | ObjectStore, options: OffloadOptions) -> None:
     global _worker
-    _worker = Offloader(AssetStore(root), options)
+    _worker = Offloader(store, options)
 
 
 def _offload_batch(batch: list[tuple[Where, bytes]]) -> list[Any]:

@@ -20,11 +20,12 @@ import msgspec
 import numpy as np
 
 from mmoffload import rundir
-from mmoffload.assets import read_verified, uri_to_path
+from mmoffload.assets import asset_location, asset_size, read_verified
 from mmoffload.descriptors import validate_sidecar
 from mmoffload.errors import BadInputError, IntegrityError, MMOffloadError, PathPart, UsageError, Where
 from mmoffload.families import IMAGE_TYPE, Families
 from mmoffload.io import atomic_write, atomic_writer, iter_lines
+from mmoffload.remap import Remap
 from mmoffload.spans import span_problems, type_ids_from_spans, type_ids_from_tokens
 from mmoffload.wire import MMImageRef, MMRefs, TrainingBatch, TrainingSample, encode
 
@@ -123,6 +124,7 @@ class RefsOptions:
         verify_hashes: check each file's content hash (existence is always checked).
         skip_invalid: reject bad records into ``rejects_path`` instead of stopping.
         rejects_path: where rejected records go (default ``RUN/rollouts/rejects.jsonl``).
+        remap: URI prefix rewrites applied to every image URI, checked and written rewritten.
     """
 
     model_dir: Path | None = None
@@ -133,6 +135,7 @@ class RefsOptions:
     verify_hashes: bool = True
     skip_invalid: bool = False
     rejects_path: Path | None = None
+    remap: Remap = field(default_factory=Remap)
 
 
 @dataclass(slots=True)
@@ -172,7 +175,7 @@ class _Context:
     options: RefsOptions
     families: Families
     report: RefsReport
-    checked_files: dict[tuple[Path, str | None], str | None] = field(default_factory=dict)
+    checked_files: dict[tuple[Path | str, str | None], str | None] = field(default_factory=dict)
     traces_seen: int = 0
 
 
@@ -445,22 +448,25 @@ def _sidecar_images(sidecar: object, num_tokens: int, where: Where, context: _Co
                 "(image features and image tokens would not match)",
                 at,
             )
-        uri = image.descriptor["raw_image_uri"]
-        _check_file(uri_to_path(uri, at), image.hash, at, context)
-        ref = MMImageRef(
-            image.descriptor, image.hash, uri, image.placeholder.offset, image.placeholder.length
-        )
+        descriptor = image.descriptor
+        uri = context.options.remap(descriptor["raw_image_uri"])
+        if uri != descriptor["raw_image_uri"]:
+            descriptor = {**descriptor, "raw_image_uri": uri}
+        _check_file(asset_location(uri, at), image.hash, at, context)
+        ref = MMImageRef(descriptor, image.hash, uri, image.placeholder.offset, image.placeholder.length)
         images.append(_Image(ref, family_name, at))
     return images
 
 
-def _check_file(path: Path, digest: str, where: Where, context: _Context) -> None:
-    """Check an image file once per run: it exists, and hashes to ``digest`` when verifying."""
+def _check_file(path: Path | str, digest: str, where: Where, context: _Context) -> None:
+    """Check an image file (or object) once per run: it exists, and hashes to ``digest`` when verifying."""
     key = (path, digest if context.options.verify_hashes else None)
     if key not in context.checked_files:
         try:
             if context.options.verify_hashes:
                 read_verified(path, digest)
+            elif isinstance(path, str):
+                _object_exists(path)
             elif not path.is_file():
                 raise IntegrityError(f"Missing image file `{path}`")
             context.checked_files[key] = None
@@ -469,6 +475,20 @@ def _check_file(path: Path, digest: str, where: Where, context: _Context) -> Non
     problem = context.checked_files[key]
     if problem is not None:
         raise IntegrityError(problem, where)
+
+
+def _object_exists(uri: str) -> None:
+    """Check that an object-store image exists (its size is one HEAD request).
+
+    Raises:
+        IntegrityError: it does not, or cannot be reached.
+    """
+    try:
+        asset_size(uri)
+    except FileNotFoundError as exc:
+        raise IntegrityError(f"Missing image file `{uri}`") from exc
+    except OSError as exc:
+        raise IntegrityError(f"Cannot read image file `{uri}`: {exc}") from exc
 
 
 def _image_end(images: list[_Image], previous_end: int) -> int:
