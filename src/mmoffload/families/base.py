@@ -173,21 +173,33 @@ def value_table(scale: float, mean: tuple[float, ...], std: tuple[float, ...]) -
     return np.ascontiguousarray(((rescaled[:, None] - mean32) / std32).T)
 
 
-def write_levels(table: np.ndarray, patches: np.ndarray, out: np.ndarray) -> None:
+def pair_table(table: np.ndarray) -> np.ndarray:
+    """Return the values of every pair of adjacent levels, for ``write_levels``.
+
+    Entry ``c * 65536 + k`` holds, as one 8-byte word, the two float32 values of
+    channel ``c`` for the two bytes of the uint16 ``k`` (in memory order), so one
+    lookup writes two pixels: half the lookups and half the index array.
+    """
+    pairs = np.arange(65536, dtype=np.uint16).view(np.uint8).reshape(65536, 2)
+    return np.ascontiguousarray(table[:, pairs]).view(np.uint64).reshape(-1)
+
+
+def write_levels(pairs: np.ndarray, patches: np.ndarray, out: np.ndarray) -> None:
     """Write ``table[c][patches[n, c, k]]`` into ``out[n, c, t, k]`` for every copy ``t``.
 
     Args:
-        table: (channels, 256) float32, from ``value_table``.
-        patches: (n, channels, k) uint8 levels.
-        out: (n, channels, copies, k) float32; each copy gets the same values
-            (Qwen-VL's temporal patch repeats a still image).
+        pairs: a channel table as ``pair_table`` returns it.
+        patches: (n, channels, k) uint8 levels, ``k`` even.
+        out: (n, channels, copies, k) float32, contiguous in ``k``; each copy gets
+            the same values (Qwen-VL's temporal patch repeats a still image).
     """
-    # One pass makes each level an index into the flattened tables (channel c starts at 256 c).
-    index = np.add(patches, (np.arange(table.shape[0], dtype=np.intp) * 256)[None, :, None])
-    if out.shape[2] == 1:
-        np.take(table.reshape(-1), index, out=out.reshape(index.shape), mode="wrap")
+    words = out.view(np.uint64)
+    # One pass makes each pair of levels an index into the flattened tables (channel c at 65536 c).
+    index = np.add(patches.view(np.uint16), (np.arange(patches.shape[1], dtype=np.intp) << 16)[None, :, None])
+    if words.shape[2] == 1:
+        np.take(pairs, index, out=words.reshape(index.shape), mode="wrap")
         return
-    out[...] = np.take(table.reshape(-1), index)[:, :, None, :]
+    words[...] = np.take(pairs, index)[:, :, None, :]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

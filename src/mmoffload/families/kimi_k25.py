@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from mmoffload.errors import BadInputError
-from mmoffload.families.base import IMAGE_TYPE, Family, ForwardPolicy, Grid, to_rgb, write_levels
+from mmoffload.families.base import IMAGE_TYPE, Family, ForwardPolicy, Grid, pair_table, to_rgb, write_levels
 
 CHANNELS = 3
 
@@ -47,7 +47,7 @@ class KimiK25(Family):
         levels = np.arange(256, dtype=np.float32)[:, None]
         mean = np.asarray(self.image_mean, dtype=np.float32)
         std = np.asarray(self.image_std, dtype=np.float32)
-        self.table = np.ascontiguousarray(((levels / np.float32(255) - mean) / std).T)
+        self.table = pair_table(np.ascontiguousarray(((levels / np.float32(255) - mean) / std).T))
 
     @classmethod
     def owns_model_dir(cls, config: dict[str, Any]) -> bool:

@@ -25,6 +25,7 @@ from mmoffload.families.base import (
     Family,
     ForwardPolicy,
     Grid,
+    pair_table,
     read_json,
     to_rgb,
     value_table,
@@ -129,10 +130,12 @@ class QwenVL(Family):
         self.min_pixels: int = config.get("min_pixels") or size.get("shortest_edge") or 65536
         self.max_pixels: int = config.get("max_pixels") or size.get("longest_edge") or 16777216
         self.resample: int = config.get("resample", Image.Resampling.BICUBIC)
-        self.table = value_table(
-            config.get("rescale_factor", DEFAULT_RESCALE),
-            tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
-            tuple(config.get("image_std", OPENAI_CLIP_STD)),
+        self.table = pair_table(
+            value_table(
+                config.get("rescale_factor", DEFAULT_RESCALE),
+                tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
+                tuple(config.get("image_std", OPENAI_CLIP_STD)),
+            )
         )
         self.own_pixel_settings = own_pixel_settings(config)
 
