@@ -188,14 +188,14 @@ def test_legacy_mm_kwargs_are_refused() -> None:
 
 def test_a_stream_of_the_wrong_length_is_rejected() -> None:
     short = msgspec.structs.replace(micro_batch([]), advantages=[0.0])
-    with pytest.raises(BadInputError, match=r"Expected `advantages` of 2 tokens \(`input_ids`\), got 1"):
+    with pytest.raises(IntegrityError, match=r"Expected `advantages` with 2 entries, got 1"):
         Materializer(FAMILIES).materialize(short)
 
 
 def test_refs_without_image_typed_spans_are_rejected(tmp_path: Path) -> None:
     batch = micro_batch([stored(tmp_path, 1)])
     untyped = msgspec.structs.replace(batch, mm_token_type_ids=[0] * len(batch.input_ids))
-    with pytest.raises(BadInputError, match="not all image tokens"):
+    with pytest.raises(IntegrityError, match="not all image tokens"):
         Materializer(FAMILIES).materialize(untyped)
 
 
@@ -205,8 +205,8 @@ def test_an_image_shared_by_micro_batches_is_processed_once(
     families = Families()
     family = families.get("qwen_vl")
     calls: list[int] = []
-    original = family.pixels
-    monkeypatch.setattr(family, "pixels", lambda images: calls.append(len(images)) or original(images))
+    original = family.prepare_image
+    monkeypatch.setattr(family, "prepare_image", lambda image: calls.append(1) or original(image))
     shared, other = stored(tmp_path, 1), stored(tmp_path, 2)
     materializer = Materializer(families)
     first = materializer.materialize(micro_batch([shared, shared]))

@@ -110,6 +110,6 @@ def test_materialize_names_the_tokens_around_a_span_on_text(tmp_path: Path) -> N
     batch = single_micro_batch(qwen_sample(tmp_path, seeds=(0,)))
     (ref,) = batch.mm_refs.images
     batch.mm_refs = MMRefs([msgspec.structs.replace(ref, offset=ref.offset + 1)])
-    with pytest.raises(BadInputError) as caught:
+    with pytest.raises(IntegrityError) as caught:
         Materializer(Families()).materialize(batch)
     assert "[ <|image_pad|> x3 >><|vision_end|><< ]" in str(caught.value)

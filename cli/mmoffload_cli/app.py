@@ -1,30 +1,53 @@
-"""The ``mmoffload`` application: one Typer app, one command per pipeline stage."""
+"""The ``mmoffload`` application: one Typer app, one command per pipeline stage.
+
+Each command's module is imported only when that command runs: ``offload`` needs
+none of the numpy, Pillow and processor code the trainer-side commands import,
+and start-up is a large share of a short offload.
+"""
 
 from __future__ import annotations
 
+import importlib
+import sys
+from collections.abc import Iterable
+
 import typer
 
-from mmoffload_cli import audit, demo, inspect, materialize, offload, pack, refs, show
+# Command name -> the module in this package that defines the function of that name.
+COMMANDS = ("offload", "refs", "pack", "audit", "demo", "materialize", "show", "inspect")
 
-app = typer.Typer(
-    name="mmoffload",
-    help="Raw image offload for multimodal RL: store each image once, pass file:// refs, "
-    "let the trainer make its own pixels.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-)
-app.command()(offload.offload)
-app.command()(refs.refs)
-app.command()(pack.pack)
-app.command()(audit.audit)
-app.command()(demo.demo)
-app.command()(materialize.materialize)
-app.command()(show.show)
-app.command()(inspect.inspect)
+
+def build(commands: Iterable[str] = COMMANDS) -> typer.Typer:
+    """Return the app with ``commands`` registered (all of them by default)."""
+    app = typer.Typer(
+        name="mmoffload",
+        help="Raw image offload for multimodal RL: store each image once, pass file:// refs, "
+        "let the trainer make its own pixels.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode="rich",
+    )
+    for name in commands:
+        app.command()(getattr(importlib.import_module(f"mmoffload_cli.{name}"), name))
+    # A callback keeps a one-command app a group, so `mmoffload offload ...` parses the same.
+    app.callback()(_root)
+    return app
+
+
+def _root() -> None:
+    """Raw image offload for multimodal RL: store each image once, pass file:// refs."""
+
+
+def __getattr__(name: str) -> typer.Typer:
+    # `app` (every command) is built on first use, so `main` can build just the one it runs.
+    if name == "app":
+        globals()["app"] = app = build()
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
     """Entry point of the ``mmoffload`` console script."""
-    app()
+    command = sys.argv[1] if len(sys.argv) > 1 else None
+    build([command] if command in COMMANDS else COMMANDS)()

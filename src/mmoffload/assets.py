@@ -2,19 +2,30 @@
 
 An image is stored once under ``<h32>.<ext>``: the first 32 hex digits of the
 SHA-256 of its exact bytes, and the format sniffed from those bytes.
+
+Durability: an image is written to a temporary in the store, fsynced, and only
+then renamed to its name, so no reader ever sees a name whose bytes are not on
+disk. Inside ``AssetStore.syncing()`` the fsync and rename run on a few threads
+(concurrent fsyncs share journal commits, and the caller goes on parsing); the
+block ends only when every image is renamed and the directory itself is synced.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import os
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from mmoffload.errors import BadInputError, IntegrityError, Where
-from mmoffload.io import atomic_write
+from mmoffload.io import TEMP_PREFIX, atomic_write
 
 if TYPE_CHECKING:
     from mmoffload.objectstore import ObjectStore
@@ -35,6 +46,11 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
 # URL schemes read as object-store assets (docs/scale.md); ``http(s)`` stays a remote source.
 OBJECT_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".webp", ".gif", ".bmp", ".tiff"})
+# Threads that fsync and rename inside `AssetStore.syncing()`: on ext4, 4-8 concurrent fsyncs
+# cut the wall time of 240 image syncs about 4x against one at a time; more add nothing.
+SYNC_THREADS = 8
+# Images written but not yet synced and renamed, at most (each holds an open file).
+SYNC_PENDING = 64
 
 
 def content_hash(data: bytes) -> str:
@@ -127,9 +143,15 @@ class AssetStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root.absolute()
+        self._syncer: ThreadPoolExecutor | None = None
+        self._pending: collections.OrderedDict[Path, Future[None]] = collections.OrderedDict()
+        self._directory_synced = True
 
     def put(self, data: bytes, where: Where | None = None) -> StoredImage:
         """Store ``data`` once, atomically; return where it lives.
+
+        Outside ``syncing()`` the image is durable under its name on return; inside,
+        once the block ends.
 
         Raises:
             BadInputError: the bytes are no image format.
@@ -139,11 +161,95 @@ class AssetStore:
             raise BadInputError(f"Expected image bytes, got {_describe_bytes(data)}", where)
         digest = content_hash(data)
         path = self.root / f"{digest}{extension}"
-        if path.exists():
+        if path in self._pending or path.exists():
             return StoredImage(digest, path, written=False)
         # Two writers of the same bytes both rename identical content into place: harmless.
-        atomic_write(path, data)
+        if self._syncer is None:
+            atomic_write(path, data)
+        else:
+            self._write_deferred(path, data)
         return StoredImage(digest, path, written=True)
+
+    @contextlib.contextmanager
+    def syncing(self) -> Iterator[None]:
+        """Within the block, ``put`` leaves the fsync and rename of each new image to threads.
+
+        When the block ends (normally or not) every image put in it is synced,
+        renamed into place and the directory synced: durable under its name.
+
+        Raises:
+            OSError: an image could not be synced or renamed (the first such error).
+        """
+        if self._syncer is not None:
+            yield
+            return
+        self._syncer = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="mmoffload-sync")
+        try:
+            yield
+        finally:
+            try:
+                self.flush()
+            finally:
+                self._syncer.shutdown()
+                self._syncer = None
+
+    def flush(self) -> None:
+        """Wait until every image put so far is durable under its name.
+
+        Raises:
+            OSError: an image could not be synced or renamed (the first such error).
+        """
+        pending, self._pending = self._pending, collections.OrderedDict()
+        errors = [error for future in pending.values() if (error := future.exception()) is not None]
+        if errors:
+            raise errors[0]
+        if self._directory_synced:
+            return
+        # The renames are durable only once the directory entries are.
+        self._directory_synced = True
+        directory = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def _write_deferred(self, path: Path, data: bytes) -> None:
+        """Write ``data`` to a temporary now; fsync and rename it to ``path`` on a sync thread."""
+        assert self._syncer is not None
+        while len(self._pending) >= SYNC_PENDING:
+            _, oldest = self._pending.popitem(last=False)
+            oldest.result()
+        if self._directory_synced:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._directory_synced = False
+        fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.root)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp_name)
+            raise
+        self._pending[path] = self._syncer.submit(_sync_and_rename, fd, tmp_name, path)
+
+
+def _sync_and_rename(fd: int, tmp_name: str, path: Path) -> None:
+    """Make a written temporary durable, then give it its name (the only way a name appears)."""
+    try:
+        os.fsync(fd)
+        os.fchmod(fd, 0o644)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp_name)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
 
 
 def open_store(location: Path | str | AssetStore | ObjectStore) -> AssetStore | ObjectStore:

@@ -109,11 +109,11 @@ def _walk(value: Any, path: tuple[PathPart, ...], parts: list[ImagePart], where:
     if isinstance(value, dict):
         consumed = _match(value, path, parts, where)
         for key, child in value.items():
-            if key != consumed and isinstance(child, dict | list):
+            if key != consumed and isinstance(child, (dict, list)):
                 _walk(child, (*path, key), parts, where)
     elif isinstance(value, list):
         for index, child in enumerate(value):
-            if isinstance(child, dict | list):
+            if isinstance(child, (dict, list)):
                 _walk(child, (*path, index), parts, where)
 
 

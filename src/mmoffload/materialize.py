@@ -1,11 +1,14 @@
 """Trainer-side materialization: a micro batch's image refs become model kwargs (families.md).
 
-For each ref, in token order: read the file its URI names, check its content
-hash, decode it to RGB, let the family make its pixels, and check the grid
-against the descriptor. Missing files follow the missing-image policy; a wrong
-hash or grid is corruption and always an error. Processed images are cached
-by (family configuration, content hash), so an image shared by several micro
-batches is read and processed once.
+The micro batch is checked with packing's one checker (``check_micro_batch``),
+then each ref against its descriptor and family. For each ref, in token order:
+read the file its URI names, check its content hash, decode it to RGB, let the
+family prepare it, and check the grid against the descriptor; the family then
+writes each image's pixel rows straight into the micro batch's one array.
+Missing files follow the missing-image policy; a wrong hash or grid is
+corruption and always an error. Prepared images are cached by (family
+configuration, content hash), so an image shared by several micro batches is
+read and decoded once.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from mmoffload.assets import asset_location, read_asset, verify_hash
 from mmoffload.descriptors import descriptor_uri, validate_descriptor
 from mmoffload.errors import BadInputError, IntegrityError, UsageError, Where
 from mmoffload.families import Families, Family, ForwardPolicy, Grid, resolve_model_dir
-from mmoffload.families.base import to_rgb
+from mmoffload.families.base import prepared_grid, to_rgb
 from mmoffload.io import atomic_write
+from mmoffload.packing import check_micro_batch
 from mmoffload.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
 from mmoffload.remap import Remap
-from mmoffload.spans import span_problems
 from mmoffload.wire import MicroBatch, read_rank_file
 
 WEIGHT_STREAMS = ("rl_weights", "ce_weights", "ref_kl_weights")
@@ -159,6 +162,9 @@ class Materializer:
                 where,
             )
         refs = micro_batch.mm_refs.images if micro_batch.mm_refs else []
+        # The refs' own checks first: they name the family, descriptor or length at fault.
+        family, grids = self._validate_refs(micro_batch, where) if refs else (None, [])
+        check_micro_batch(micro_batch, where)
         self.stats.micro_batches += 1
         input_ids = np.asarray(micro_batch.input_ids, dtype=np.int64)
         position_ids = np.asarray(micro_batch.position_ids, dtype=np.int64)
@@ -169,35 +175,26 @@ class Materializer:
             for name in WEIGHT_STREAMS
             if (values := getattr(micro_batch, name)) is not None
         }
-        streams = {"position_ids": position_ids, "loss_mask": loss_mask, "advantages": advantages, **weights}
-        for name, stream in streams.items():
-            if len(stream) != len(input_ids):
-                raise BadInputError(
-                    f"Expected `{name}` of {len(input_ids)} tokens (`input_ids`), got {len(stream)}", where
-                )
-        if not refs:
+        if family is None:
             kwargs = {"input_ids": input_ids, "position_ids": position_ids}
             return self._finish(MaterializedMicroBatch(None, None, kwargs, loss_mask, advantages, weights))
 
         self.stats.micro_batches_multimodal += 1
-        family, grids = self._validate_refs(micro_batch, where)
-        per_image: list[dict[str, np.ndarray] | None] = []
+        prepared: list[dict[str, np.ndarray] | None] = []
         for index, (ref, grid) in enumerate(zip(refs, grids, strict=True)):
             at = where.at(image=index)
-            arrays = self._image(family, ref.uri, ref.hash, at)
-            if arrays is not None:
-                made = tuple(int(v) for v in arrays[family.grid_kwarg][0])
-                if made != grid:
-                    raise IntegrityError(
-                        f"Grid mismatch for `{ref.uri}`: expected {list(grid)} (descriptor), "
-                        f"got {list(made)} (processor)",
-                        at,
-                    )
-            per_image.append(arrays)
+            image = self._image(family, ref.uri, ref.hash, at)
+            if image is not None and (made := prepared_grid(family, image)) != grid:
+                raise IntegrityError(
+                    f"Grid mismatch for `{ref.uri}`: expected {list(grid)} (descriptor), "
+                    f"got {list(made)} (processor)",
+                    at,
+                )
+            prepared.append(image)
 
         # An image used twice in the micro batch is named once.
         missing = tuple(
-            dict.fromkeys(r.uri for r, arrays in zip(refs, per_image, strict=True) if arrays is None)
+            dict.fromkeys(r.uri for r, image in zip(refs, prepared, strict=True) if image is None)
         )
         if missing and self.missing_image_policy is MissingImagePolicy.ERROR:
             raise IntegrityError(
@@ -209,21 +206,31 @@ class Materializer:
             # A micro batch with a placeholder image must train nothing: every stream goes to zero,
             # and absent weight streams are written as zeros since a trainer's default may be 1.0.
             self.stats.micro_batches_zero_loss += 1
-            self.stats.images_placeholdered += sum(arrays is None for arrays in per_image)
+            self.stats.images_placeholdered += sum(image is None for image in prepared)
             loss_mask = np.zeros_like(loss_mask)
             advantages = np.zeros_like(advantages)
             weights = {name: np.zeros(len(input_ids), dtype=np.float32) for name in WEIGHT_STREAMS}
-        filled = [
-            arrays if arrays is not None else _zero_image(family, grid)
-            for arrays, grid in zip(per_image, grids, strict=True)
-        ]
-        kwargs = {"input_ids": input_ids}
-        kwargs.update({name: np.concatenate([arrays[name] for arrays in filled]) for name in filled[0]})
+        started = time.perf_counter()
+        pixels = family.pixel_rows(grids)
+        offset = 0
+        for image, grid in zip(prepared, grids, strict=True):
+            rows = pixels[offset : offset + family.pixel_shape(grid)[0]]
+            if image is None:
+                rows.fill(0)
+            else:
+                family.write_pixels(image, rows)
+            offset += len(rows)
+        self.stats.process_seconds += time.perf_counter() - started
+        kwargs = {
+            "input_ids": input_ids,
+            family.pixel_kwarg: pixels,
+            family.grid_kwarg: np.array(grids, dtype=np.int64),
+        }
         if family.policy.image_type_ids_required:
             kwargs["mm_token_type_ids"] = np.asarray(micro_batch.mm_token_type_ids, dtype=np.int64)
         if family.policy.position_ids_with_images:
             kwargs["position_ids"] = position_ids
-        self.stats.pixel_bytes += sum(kwargs[name].nbytes for name in filled[0])
+        self.stats.pixel_bytes += pixels.nbytes + kwargs[family.grid_kwarg].nbytes
         return self._finish(
             MaterializedMicroBatch(
                 family.name, family.policy, kwargs, loss_mask, advantages, weights, missing
@@ -275,23 +282,10 @@ class Materializer:
                     at,
                 )
             grids.append(grid)
-        type_ids = micro_batch.mm_token_type_ids
-        if type_ids is None or len(type_ids) != len(micro_batch.input_ids):
-            found = "none" if type_ids is None else f"{len(type_ids)}"
-            raise BadInputError(
-                f"Expected {len(micro_batch.input_ids)} `mm_token_type_ids` with image refs, got {found}",
-                where,
-            )
-        spans = [(ref.offset, ref.length) for ref in refs]
-        problems = span_problems(type_ids, spans, micro_batch.input_ids, family.token_names)
-        if problems:
-            problem = problems[0]
-            at = where.at(image=problem.image) if problem.image is not None else where
-            raise BadInputError(f"Expected image-typed placeholder spans, got {problem.message}", at)
         return family, grids
 
     def _image(self, family: Family, uri: str, digest: str, at: Where) -> dict[str, np.ndarray] | None:
-        """Return an image's processed arrays, from the cache or its file; None if the file is absent."""
+        """Return an image prepared by its family, from the cache or its file; None if the file is absent."""
         self.stats.images += 1
         key = (family.pixel_key(), digest)
         cached = self.cache.get(key)
@@ -312,15 +306,15 @@ class Materializer:
         decoding = time.perf_counter()
         image = _decode(data, uri, at)
         processing = time.perf_counter()
-        arrays = family.pixels([image])
+        prepared = family.prepare_image(image)
         done = time.perf_counter()
         self.stats.read_seconds += hashed - started
         self.stats.hash_seconds += decoding - hashed
         self.stats.decode_seconds += processing - decoding
         self.stats.process_seconds += done - processing
         self.stats.images_processed += 1
-        self.cache.put(key, arrays)
-        return arrays
+        self.cache.put(key, prepared)
+        return prepared
 
     def _finish(self, batch: MaterializedMicroBatch) -> MaterializedMicroBatch:
         if self._to_torch is None:
@@ -347,14 +341,6 @@ def _decode(data: bytes, uri: str, at: Where) -> Image.Image:
             return to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise BadInputError(f"Expected a decodable image at `{uri}`, got: {exc}", at) from exc
-
-
-def _zero_image(family: Family, grid: Grid) -> dict[str, np.ndarray]:
-    """Return the family's zero-loss placeholder arrays for a missing image of ``grid``."""
-    return {
-        family.pixel_kwarg: family.zero_pixels(grid),
-        family.grid_kwarg: np.array([grid], dtype=np.int64),
-    }
 
 
 def _torch_converter() -> Any:

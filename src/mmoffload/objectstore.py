@@ -53,6 +53,11 @@ class ObjectStore:
         self.root = url.rstrip("/")
         self.fs = _filesystem(self.root)
 
+    @contextlib.contextmanager
+    def syncing(self) -> Iterator[None]:
+        """Match ``AssetStore.syncing``: an object is durable once its put returns, nothing to defer."""
+        yield
+
     def put(self, data: bytes, where: Where | None = None) -> StoredObject:
         """Create the image's object unless it exists; verify an existing one.
 

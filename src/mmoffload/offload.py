@@ -7,6 +7,12 @@ files through the same rewrite and writes each output atomically at the end.
 A line without images is written back byte for byte; a line whose image parts
 change is re-encoded (same keys, same order, same values). Running the stage on
 its own output therefore rewrites nothing and writes no image.
+
+Lines are megabytes of base64 around a little JSON, so each plain data URL
+literal is spliced out of the line's bytes before decoding (a short stand-in
+takes its place) and is looked up by a fingerprint of its bytes: history
+repeated every turn is neither decoded as JSON, nor base64-decoded, nor hashed
+again. The output is the same bytes the plain decode-rewrite-encode gives.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -41,7 +48,7 @@ if TYPE_CHECKING:
 REJECTS_SUFFIX = ".rejects.jsonl"
 # An image write takes milliseconds; a temp this old in the asset directory is a killed run's.
 STALE_TEMP_SECONDS = 3600
-# Decoded data URLs remembered per process, so history repeated every turn is decoded once.
+# Data URLs remembered per process (bytes of their text), so history repeated every turn is stored once.
 CACHE_BYTES = 64 << 20
 # Lines per batch handed to a worker, and bytes per batch at most (memory stays bounded).
 BATCH_LINES, BATCH_BYTES = 64, 16 << 20
@@ -49,6 +56,28 @@ BATCH_LINES, BATCH_BYTES = 64, 16 << 20
 _LINE_ERRORS = (BadInputError, IntegrityError)
 # Every image part shape needs one of these in the line's text (or a \u escape spelling it).
 _IMAGE_MARKERS = (b"image", b"raw_uri", b"\\u")
+# A data URL literal is spliced out of a line only when its bytes are exactly its string: no
+# escapes, no spaces, nothing JSON would reject; then the decoded record holds a stand-in instead.
+_LITERAL_START = b'"data:'
+_PLAIN_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=;:,._-"
+# Stand-ins hold a space, so no spliced literal is one; `_spliced_line` checks for any other.
+_STAND_IN = "data:mmoffload stand-in "
+_STAND_IN_BYTES = _STAND_IN.encode()
+# Bytes of a data URL's end (where PNG and JPEG streams differ) and middle that key the cache.
+_FINGERPRINT_BYTES = 32
+
+
+@dataclass(slots=True)
+class _DataUrl:
+    """A data URL seen in this process: its text, whether it can be spliced, and its stored image."""
+
+    text: bytes
+    plain: bool
+    stored: StoredImage | StoredObject | None = None
+
+
+class _SpliceMismatch(Exception):
+    """A decoded line holds a stand-in string that no splice put there (spelled with escapes)."""
 
 
 class OffloadOptions(msgspec.Struct, frozen=True):
@@ -124,18 +153,125 @@ class Offloader:
     def __init__(self, store: AssetStore | ObjectStore, options: OffloadOptions | None = None) -> None:
         self.store = store
         self.options = options or OffloadOptions()
-        self._cache: collections.OrderedDict[str, StoredImage | StoredObject] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[tuple[int, bytes, bytes], _DataUrl] = collections.OrderedDict()
         self._cache_bytes = 0
+        # The stand-ins of the line being offloaded.
+        self._stand_ins: dict[str, _DataUrl] = {}
 
     def record(self, record: Any, where: Where | None = None) -> RecordCounts:
         """Offload every image part of ``record`` in place and return what was done.
+
+        Every image it stores is durable under its name when it returns (or, inside
+        the store's ``syncing()`` block, when that block ends).
 
         Raises:
             BadInputError: an undecodable data URL, bytes that are no image, a remote
                 source (unless allowed), or an image part of unknown shape.
             IntegrityError: a ``file://`` source that does not exist (when checked or adopted).
         """
-        where = where or Where()
+        with self.store.syncing():
+            return self._record(record, where or Where())
+
+    def line(self, line: bytes, where: Where) -> tuple[bytes, RecordCounts]:
+        """Offload one JSONL line; a line that needs no change comes back as the same bytes.
+
+        Images it stores are durable once the store's ``syncing()`` block ends.
+        """
+        skeleton, occurrences = self._splice(line)
+        if occurrences:
+            try:
+                return self._spliced_line(line, skeleton, occurrences, where)
+            except (*_LINE_ERRORS, _SpliceMismatch):
+                # The plain path below raises the error the line itself gives (positions, sources).
+                pass
+            finally:
+                self._stand_ins = {}
+        record = decode_json_line(line, where)
+        if not any(marker in line for marker in _IMAGE_MARKERS):
+            return line, RecordCounts(records=1)
+        counts = self._record(record, where)
+        if not counts.records_rewritten:
+            return line, counts
+        return msgspec.json.encode(record) + _line_ending(line), counts
+
+    def _splice(self, line: bytes) -> tuple[bytes, dict[str, int]]:
+        """Return the line with each plain data URL literal replaced by a stand-in, and their counts.
+
+        Sets the stand-ins of the line (one per distinct literal, as duplicate keys
+        must stay duplicates). A literal whose opening quote follows a backslash,
+        that holds escapes, or that is not plain, stays in the line.
+        """
+        pieces: list[bytes] = []
+        stand_in_of: dict[int, str] = {}
+        occurrences: dict[str, int] = {}
+        copied = 0
+        start = line.find(_LITERAL_START)
+        while start != -1:
+            end = line.find(b'"', start + 1)
+            if end == -1:
+                break
+            if line[start - 1] != 0x5C and line.find(b"\\", start, end) == -1:  # 0x5C: backslash
+                data_url = self._lookup(line, start + 1, end)
+                if data_url.plain:
+                    if (stand_in := stand_in_of.get(id(data_url))) is None:
+                        stand_in = stand_in_of[id(data_url)] = f"{_STAND_IN}{len(stand_in_of)}"
+                        self._stand_ins[stand_in] = data_url
+                    occurrences[stand_in] = occurrences.get(stand_in, 0) + 1
+                    pieces += (line[copied : start + 1], stand_in.encode())
+                    copied = end
+            start = line.find(_LITERAL_START, end + 1)
+        if not occurrences:
+            return line, occurrences
+        pieces.append(line[copied:])
+        return b"".join(pieces), occurrences
+
+    def _spliced_line(
+        self, line: bytes, skeleton: bytes, occurrences: dict[str, int], where: Where
+    ) -> tuple[bytes, RecordCounts]:
+        """Offload a line from its spliced skeleton: the same result as decoding the line itself.
+
+        Raises:
+            BadInputError: the line is bad (the caller reruns it plainly for the exact message).
+            _SpliceMismatch: the decoded skeleton holds stand-ins other than the splices made
+                (a stand-in in the line already, spelled with escapes, or duplicate keys merged).
+        """
+        if skeleton.count(_STAND_IN_BYTES) != sum(occurrences.values()):
+            raise _SpliceMismatch
+        record = decode_json_line(skeleton, where)
+        decoded = msgspec.json.encode(record)
+        for stand_in, count in occurrences.items():
+            if decoded.count(b'"%s"' % stand_in.encode()) != count:
+                raise _SpliceMismatch
+        counts = self._record(record, where)
+        if not counts.records_rewritten:
+            return line, counts
+        out = msgspec.json.encode(record)
+        if _STAND_IN_BYTES in out:
+            # Stand-ins not used by an image part (a data URL as text, say) get their literal back.
+            for stand_in, data_url in self._stand_ins.items():
+                out = out.replace(b'"%s"' % stand_in.encode(), b'"%s"' % data_url.text)
+        return out + _line_ending(line), counts
+
+    def _lookup(self, text: bytes, start: int, end: int) -> _DataUrl:
+        """Return the remembered data URL ``text[start:end]``, remembering it when new."""
+        middle = (start + end) // 2
+        key = (end - start, text[max(start, end - _FINGERPRINT_BYTES) : end], text[middle : middle + 8])
+        known = self._cache.get(key)
+        # Same length by the key, so a prefix match compares the whole text without a copy.
+        if known is not None and text.startswith(known.text, start):
+            self._cache.move_to_end(key)
+            return known
+        data_url = _DataUrl(exact := text[start:end], not exact.translate(None, _PLAIN_BYTES))
+        if known is not None:
+            self._cache_bytes -= len(known.text)
+        self._cache[key] = data_url
+        self._cache_bytes += len(data_url.text)
+        while self._cache_bytes > CACHE_BYTES:
+            _, evicted = self._cache.popitem(last=False)
+            self._cache_bytes -= len(evicted.text)
+        return data_url
+
+    def _record(self, record: Any, where: Where) -> RecordCounts:
         counts = RecordCounts(records=1)
         changed = False
         for part in find_parts(record, where):
@@ -147,22 +283,15 @@ class Offloader:
         counts.records_rewritten = int(changed)
         return counts
 
-    def line(self, line: bytes, where: Where) -> tuple[bytes, RecordCounts]:
-        """Offload one JSONL line; a line that needs no change comes back as the same bytes."""
-        record = decode_json_line(line, where)
-        if not any(marker in line for marker in _IMAGE_MARKERS):
-            return line, RecordCounts(records=1)
-        counts = self.record(record, where)
-        if not counts.records_rewritten:
-            return line, counts
-        return msgspec.json.encode(record) + _line_ending(line), counts
-
     def _resolve(self, part: ImagePart, where: Where, counts: RecordCounts) -> str:
         """Return the URI the part should point at, storing its image when needed."""
         kind = part.kind
         if kind == "data":
             counts.offloaded += 1
-            return self._store_data_url(part.source, where, counts).uri
+            if (data_url := self._stand_ins.get(part.source)) is None:
+                encoded = part.source.encode()
+                data_url = self._lookup(encoded, 0, len(encoded))
+            return self._store_data_url(data_url, where, counts).uri
         if kind == "file":
             return self._file(part.source, where, counts)
         if not self.options.allow_remote:
@@ -174,18 +303,12 @@ class Offloader:
         counts.remote_kept += 1
         return part.source
 
-    def _store_data_url(self, url: str, where: Where, counts: RecordCounts) -> StoredImage | StoredObject:
-        if (cached := self._cache.get(url)) is not None:
-            self._cache.move_to_end(url)
+    def _store_data_url(self, data_url: _DataUrl, where: Where, counts: RecordCounts) -> StoredImage | StoredObject:
+        if data_url.stored is not None:
             counts.dedup_hits += 1
-            return cached
-        stored = self._put(decode_data_url(url, where), where, counts)
-        self._cache[url] = stored
-        self._cache_bytes += len(url)
-        while self._cache_bytes > CACHE_BYTES:
-            evicted, _ = self._cache.popitem(last=False)
-            self._cache_bytes -= len(evicted)
-        return stored
+            return data_url.stored
+        data_url.stored = self._put(decode_data_url(data_url.text.decode(), where), where, counts)
+        return data_url.stored
 
     def _file(self, uri: str, where: Where, counts: RecordCounts) -> str:
         opts = self.options
@@ -371,7 +494,10 @@ def _line_results(
         return
     if workers <= 1:
         offloader = Offloader(store, options)
-        yield lambda lines: ((where, line, _offload_line(offloader, where, line)) for where, line in lines)
+        with store.syncing():
+            yield lambda lines: (
+                (where, line, _offload_line(offloader, where, line)) for where, line in lines
+            )
         return
     context = get_context("spawn" if os.name == "nt" else "forkserver")
     with context.Pool(workers, initializer=_init_worker, initargs=(store, options)) as pool:
@@ -427,14 +553,18 @@ def _init_worker(store: AssetStore | ObjectStore, options: OffloadOptions) -> No
 
 
 def _offload_batch(batch: list[tuple[Where, bytes]]) -> list[Any]:
-    """Offload a batch in a worker; errors travel back as (class, message, where) to pickle cleanly."""
+    """Offload a batch in a worker; errors travel back as (class, message, where) to pickle cleanly.
+
+    The batch's images are durable before its results go back.
+    """
     assert _worker is not None
     results: list[Any] = []
-    for where, line in batch:
-        result = _offload_line(_worker, where, line)
-        if isinstance(result, MMOffloadError):
-            result = (type(result), result.message, result.where)
-        results.append(result)
+    with _worker.store.syncing():
+        for where, line in batch:
+            result = _offload_line(_worker, where, line)
+            if isinstance(result, MMOffloadError):
+                result = (type(result), result.message, result.where)
+            results.append(result)
     return results
 
 

@@ -1,9 +1,10 @@
-"""A bounded cache of processed images, keyed by family configuration and content hash.
+"""A bounded cache of prepared images, keyed by family configuration and content hash.
 
 The same image reaches the trainer many times in one step: every sample of a
 GRPO group, and the dummy micro batches that keep ranks in step. Its pixels
 depend only on its bytes (named by the hash) and the family's processor
-settings, so it is read, decoded and processed once and reused.
+settings, so it is read, decoded and prepared once and reused (what a family
+prepares: its resized uint8 patches, or a processor's float rows).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import numpy as np
 
 PixelKey = tuple[str, str]
 
-# Enough for a few hundred 1280x720 Qwen images (about 5.4 MB of float32 pixels each).
+# Enough for several hundred 1280x720 Qwen images (2.7 MB of uint8 patches each on the own path).
 DEFAULT_CACHE_BYTES = 2 << 30
 
 
 class PixelCache:
-    """Least-recently-used processed images, bounded by the bytes of their arrays."""
+    """Least-recently-used prepared images, bounded by the bytes of their arrays."""
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes

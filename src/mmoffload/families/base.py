@@ -110,7 +110,6 @@ class Family(ABC):
         """Return the placeholder length a descriptor payload implies."""
         return self.placeholder_length(self.grid(payload, where))
 
-    @abstractmethod
     def pixels(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
         """Return the model's vision kwargs for ``images`` (RGB), in order.
 
@@ -118,10 +117,42 @@ class Family(ABC):
             ``{pixel_kwarg: rows, grid_kwarg: (n, 3) int64}``; processing the
             images one at a time and concatenating gives the same arrays.
         """
+        prepared = [self.prepare_image(image) for image in images]
+        grids = [prepared_grid(self, one) for one in prepared]
+        rows = self.pixel_rows(grids)
+        offset = 0
+        for one, grid in zip(prepared, grids, strict=True):
+            size = self.pixel_shape(grid)[0]
+            self.write_pixels(one, rows[offset : offset + size])
+            offset += size
+        return {self.pixel_kwarg: rows, self.grid_kwarg: np.array(grids, dtype=np.int64).reshape(-1, 3)}
 
     @abstractmethod
+    def prepare_image(self, image: Image.Image) -> dict[str, np.ndarray]:
+        """Return what one image's pixels are made from: compact, cacheable, never handed out.
+
+        Returns:
+            The family's arrays, with ``grid_kwarg`` as a (1, 3) int64 row; ``write_pixels``
+            turns them into the image's pixel rows.
+        """
+
+    @abstractmethod
+    def write_pixels(self, prepared: dict[str, np.ndarray], out: np.ndarray) -> None:
+        """Write the pixel rows of a prepared image into ``out`` (of ``pixel_shape(grid)``)."""
+
+    @abstractmethod
+    def pixel_shape(self, grid: Grid) -> tuple[int, ...]:
+        """Return the shape of the pixel rows of an image of ``grid``."""
+
+    def pixel_rows(self, grids: list[Grid]) -> np.ndarray:
+        """Return an uninitialised float32 array for the pixel rows of images of ``grids``, in order."""
+        shapes = [self.pixel_shape(grid) for grid in grids]
+        row = shapes[0][1:] if shapes else self.pixel_shape((1, 1, 1))[1:]
+        return np.empty((sum(shape[0] for shape in shapes), *row), dtype=np.float32)
+
     def zero_pixels(self, grid: Grid) -> np.ndarray:
         """Return the zero-loss placeholder pixel rows of a missing image of ``grid``."""
+        return np.zeros(self.pixel_shape(grid), dtype=np.float32)
 
     def prepare_pixels(self) -> None:
         """Load what ``pixels`` needs (a processor, say) now rather than on the first image."""
@@ -130,6 +161,54 @@ class Family(ABC):
     def pixel_key(self) -> str:
         """Return what identifies this family's pixel output, for caching processed images."""
         return f"{self.name}:{self.model_dir or 'defaults'}"
+
+
+def prepared_grid(family: Family, prepared: dict[str, np.ndarray]) -> Grid:
+    """Return the grid of a prepared image."""
+    t, h, w = (int(v) for v in prepared[family.grid_kwarg][0])
+    return (t, h, w)
+
+
+def value_table(scale: float, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """Return each channel's normalized value of every uint8 level, (channels, 256) float32.
+
+    Computed with the operations Hugging Face image processors apply to whole
+    images (``rescale`` in float64 then cast to float32, ``normalize`` in float32),
+    so looking a pixel up gives the processor's value bit for bit.
+    """
+    levels = np.arange(256, dtype=np.uint8)
+    rescaled = (levels.astype(np.float64) * scale).astype(np.float32)
+    mean32, std32 = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(((rescaled[:, None] - mean32) / std32).T)
+
+
+def pair_table(table: np.ndarray) -> np.ndarray:
+    """Return the values of every pair of adjacent levels, for ``write_levels``.
+
+    Entry ``c * 65536 + k`` holds, as one 8-byte word, the two float32 values of
+    channel ``c`` for the two bytes of the uint16 ``k`` (in memory order), so one
+    lookup writes two pixels: half the lookups and half the index array.
+    """
+    pairs = np.arange(65536, dtype=np.uint16).view(np.uint8).reshape(65536, 2)
+    return np.ascontiguousarray(table[:, pairs]).view(np.uint64).reshape(-1)
+
+
+def write_levels(pairs: np.ndarray, patches: np.ndarray, out: np.ndarray) -> None:
+    """Write ``table[c][patches[n, c, k]]`` into ``out[n, c, t, k]`` for every copy ``t``.
+
+    Args:
+        pairs: a channel table as ``pair_table`` returns it.
+        patches: (n, channels, k) uint8 levels, ``k`` even.
+        out: (n, channels, copies, k) float32, contiguous in ``k``; each copy gets
+            the same values (Qwen-VL's temporal patch repeats a still image).
+    """
+    words = out.view(np.uint64)
+    # One pass makes each pair of levels an index into the flattened tables (channel c at 65536 c).
+    index = np.add(patches.view(np.uint16), (np.arange(patches.shape[1], dtype=np.intp) << 16)[None, :, None])
+    if words.shape[2] == 1:
+        np.take(pairs, index, out=words.reshape(index.shape), mode="wrap")
+        return
+    words[...] = np.take(pairs, index)[:, :, None, :]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -1,4 +1,10 @@
-"""Kimi K2.5 (families.md). Implemented here: the published processor is remote code."""
+"""Kimi K2.5 (families.md). Implemented here: the published processor is remote code.
+
+Pixels: Pillow resizes, the image is padded right and bottom with black, and
+one table lookup per pixel gives the normalized float32 value (the same float32
+operations on each of the 256 levels as on the whole image, so bit for bit the
+same), written straight into the patch layout.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from mmoffload.errors import BadInputError
-from mmoffload.families.base import IMAGE_TYPE, Family, ForwardPolicy, Grid, to_rgb
+from mmoffload.families.base import IMAGE_TYPE, Family, ForwardPolicy, Grid, pair_table, to_rgb, write_levels
 
 CHANNELS = 3
 
@@ -37,6 +43,11 @@ class KimiK25(Family):
         self.patch_limit_on_one_side: int = media.get("patch_limit_on_one_side", 512)
         self.image_mean: tuple[float, ...] = tuple(media.get("image_mean", (0.5, 0.5, 0.5)))
         self.image_std: tuple[float, ...] = tuple(media.get("image_std", (0.5, 0.5, 0.5)))
+        # Each level's value, per channel: (level / 255 - mean) / std in float32, as families.md says.
+        levels = np.arange(256, dtype=np.float32)[:, None]
+        mean = np.asarray(self.image_mean, dtype=np.float32)
+        std = np.asarray(self.image_std, dtype=np.float32)
+        self.table = pair_table(np.ascontiguousarray(((levels / np.float32(255) - mean) / std).T))
 
     @classmethod
     def owns_model_dir(cls, config: dict[str, Any]) -> bool:
@@ -69,26 +80,21 @@ class KimiK25(Family):
         # One media pad per image; the model expands it to (h/2)*(w/2) features itself.
         return 1
 
-    def pixels(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
-        patches = [self._patches(image) for image in images]
-        return {
-            self.pixel_kwarg: np.concatenate([p for p, _ in patches]),
-            self.grid_kwarg: np.array([grid for _, grid in patches], dtype=np.int64).reshape(-1, 3),
-        }
-
-    def _patches(self, image: Image.Image) -> tuple[np.ndarray, Grid]:
-        """Resize, pad, normalize and cut one image into (h*w, 3, ps, ps) patches, row-major."""
+    def prepare_image(self, image: Image.Image) -> dict[str, np.ndarray]:
+        """Resize, pad and cut one image into (h*w, 3, ps*ps) uint8 patches, row-major."""
         image = to_rgb(image)
         padded = Image.new("RGB", self.padded_size(*image.size), (0, 0, 0))
         padded.paste(image.resize(self.resized_size(*image.size), Image.Resampling.BICUBIC), (0, 0))
-        mean = np.asarray(self.image_mean, dtype=np.float32)
-        std = np.asarray(self.image_std, dtype=np.float32)
-        values = (np.asarray(padded, dtype=np.float32) / np.float32(255) - mean) / std  # (H, W, C)
         ps = self.patch_size
         grid_h, grid_w = padded.height // ps, padded.width // ps
-        rows = values.reshape(grid_h, ps, grid_w, ps, CHANNELS).transpose(0, 2, 4, 1, 3)
-        return np.ascontiguousarray(rows.reshape(grid_h * grid_w, CHANNELS, ps, ps)), (1, grid_h, grid_w)
+        levels = np.asarray(padded).reshape(grid_h, ps, grid_w, ps, CHANNELS)  # (H, W, C) uint8
+        patches = levels.transpose(0, 2, 4, 1, 3).reshape(grid_h * grid_w, CHANNELS, ps * ps)
+        return {"levels": patches, self.grid_kwarg: np.array([[1, grid_h, grid_w]], dtype=np.int64)}
 
-    def zero_pixels(self, grid: Grid) -> np.ndarray:
+    def write_pixels(self, prepared: dict[str, np.ndarray], out: np.ndarray) -> None:
+        patches = prepared["levels"]
+        write_levels(self.table, patches, out.reshape(len(patches), CHANNELS, 1, self.patch_size**2))
+
+    def pixel_shape(self, grid: Grid) -> tuple[int, ...]:
         t, h, w = grid
-        return np.zeros((t * h * w, CHANNELS, self.patch_size, self.patch_size), dtype=np.float32)
+        return (t * h * w, CHANNELS, self.patch_size, self.patch_size)
