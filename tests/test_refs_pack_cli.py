@@ -150,7 +150,7 @@ def test_refs_then_pack_write_files_that_decode_by_contract_order(tmp_path: Path
         msgspec.msgpack.decode((run / f"rollouts/step_0/rank_{r}.bin").read_bytes(), type=list[Micro])
         for r in (0, 1)
     )
-    (real,), (dummy,) = rank0, rank1
+    (dummy,), (real,) = rank0, rank1  # equal costs: the higher index (the dummy) goes to rank 0
     assert real.input_ids == [1, START, PAD, END, 2, 7, 8, 3, 4, 5, 0, 0]
     assert real.sequence_lengths == [7, 5] and real.lora_num_tokens == [12]
     assert [(r.offset, r.length) for r in real.mm_refs.images] == [(2, 1)]
