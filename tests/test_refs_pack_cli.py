@@ -130,7 +130,8 @@ def test_refs_then_pack_write_files_that_decode_by_contract_order(tmp_path: Path
 
     batch = msgspec.msgpack.decode((run / "rollouts/step_0/train_rollouts.bin").read_bytes(), type=Batch)
     text, image = batch.examples
-    assert (text.advantages, image.advantages) == ([-0.5] * 3, [0.5] * 7)
+    # The group advantage sits on the trainable tokens only.
+    assert (text.advantages, image.advantages) == ([0.0, -0.5, -0.5], [0.0] * 5 + [0.5] * 2)
     assert image.mm_refs.images[0].uri == uri and image.mm_refs.images[0].offset == 2
     assert image.mm_token_type_ids == [0, 0, 1, 0, 0, 0, 0] and text.mm_token_type_ids is None
 
