@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from typer.testing import CliRunner
 
+from mmoffload.demo import run_demo
 from mmoffload_cli.app import app
 from tests.builders import descriptor, image_bytes, sidecar, store_image
 
@@ -207,3 +209,58 @@ def test_pack_prints_a_table_without_json(tmp_path: Path) -> None:
     result = runner.invoke(app, ["pack", str(run), "--seq-len", "16"])
 
     assert result.exit_code == 0 and "micro_batches_per_rank" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's Qwen-VL run: four traces, 12 images, 11,351 tokens (1,151 trainable)."""
+    return Path(run_demo(tmp_path_factory.mktemp("demo")).runs[0].run_dir)
+
+
+def rank_files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run / "rollouts" / "step_0").glob("rank_*.bin"))}
+
+
+def test_pack_counts_what_truncation_drops_and_warns_on_stderr(demo_qwen: Path) -> None:
+    result = runner.invoke(app, ["pack", str(demo_qwen), "--seq-len", "1000", "--json"])
+
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    figures = ("samples_truncated", "tokens_dropped", "trainable_tokens_dropped", "images_dropped")
+    assert [report[name] for name in figures] == [4, 10_255, 1_151, 12]
+    assert report["steps"][0]["images_dropped"] == 12 and report["micro_batches_with_refs"] == 0
+    (warning,) = result.stderr.splitlines()
+    assert warning == (
+        "warning: truncation to --seq-len 1,000 cut 4 of 4 samples: 10,255 tokens dropped, 1,151 of them "
+        "trainable (100.0% of all trainable tokens), 12 images dropped"
+    )
+
+
+def test_pack_without_truncation_says_nothing_on_stderr(demo_qwen: Path) -> None:
+    result = runner.invoke(app, ["pack", str(demo_qwen), "--seq-len", "4096", "--json"])
+
+    assert result.exit_code == 0 and result.stderr == ""
+    assert json.loads(result.stdout)["tokens_dropped"] == 0
+
+
+def test_max_truncated_fraction_exits_1_and_writes_nothing(demo_qwen: Path) -> None:
+    assert runner.invoke(app, ["pack", str(demo_qwen), "--seq-len", "4096", "-q"]).exit_code == 0
+    before = rank_files(demo_qwen)
+    args = ["pack", str(demo_qwen), "--seq-len", "1000", "--world-size", "2", "--json"]
+    result = runner.invoke(app, [*args, "--max-truncated-fraction", "0.5"])
+
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert not report["written"] and report["steps_packed"] == 0
+    assert report["trainable_tokens_dropped"] == 1_151
+    assert "nothing written: truncation would drop 100.0% of the trainable tokens" in result.stderr
+    assert rank_files(demo_qwen) == before  # still the one rank file of the earlier pack
+    # Dropping all of them is within a limit of 1.0 (the limit is "more than F").
+    assert runner.invoke(app, [*args, "--max-truncated-fraction", "1"]).exit_code == 0
+    assert sorted(rank_files(demo_qwen)) == ["rank_0.bin", "rank_1.bin"]
+
+
+def test_pack_refuses_an_unknown_balance(demo_qwen: Path) -> None:
+    result = runner.invoke(app, ["pack", str(demo_qwen), "--seq-len", "4096", "--balance", "even"])
+
+    assert result.exit_code == 2 and "--balance" in result.stderr

@@ -222,13 +222,15 @@ def pack_run(run_dir: Path, options: PackOptions) -> PackReport:
     if options.max_truncated_fraction is not None:
         # A cheap first pass (decode and cut only), so that a refused run writes nothing.
         planned = TruncationFigures()
+        samples = 0
         for step in steps:
             path = rundir.training_batch_path(run_dir, step)
-            planned.add(
-                _truncation(_pieces(read_training_batch(path), options.seq_len, Where(file=str(path))))
-            )
+            pieces = _pieces(read_training_batch(path), options.seq_len, Where(file=str(path)))
+            planned.add(_truncation(pieces))
+            samples += len(pieces)
         if planned.trainable_fraction_dropped > options.max_truncated_fraction:
             report.add(planned)
+            report.samples = samples
             report.written = False
             return report
     for step in steps:
