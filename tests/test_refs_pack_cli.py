@@ -10,6 +10,7 @@ import msgspec
 import pytest
 from typer.testing import CliRunner
 
+from mmoffload.audit import audit
 from mmoffload.demo import run_demo
 from mmoffload_cli.app import app
 from tests.builders import descriptor, image_bytes, sidecar, store_image
@@ -264,3 +265,18 @@ def test_pack_refuses_an_unknown_balance(demo_qwen: Path) -> None:
     result = runner.invoke(app, ["pack", str(demo_qwen), "--seq-len", "4096", "--balance", "even"])
 
     assert result.exit_code == 2 and "--balance" in result.stderr
+
+
+@pytest.mark.parametrize(("seq_len", "world_size"), [(1000, 3), (1000, 8), (4096, 2)])
+def test_audit_counts_the_truncation_figures_pack_reported(
+    demo_qwen: Path, seq_len: int, world_size: int
+) -> None:
+    args = ["pack", str(demo_qwen), "--seq-len", str(seq_len), "--world-size", str(world_size)]
+    packed = json.loads(runner.invoke(app, [*args, "--pad-multiple", "4", "--json"]).stdout)
+    audited = msgspec.structs.asdict(audit([demo_qwen]))
+
+    figures = ("samples_truncated", "tokens_dropped", "trainable_tokens_dropped", "images_dropped")
+    assert [audited[name] for name in figures] == [packed[name] for name in figures]
+    assert audited["truncation_steps_compared"] == 1 and audited["ok"]
+    if world_size == 8:
+        assert packed["dummies"] > 0  # dummies are told apart from real micro batches
