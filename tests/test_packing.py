@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from mmoffload.errors import BadInputError, IntegrityError, UsageError
-from mmoffload.packing import PackOptions, pack_batch, pack_run
+from mmoffload.packing import PackOptions, pack_batch, pack_run, partition
 from mmoffload.wire import (
     RANK_FILE_DECODER,
     MicroBatch,
@@ -19,7 +19,7 @@ from mmoffload.wire import (
     TrainingBatch,
     TrainingSample,
 )
-from tests.builders import descriptor, qwen_sample, write_run
+from tests.builders import QWEN_IMAGE_PAD, QWEN_VISION_START, descriptor, qwen_sample, write_run
 
 KIMI_PAD = 163605
 
@@ -86,7 +86,10 @@ def test_truncation_never_splits_an_image(tmp_path: Path) -> None:
     assert micro_batch.input_ids == sample.token_ids[:10]
     assert spans(micro_batch) == [(3, 4)]
     assert micro_batch.mm_token_type_ids == [0, 0, 0, 1, 1, 1, 1, 0, 0, 0]
-    assert report.truncated_samples == 1
+    # 16 tokens cut to 10: the second image and the only trainable (last) token are lost.
+    figures = (report.samples_truncated, report.tokens_dropped, report.trainable_tokens_dropped)
+    assert figures == (1, 6, 1)
+    assert (report.images_dropped, report.trainable_tokens, report.trainable_fraction_dropped) == (1, 1, 1.0)
 
 
 def test_truncation_keeps_an_image_that_ends_at_seq_len(tmp_path: Path) -> None:
@@ -175,7 +178,8 @@ def test_dummies_keep_their_refs_and_train_nothing(tmp_path: Path) -> None:
     sample.advantages = [0.3] * len(sample.token_ids)
     (rank0, rank1), report = pack([sample], seq_len=64, world_size=2)
 
-    (real,), (dummy,) = rank0, rank1
+    # Equal costs: Karmarkar-Karp puts the higher index (the dummy) on rank 0.
+    (dummy,), (real,) = rank0, rank1
     assert dummy.mm_refs == real.mm_refs and dummy.input_ids == real.input_ids
     assert not any(dummy.loss_mask) and set(dummy.advantages) == {0.0}
     assert dummy.rl_weights is None and real.rl_weights is not None
@@ -256,3 +260,50 @@ def test_image_tokens_are_what_the_refs_say() -> None:
     sample.mm_token_type_ids = [0, 0, 0, 0, 0, 0]
     with pytest.raises(IntegrityError, match="not all image tokens"):
         pack([sample], seq_len=8)
+
+
+def test_a_sample_whose_images_were_all_cut_off_packs_as_text(tmp_path: Path) -> None:
+    # packing.md 1, minimal case: 10 Qwen-VL tokens with the only image at [6, 10), seq_len 8.
+    image = qwen_sample(tmp_path, seeds=(0,))  # 1 2 start pad*4 end 3: image at [3, 7)
+    image.token_ids = [4, 5, 6, 1, 2, QWEN_VISION_START, *[QWEN_IMAGE_PAD] * 4]
+    image.mm_refs.images[0].offset = 6
+    image.mm_token_type_ids = [0] * 6 + [1] * 4
+    image.mask = [False, True, True, False, True, True, False, False, False, False]
+    image.logprobs = [0.0, -0.1, -0.2, 0.0, -0.3, -0.4, 0.0, 0.0, 0.0, 0.0]
+    image.temperatures = [1.0] * 10
+    (rank0, rank1), report = pack([image, text_sample(2, first=900)], seq_len=8, world_size=2)
+
+    # Both are text now: one bin of 8, split for the two ranks; two real micro batches, no dummy.
+    assert [mb.input_ids for mb in rank0] == [[4, 5, 6, 1, 2, QWEN_VISION_START]]
+    assert [mb.input_ids for mb in rank1] == [[900, 901]]
+    (cut,) = rank0
+    assert cut.mm_refs is None and cut.mm_token_type_ids == [0] * 6
+    assert cut.loss_mask == [False, True, True, False, True, True]
+    assert cut.sequence_lengths == cut.seq_lens == cut.lora_num_tokens == [6]
+    assert rank1[0].loss_mask == [False, True]
+    assert (report.dummies, report.micro_batches_with_refs) == (0, 0)
+    figures = (report.samples_truncated, report.tokens_dropped, report.trainable_tokens_dropped)
+    assert figures == (1, 4, 0) and report.images_dropped == 1
+
+
+def test_ranks_follow_karmarkar_karp_with_prime_rl_tie_breaks() -> None:
+    # packing.md 5, minimal case: six 4-token samples, seq_len 8, world size 4.
+    samples = [text_sample(4, first=100 * k) for k in range(1, 7)]
+    ranks, report = pack(samples, seq_len=8, world_size=4)
+
+    # First fit gives bins [1 2] [3 4] [5 6]; the highest-index bin of equal cost is split
+    # into [5] and [6]; the partition of costs [8, 8, 4, 4] puts bins 1, 0, 3, 2 on ranks 0-3.
+    first_tokens = [[mb.input_ids[::4] for mb in rank] for rank in ranks]
+    assert first_tokens == [[[300, 400]], [[100, 200]], [[600]], [[500]]]
+    assert [[mb.sequence_lengths for mb in rank] for rank in ranks] == [[[4, 4]], [[4, 4]], [[4]], [[4]]]
+    assert report.dummies == 0
+
+
+def test_balance_best_keeps_a_lighter_busiest_rank_when_there_is_one() -> None:
+    weights = [4, 2, 4, 3, 1, 6, 4, 7, 2]  # total 33 over 3 ranks of 3
+    exact = partition(weights, 3)
+    best = partition(weights, 3, "best")
+
+    assert exact == [[0, 1, 5], [3, 4, 7], [2, 6, 8]]  # loads 12, 11, 10
+    assert best == [[1, 7, 8], [4, 5, 6], [0, 2, 3]]  # loads 11, 11, 11
+    assert partition([5, 5, 4, 4], 2, "best") == partition([5, 5, 4, 4], 2)  # ties go to the exact one

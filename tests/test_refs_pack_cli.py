@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from typer.testing import CliRunner
 
+from mmoffload.audit import audit
+from mmoffload.demo import run_demo
 from mmoffload_cli.app import app
 from tests.builders import descriptor, image_bytes, sidecar, store_image
 
@@ -130,7 +133,8 @@ def test_refs_then_pack_write_files_that_decode_by_contract_order(tmp_path: Path
 
     batch = msgspec.msgpack.decode((run / "rollouts/step_0/train_rollouts.bin").read_bytes(), type=Batch)
     text, image = batch.examples
-    assert (text.advantages, image.advantages) == ([-0.5] * 3, [0.5] * 7)
+    # The group advantage sits on the trainable tokens only.
+    assert (text.advantages, image.advantages) == ([0.0, -0.5, -0.5], [0.0] * 5 + [0.5] * 2)
     assert image.mm_refs.images[0].uri == uri and image.mm_refs.images[0].offset == 2
     assert image.mm_token_type_ids == [0, 0, 1, 0, 0, 0, 0] and text.mm_token_type_ids is None
 
@@ -150,7 +154,7 @@ def test_refs_then_pack_write_files_that_decode_by_contract_order(tmp_path: Path
         msgspec.msgpack.decode((run / f"rollouts/step_0/rank_{r}.bin").read_bytes(), type=list[Micro])
         for r in (0, 1)
     )
-    (real,), (dummy,) = rank0, rank1
+    (dummy,), (real,) = rank0, rank1  # equal costs: the higher index (the dummy) goes to rank 0
     assert real.input_ids == [1, START, PAD, END, 2, 7, 8, 3, 4, 5, 0, 0]
     assert real.sequence_lengths == [7, 5] and real.lora_num_tokens == [12]
     assert [(r.offset, r.length) for r in real.mm_refs.images] == [(2, 1)]
@@ -206,3 +210,73 @@ def test_pack_prints_a_table_without_json(tmp_path: Path) -> None:
     result = runner.invoke(app, ["pack", str(run), "--seq-len", "16"])
 
     assert result.exit_code == 0 and "micro_batches_per_rank" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's Qwen-VL run: four traces, 12 images, 11,351 tokens (1,151 trainable)."""
+    return Path(run_demo(tmp_path_factory.mktemp("demo")).runs[0].run_dir)
+
+
+def rank_files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run / "rollouts" / "step_0").glob("rank_*.bin"))}
+
+
+def test_pack_counts_what_truncation_drops_and_warns_on_stderr(demo_qwen: Path) -> None:
+    result = runner.invoke(app, ["pack", str(demo_qwen), "--seq-len", "1000", "--json"])
+
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    figures = ("samples_truncated", "tokens_dropped", "trainable_tokens_dropped", "images_dropped")
+    assert [report[name] for name in figures] == [4, 10_255, 1_151, 12]
+    assert report["steps"][0]["images_dropped"] == 12 and report["micro_batches_with_refs"] == 0
+    (warning,) = result.stderr.splitlines()
+    assert warning == (
+        "warning: truncation to --seq-len 1,000 cut 4 of 4 samples: 10,255 tokens dropped, 1,151 of them "
+        "trainable (100.0% of all trainable tokens), 12 images dropped"
+    )
+
+
+def test_pack_without_truncation_says_nothing_on_stderr(demo_qwen: Path) -> None:
+    result = runner.invoke(app, ["pack", str(demo_qwen), "--seq-len", "4096", "--json"])
+
+    assert result.exit_code == 0 and result.stderr == ""
+    assert json.loads(result.stdout)["tokens_dropped"] == 0
+
+
+def test_max_truncated_fraction_exits_1_and_writes_nothing(demo_qwen: Path) -> None:
+    assert runner.invoke(app, ["pack", str(demo_qwen), "--seq-len", "4096", "-q"]).exit_code == 0
+    before = rank_files(demo_qwen)
+    args = ["pack", str(demo_qwen), "--seq-len", "1000", "--world-size", "2", "--json"]
+    result = runner.invoke(app, [*args, "--max-truncated-fraction", "0.5"])
+
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert not report["written"] and report["steps_packed"] == 0
+    assert report["trainable_tokens_dropped"] == 1_151
+    assert "nothing written: truncation would drop 100.0% of the trainable tokens" in result.stderr
+    assert rank_files(demo_qwen) == before  # still the one rank file of the earlier pack
+    # Dropping all of them is within a limit of 1.0 (the limit is "more than F").
+    assert runner.invoke(app, [*args, "--max-truncated-fraction", "1"]).exit_code == 0
+    assert sorted(rank_files(demo_qwen)) == ["rank_0.bin", "rank_1.bin"]
+
+
+def test_pack_refuses_an_unknown_balance(demo_qwen: Path) -> None:
+    result = runner.invoke(app, ["pack", str(demo_qwen), "--seq-len", "4096", "--balance", "even"])
+
+    assert result.exit_code == 2 and "--balance" in result.stderr
+
+
+@pytest.mark.parametrize(("seq_len", "world_size"), [(1000, 3), (1000, 8), (4096, 2)])
+def test_audit_counts_the_truncation_figures_pack_reported(
+    demo_qwen: Path, seq_len: int, world_size: int
+) -> None:
+    args = ["pack", str(demo_qwen), "--seq-len", str(seq_len), "--world-size", str(world_size)]
+    packed = json.loads(runner.invoke(app, [*args, "--pad-multiple", "4", "--json"]).stdout)
+    audited = msgspec.structs.asdict(audit([demo_qwen]))
+
+    figures = ("samples_truncated", "tokens_dropped", "trainable_tokens_dropped", "images_dropped")
+    assert [audited[name] for name in figures] == [packed[name] for name in figures]
+    assert audited["truncation_steps_compared"] == 1 and audited["ok"]
+    if world_size == 8:
+        assert packed["dummies"] > 0  # dummies are told apart from real micro batches

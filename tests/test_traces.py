@@ -134,7 +134,8 @@ def test_advantages_are_reward_minus_the_group_mean(tmp_path: Path) -> None:
     weighted = {"correct": {"score": 1.0, "weight": 1.0}, "format": {"score": 0.5, "weight": 2.0}}
     run, report = run_refs(tmp_path, [episode("a", weighted), episode("a", 0.5), episode("b", 1.0)])
 
-    assert [e.advantages for e in read_step(run).examples] == [[0.75, 0.75], [-0.75, -0.75], [0.0, 0.0]]
+    # On the trainable token only (traces.md): the prompt token gets 0.0.
+    assert [e.advantages for e in read_step(run).examples] == [[0.0, 0.75], [0.0, -0.75], [0.0, 0.0]]
     assert report.advantages_from_group_reward == 3
 
 
@@ -152,6 +153,34 @@ def test_node_advantages_win_over_the_reward(tmp_path: Path) -> None:
     run, _ = run_refs(tmp_path, [{"nodes": nodes, "rewards": 1.0, "task": "x"}])
 
     assert read_step(run).examples[0].advantages == [0.0, 0.0, 0.25, 0.25]
+
+
+def test_a_sampled_turn_shared_by_a_fork_is_trained_in_the_first_branch_only(tmp_path: Path) -> None:
+    # prompt -> turn 1 (sampled) -> fork: turn 2a (sampled) | tool -> turn 2b (sampled);
+    # a third leaf hangs straight off turn 1 with no sampled token of its own.
+    nodes = [
+        {"token_ids": [1, 2], "mask": [False, False]},
+        {"parent": 0, "token_ids": [10, 11], "mask": [True, True], "logprobs": [-0.1, -0.2]},
+        {"parent": 1, "token_ids": [20], "mask": [True], "logprobs": [-0.3]},
+        {"parent": 1, "token_ids": [30]},
+        {"parent": 3, "token_ids": [31, 32], "mask": [False, True], "logprobs": [-0.4]},
+        {"parent": 1, "token_ids": [40]},
+    ]
+    other = {"token_ids": [5, 6], "mask": [False, True], "logprobs": [-1.0]}
+    records = [{"nodes": nodes, "rewards": 1.0, "task": "x"}, {"nodes": [other], "rewards": 0.0, "task": "x"}]
+    run, report = run_refs(tmp_path, records)
+
+    first, second, _ = read_step(run).examples
+    assert first.token_ids == [1, 2, 10, 11, 20]
+    assert first.mask == [False, False, True, True, True]
+    # Turn 1 rides along as context: tokens and logprobs kept, mask false, no advantage.
+    assert second.token_ids == [1, 2, 10, 11, 30, 31, 32]
+    assert second.mask == [False, False, False, False, False, False, True]
+    assert second.logprobs == [0.0, 0.0, -0.1, -0.2, 0.0, 0.0, -0.4]
+    assert second.advantages == [0.0] * 6 + [0.5]  # reward 1.0 minus the mean of 1.0 and 0.0
+    assert first.advantages == [0.0, 0.0, 0.5, 0.5, 0.5]
+    assert (report.branches, report.samples_written, report.sampled_turns_as_context) == (4, 3, 2)
+    assert report.branches_without_trainable_tokens == 1  # the leaf [40]: its only sampled turn is trained
 
 
 def test_recorded_temperature_wins_and_the_default_fills_in(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mmoffload.packing import DEFAULT_PAD_TOKEN_ID, PackOptions, pack_run
+from mmoffload.packing import DEFAULT_PAD_TOKEN_ID, Balance, PackOptions, PackReport, pack_run
 from mmoffload_cli import options, render
 
 Run = Annotated[Path, typer.Argument(metavar="RUN", help="Run directory to pack.", show_default=False)]
@@ -25,6 +25,23 @@ AttentionWeight = Annotated[
     ),
 ]
 PadTokenId = Annotated[int, typer.Option("--pad-token-id", min=0, help="Token id written on padding.")]
+BalanceOption = Annotated[
+    Balance,
+    typer.Option(
+        "--balance",
+        help="Rank partition: prime-rl (byte-identical to prime-rl's) or best (never a heavier busiest rank).",
+    ),
+]
+MaxTruncatedFraction = Annotated[
+    float | None,
+    typer.Option(
+        "--max-truncated-fraction",
+        min=0.0,
+        max=1.0,
+        help="Exit 1 without writing when truncation would drop more than this fraction of trainable tokens.",
+        show_default="no limit",
+    ),
+]
 
 
 def pack(
@@ -34,19 +51,27 @@ def pack(
     world_size: WorldSize = 1,
     attention_weight: AttentionWeight = 0.0,
     pad_token_id: PadTokenId = DEFAULT_PAD_TOKEN_ID,
+    balance: BalanceOption = "prime-rl",
+    max_truncated_fraction: MaxTruncatedFraction = None,
     as_json: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
     """Pack RUN/rollouts/step_<N>/train_rollouts.bin into rank_<R>.bin micro batch files.
 
     Images are never split, families never share a micro batch, and every rank gets
-    the same number of micro batches with the same modality at each index.
+    the same number of micro batches with the same modality at each index; by default
+    the rank files are byte-identical to prime-rl's prepare_batch (pad token id aside).
+    Truncation to --seq-len is reported and warned about on stderr. Exit 0 when
+    written, 1 when --max-truncated-fraction refused the run (nothing written), 2 on
+    bad input.
 
     Examples:
 
         mmoffload pack RUN --seq-len 8192
 
         mmoffload pack RUN --seq-len 16384 --pad-multiple 2 --world-size 8 --json
+
+        mmoffload pack RUN --seq-len 8192 --world-size 8 --balance best --max-truncated-fraction 0.01
     """
     with render.errors_to_exit():
         report = pack_run(
@@ -57,6 +82,29 @@ def pack(
                 world_size=world_size,
                 attention_weight=attention_weight,
                 pad_token_id=pad_token_id,
+                balance=balance,
+                max_truncated_fraction=max_truncated_fraction,
             ),
         )
     render.emit_report(report, "pack", as_json=as_json, quiet=quiet)
+    if report.any_dropped and not quiet:
+        render.stderr.print(f"warning: {truncation_summary(report)}", markup=False)
+    if not report.written:
+        render.stderr.print(
+            f"error: nothing written: truncation would drop {report.trainable_fraction_dropped:.1%} of the "
+            f"trainable tokens, more than --max-truncated-fraction {max_truncated_fraction} "
+            "(raise --seq-len)",
+            markup=False,
+        )
+        raise typer.Exit(render.EXIT_PROBLEMS)
+
+
+def truncation_summary(report: PackReport) -> str:
+    """Say in one line what truncation to ``seq_len`` dropped."""
+    return (
+        f"truncation to --seq-len {report.seq_len:,} cut {report.samples_truncated:,} of "
+        f"{report.samples:,} samples: {report.tokens_dropped:,} tokens dropped, "
+        f"{report.trainable_tokens_dropped:,} of them trainable "
+        f"({report.trainable_fraction_dropped:.1%} of all trainable tokens), "
+        f"{report.images_dropped:,} images dropped"
+    )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -115,6 +116,13 @@ class AuditReport(msgspec.Struct):
     hashes_verified: bool = False
     # Object-store image URIs among trainer-bound refs (docs/scale.md), beside ``file_uris``.
     object_uris: int = 0
+    # What truncation dropped (packing.md 1), counted in steps holding both a TrainingBatch
+    # and rank files (``truncation_steps_compared``): samples against their packed sequences.
+    truncation_steps_compared: int = 0
+    samples_truncated: int = 0
+    tokens_dropped: int = 0
+    trainable_tokens_dropped: int = 0
+    images_dropped: int = 0
     violations: list[Violation] = msgspec.field(default_factory=list)
     ok: bool = True
 
@@ -241,6 +249,75 @@ def _micro_batch_record(batch: MicroBatch) -> _Record:
     )
 
 
+@dataclass(slots=True)
+class _Sequences:
+    """Tokens, trainable tokens and images of a step's samples, or of its packed sequences."""
+
+    tokens: int = 0
+    trainable: int = 0
+    images: int = 0
+    contents: Counter[int] = field(default_factory=Counter)  # hash of each sequence's token ids
+
+    def add(self, ids: list[int], mask: list[bool], images: int) -> None:
+        self.tokens += len(ids)
+        self.trainable += mask.count(True)
+        self.images += images
+        self.contents[hash(tuple(ids))] += 1
+
+
+def _packed_sequences(batch: MicroBatch) -> _Sequences:
+    """Cut a micro batch back into its samples' sequences, padding left out.
+
+    Padding extends the last sequence with positions restarting at 0, which is where it starts.
+    """
+    sequences = _Sequences()
+    refs = batch.mm_refs.images if batch.mm_refs is not None else []
+    start = 0
+    for number, length in enumerate(batch.sequence_lengths):
+        end = start + length
+        if number == len(batch.sequence_lengths) - 1:
+            end = next((i for i in range(start + 1, end) if batch.position_ids[i] == 0), end)
+        images = sum(start <= ref.offset < end for ref in refs)
+        sequences.add(batch.input_ids[start:end], batch.loss_mask[start:end], images)
+        start += length
+    return sequences
+
+
+@dataclass(slots=True)
+class _Packed:
+    """What the truncation figures need of one micro batch."""
+
+    content: int  # hash of its token ids: a dummy is an all-masked copy of another (packing.md 4)
+    trained: bool
+    sequences: _Sequences
+
+
+def _truncation(report: AuditReport, samples: _Sequences, micro_batches: list[_Packed]) -> None:
+    """Count what truncation dropped in one step: its samples against its real micro batches.
+
+    Every sample is one packed sequence, so sequences beyond the number of samples are
+    dummies: all-masked copies of another micro batch of the step (packing.md 4), dropped
+    until the counts agree (never the last copy: a real micro batch may be all-masked too).
+    """
+    copies = Counter(batch.content for batch in micro_batches)
+    excess = sum(batch.sequences.contents.total() for batch in micro_batches) - samples.contents.total()
+    packed = _Sequences()
+    for batch in micro_batches:
+        if excess > 0 and not batch.trained and copies[batch.content] > 1:
+            copies[batch.content] -= 1
+            excess -= batch.sequences.contents.total()
+            continue
+        packed.tokens += batch.sequences.tokens
+        packed.trainable += batch.sequences.trainable
+        packed.images += batch.sequences.images
+        packed.contents.update(batch.sequences.contents)
+    report.truncation_steps_compared += 1
+    report.samples_truncated += (samples.contents - packed.contents).total()
+    report.tokens_dropped += samples.tokens - packed.tokens
+    report.trainable_tokens_dropped += samples.trainable - packed.trainable
+    report.images_dropped += samples.images - packed.images
+
+
 class _Auditor:
     """Accumulates figures and violations over every artifact, then checks the files once."""
 
@@ -250,6 +327,9 @@ class _Auditor:
         self.remap = remap or Remap()
         # Local image files by path, object-store images by URL.
         self.files: dict[Path | str, _FileUse] = {}
+        # Per step directory: its samples and its micro batches, for the truncation figures.
+        self.samples: dict[Path, _Sequences] = {}
+        self.micro_batches: dict[Path, list[_Packed]] = {}
 
     def violation(self, loc: _Loc, kind: str, reason: str, **where: Any) -> None:
         self.report.violations.append(
@@ -267,6 +347,9 @@ class _Auditor:
             return
         self.report.training_batches += 1
         self.report.examples += len(batch.examples)
+        sequences = self.samples.setdefault(path.parent, _Sequences())
+        for sample in batch.examples:
+            sequences.add(sample.token_ids, sample.mask, len(sample.mm_refs.images) if sample.mm_refs else 0)
         for index, sample in enumerate(batch.examples):
             if self.record(_Loc(str(path), index), _sample_record(sample), trainer_bound):
                 self.report.samples_with_mm_refs += 1
@@ -280,6 +363,10 @@ class _Auditor:
             return
         self.report.rank_files += 1
         self.report.micro_batches += len(batches)
+        self.micro_batches.setdefault(path.parent, []).extend(
+            _Packed(hash(tuple(batch.input_ids)), any(batch.loss_mask), _packed_sequences(batch))
+            for batch in batches
+        )
         for index, batch in enumerate(batches):
             if self.record(_Loc(str(path), index), _micro_batch_record(batch), trainer_bound=True):
                 self.report.micro_batches_with_mm_refs += 1
@@ -538,6 +625,9 @@ def audit(
     else:
         for path in plan.jsonl:
             auditor.jsonl(path)
+    for step_dir, samples in auditor.samples.items():
+        if step_dir in auditor.micro_batches:
+            _truncation(auditor.report, samples, auditor.micro_batches[step_dir])
     auditor.check_files()
     auditor.report.ok = not auditor.report.violations
     return auditor.report

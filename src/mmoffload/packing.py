@@ -3,19 +3,23 @@
 Each step's ``TrainingBatch`` becomes ``rank_<R>.bin`` files of
 ``list[MicroBatch]``: samples are truncated without splitting an image, packed
 first-fit into bins that never mix model families, concatenated with shifted
-image refs, padded, checked, and dealt to ranks so that every rank runs the
-same number of micro batches and the k-th one has the same modality on all.
+image refs, padded, checked, and partitioned over ranks (Karmarkar-Karp, then
+swaps) so that every rank runs the same number of micro batches and the k-th
+one has the same modality on all. Every tie-break is packing.md section 5's,
+so the same samples give the same rank files as prime-rl's ``prepare_batch``.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import msgspec
+import numpy as np
 
 from mmoffload import rundir
 from mmoffload.errors import BadInputError, IntegrityError, UsageError, Where
@@ -43,6 +47,9 @@ T = TypeVar("T")
 # Token id of padding: 0 exists in every vocabulary and is never an image token;
 # padding is masked out of the loss, so its identity does not change training.
 DEFAULT_PAD_TOKEN_ID = 0
+# How ranks are balanced: prime-rl's exact partition, or the most even of several (packing.md 5).
+Balance = Literal["prime-rl", "best"]
+BALANCES: tuple[Balance, ...] = ("prime-rl", "best")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +62,9 @@ class PackOptions:
         world_size: number of data ranks.
         attention_weight: cost weight of the sum of squared sequence lengths when balancing ranks.
         pad_token_id: token id written on padding.
+        balance: ``"prime-rl"`` (the exact partition) or ``"best"`` (never a heavier busiest rank).
+        max_truncated_fraction: refuse to write when truncation would drop more than this
+            fraction of the run's trainable tokens; None for no limit.
     """
 
     seq_len: int
@@ -62,6 +72,8 @@ class PackOptions:
     world_size: int = 1
     attention_weight: float = 0.0
     pad_token_id: int = DEFAULT_PAD_TOKEN_ID
+    balance: Balance = "prime-rl"
+    max_truncated_fraction: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "pad_multiple", "world_size"):
@@ -69,14 +81,51 @@ class PackOptions:
                 raise UsageError(f"Expected `{name}` >= 1, got {getattr(self, name)}")
         if self.attention_weight < 0:
             raise UsageError(f"Expected `attention_weight` >= 0, got {self.attention_weight}")
+        if self.balance not in BALANCES:
+            raise UsageError(f"Expected `balance` one of {', '.join(BALANCES)}, got {self.balance!r}")
+        if self.max_truncated_fraction is not None and not 0 <= self.max_truncated_fraction <= 1:
+            raise UsageError(
+                f"Expected `max_truncated_fraction` in [0, 1], got {self.max_truncated_fraction}"
+            )
+
+    def cost(self, lengths: Sequence[int]) -> float:
+        """Return the balancing cost of sequence lengths: tokens + attention weight x sum of squares."""
+        total = sum(lengths)
+        if not self.attention_weight:
+            return total
+        return total + self.attention_weight * sum(length * length for length in lengths)
 
 
-class StepPackReport(msgspec.Struct, kw_only=True):
+class TruncationFigures(msgspec.Struct, kw_only=True):
+    """What truncation to ``seq_len`` cut off (packing.md 1): training data that is lost."""
+
+    samples_truncated: int = 0
+    tokens_dropped: int = 0
+    trainable_tokens_dropped: int = 0
+    images_dropped: int = 0
+    trainable_tokens: int = 0  # before truncation: the base of the dropped fraction
+
+    @property
+    def any_dropped(self) -> bool:
+        """Whether truncation lost anything."""
+        return bool(self.samples_truncated)
+
+    @property
+    def trainable_fraction_dropped(self) -> float:
+        """Trainable tokens dropped over trainable tokens before truncation."""
+        return self.trainable_tokens_dropped / self.trainable_tokens if self.trainable_tokens else 0.0
+
+    def add(self, other: TruncationFigures) -> None:
+        """Add another count's figures to these."""
+        for name in TruncationFigures.__struct_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class StepPackReport(TruncationFigures, kw_only=True):
     """What one step became."""
 
     step: int
     samples: int
-    truncated_samples: int
     micro_batches_per_rank: int
     micro_batches_with_refs: int
     dummies: int
@@ -85,17 +134,23 @@ class StepPackReport(msgspec.Struct, kw_only=True):
     fill_ratio: float
 
 
-class PackReport(msgspec.Struct, kw_only=True):
-    """What the pack stage wrote, over all steps."""
+class PackReport(TruncationFigures, kw_only=True):
+    """What the pack stage wrote, over all steps.
+
+    ``written`` is false when ``max_truncated_fraction`` refused the run: then
+    nothing was written and only the truncation figures are filled in.
+    """
 
     run_dir: str
     seq_len: int
     pad_multiple: int
     world_size: int
     pad_token_id: int
+    balance: str = "prime-rl"
+    max_truncated_fraction: float | None = None
+    written: bool = True
     steps_packed: int = 0
     samples: int = 0
-    truncated_samples: int = 0
     micro_batches_per_rank: int = 0
     micro_batches_with_refs: int = 0
     dummies: int = 0
@@ -107,7 +162,7 @@ class PackReport(msgspec.Struct, kw_only=True):
 
 @dataclass(slots=True)
 class _Piece:
-    """One sample as a single-sample micro batch, truncated to fit."""
+    """One sample as a single-sample micro batch, truncated to fit, with what the cut dropped."""
 
     index: int
     input_ids: list[int]
@@ -120,8 +175,8 @@ class _Piece:
     type_ids: list[int] | None
     refs: list[MMImageRef]
     routed_experts: RoutedExperts | None
-    family: str | None
-    truncated: bool
+    family: str | None  # of the refs kept: None makes a truncated-away image sample a text sample
+    dropped: TruncationFigures = field(default_factory=TruncationFigures)
 
     @property
     def length(self) -> int:
@@ -133,14 +188,16 @@ def pack_run(run_dir: Path, options: PackOptions) -> PackReport:
 
     Rank files of a step are written only after the whole step packed and
     passed its checks; rank files beyond the world size (from an earlier pack)
-    are removed.
+    are removed. With ``max_truncated_fraction``, the truncation of every step
+    is counted first, and nothing is written when it drops too much.
 
     Args:
         run_dir: the run directory holding ``rollouts/step_<N>/train_rollouts.bin``.
-        options: sequence length, padding, world size, balancing.
+        options: sequence length, padding, world size, balancing, truncation limit.
 
     Returns:
-        The report: micro batches per rank, refs, dummies, fill ratio, truncations.
+        The report: micro batches per rank, refs, dummies, fill ratio, truncation figures;
+        ``written`` false when the truncation limit refused the run.
 
     Raises:
         BadInputError: a sample cannot be packed (leading image too long, bad type ids, mm_kwargs).
@@ -159,16 +216,37 @@ def pack_run(run_dir: Path, options: PackOptions) -> PackReport:
         pad_multiple=options.pad_multiple,
         world_size=options.world_size,
         pad_token_id=options.pad_token_id,
+        balance=options.balance,
+        max_truncated_fraction=options.max_truncated_fraction,
     )
+    if options.max_truncated_fraction is not None:
+        # A cheap first pass (decode and cut only), so that a refused run writes nothing.
+        planned = TruncationFigures()
+        samples = 0
+        for step in steps:
+            path = rundir.training_batch_path(run_dir, step)
+            pieces = _pieces(read_training_batch(path), options.seq_len, Where(file=str(path)))
+            planned.add(_truncation(pieces))
+            samples += len(pieces)
+        if planned.trainable_fraction_dropped > options.max_truncated_fraction:
+            report.add(planned)
+            report.samples = samples
+            report.written = False
+            return report
     for step in steps:
         path = rundir.training_batch_path(run_dir, step)
         ranks, step_report = pack_batch(read_training_batch(path), options, step, Where(file=str(path)))
-        for rank, micro_batches in enumerate(ranks):
-            atomic_write(rundir.rank_path(run_dir, step, rank), encode(micro_batches))
-        for stale in rundir.rank_paths(run_dir, step)[options.world_size :]:
-            stale.unlink()
+        _write_ranks(run_dir, step, ranks)
         _add_step(report, step_report)
     return report
+
+
+def _write_ranks(run_dir: Path, step: int, ranks: list[list[MicroBatch]]) -> None:
+    """Write a step's rank files and remove rank files beyond the world size (from an earlier pack)."""
+    for rank, micro_batches in enumerate(ranks):
+        atomic_write(rundir.rank_path(run_dir, step, rank), encode(micro_batches))
+    for stale in rundir.rank_paths(run_dir, step)[len(ranks) :]:
+        stale.unlink()
 
 
 def pack_batch(
@@ -181,23 +259,20 @@ def pack_batch(
         IntegrityError: a packed micro batch breaks an invariant.
     """
     where = where or Where()
-    pieces = [
-        _piece(sample, index, options.seq_len, where.at(index=index))
-        for index, sample in enumerate(batch.examples)
-    ]
-    bins = _split_for_ranks(_first_fit(pieces, options.seq_len), options.world_size)
+    pieces = _pieces(batch, options.seq_len, where)
+    bins = _split_for_ranks(_first_fit(pieces, options.seq_len), options)
     micro_batches: list[MicroBatch] = []
     for number, members in enumerate(bins):
         micro_batch = _micro_batch(members, options)
         check_micro_batch(micro_batch, Where(file=where.file, index=number))
         micro_batches.append(micro_batch)
-    ranks, dummies = _deal_to_ranks(micro_batches, options)
+    ranks, dummies = _assign_ranks(micro_batches, options)
     real_tokens = sum(piece.length for piece in pieces)
     total_slots = options.seq_len * sum(len(rank) for rank in ranks)
     return ranks, StepPackReport(
+        **msgspec.structs.asdict(_truncation(pieces)),
         step=step,
         samples=len(pieces),
-        truncated_samples=sum(piece.truncated for piece in pieces),
         micro_batches_per_rank=len(ranks[0]),
         micro_batches_with_refs=sum(mb.mm_refs is not None for mb in micro_batches),
         dummies=dummies,
@@ -205,6 +280,19 @@ def pack_batch(
         padding_tokens=sum(len(mb.input_ids) for mb in micro_batches) - real_tokens,
         fill_ratio=real_tokens / total_slots if total_slots else 0.0,
     )
+
+
+def _pieces(batch: TrainingBatch, seq_len: int, where: Where) -> list[_Piece]:
+    return [
+        _piece(sample, index, seq_len, where.at(index=index)) for index, sample in enumerate(batch.examples)
+    ]
+
+
+def _truncation(pieces: list[_Piece]) -> TruncationFigures:
+    figures = TruncationFigures()
+    for piece in pieces:
+        figures.add(piece.dropped)
+    return figures
 
 
 def _piece(sample: TrainingSample, index: int, seq_len: int, where: Where) -> _Piece:
@@ -245,6 +333,13 @@ def _piece(sample: TrainingSample, index: int, seq_len: int, where: Where) -> _P
         # Slicing copies: only truncated samples pay for it.
         return values[:cut] if cut < n else values
 
+    kept = [ref for ref in refs if ref.offset + ref.length <= cut]
+    dropped = TruncationFigures(trainable_tokens=sample.mask.count(True))
+    if cut < n:
+        dropped.samples_truncated = 1
+        dropped.tokens_dropped = n - cut
+        dropped.trainable_tokens_dropped = sample.mask[cut:].count(True)
+        dropped.images_dropped = len(refs) - len(kept)
     return _Piece(
         index=index,
         input_ids=keep(sample.token_ids),
@@ -255,10 +350,10 @@ def _piece(sample: TrainingSample, index: int, seq_len: int, where: Where) -> _P
         env_name=sample.env_name,
         streams={name: keep(values) for name, values in streams.items()},
         type_ids=keep(sample.mm_token_type_ids) if sample.mm_token_type_ids is not None else None,
-        refs=[ref for ref in refs if ref.offset + ref.length <= cut],
+        refs=kept,
         routed_experts=routed,
-        family=families[0] if families else None,
-        truncated=cut < n,
+        family=families[0] if kept else None,
+        dropped=dropped,
     )
 
 
@@ -302,26 +397,29 @@ def _compatible(members: list[_Piece], piece: _Piece) -> bool:
     return family is None or piece.family is None or family == piece.family
 
 
-def _split_for_ranks(bins: list[list[_Piece]], world_size: int) -> list[list[_Piece]]:
-    """Split the heaviest text-only bins until every rank can get a real bin (packing.md 2)."""
-    if world_size == 1:
+def _split_for_ranks(bins: list[list[_Piece]], options: PackOptions) -> list[list[_Piece]]:
+    """Split the costliest text-only bins until every rank can get a real bin (packing.md 2 and 5)."""
+    if options.world_size == 1:
         return bins
-    target = max(math.ceil(len(bins) / world_size) * world_size, world_size)
+    target = max(math.ceil(len(bins) / options.world_size) * options.world_size, options.world_size)
     bins = list(bins)
     while len(bins) < target:
-        splittable = [
-            number
+        candidates = [
+            (options.cost([piece.length for piece in members]), number)
             for number, members in enumerate(bins)
-            if len(members) > 1 and all(member.family is None for member in members)
+            if len(members) > 1 and all(piece.family is None for piece in members)
         ]
-        if not splittable:
+        if not candidates:
             break
-        heaviest = max(splittable, key=lambda number: sum(member.length for member in bins[number]))
+        _, number = max(candidates)  # on equal cost, the bin with the highest index
         halves: tuple[list[_Piece], list[_Piece]] = ([], [])
-        for piece in sorted(bins[heaviest], key=lambda p: p.length, reverse=True):
-            lighter = min(halves, key=lambda half: sum(member.length for member in half))
-            lighter.append(piece)
-        bins[heaviest : heaviest + 1] = list(halves)
+        costs = [0.0, 0.0]
+        for piece in sorted(bins[number], key=lambda p: options.cost([p.length]), reverse=True):
+            side = 0 if costs[0] <= costs[1] else 1
+            halves[side].append(piece)
+            costs[side] += options.cost([piece.length])
+        bins[number] = halves[0]
+        bins.append(halves[1])
     return bins
 
 
@@ -412,30 +510,154 @@ def check_micro_batch(micro_batch: MicroBatch, where: Where | None = None) -> No
         raise IntegrityError(f"Expected image refs on image-typed tokens: {problems[0].message}", at)
 
 
-def _deal_to_ranks(
+def _assign_ranks(
     micro_batches: list[MicroBatch], options: PackOptions
 ) -> tuple[list[list[MicroBatch]], int]:
-    """Deal micro batches to ranks: multimodal group first, each padded with dummies, balanced by cost."""
-    world_size = options.world_size
-    ranks: list[list[MicroBatch]] = [[] for _ in range(world_size)]
-    costs = [0.0] * world_size
+    """Give ranks their micro batches: multimodal group first, each padded with dummies and partitioned."""
+    ranks: list[list[MicroBatch]] = [[] for _ in range(options.world_size)]
     dummies = 0
     multimodal = [mb for mb in micro_batches if mb.mm_refs is not None]
     text = [mb for mb in micro_batches if mb.mm_refs is None]
     for group in (multimodal, text):
         if not group:
             continue
-        missing = -len(group) % world_size
+        missing = -len(group) % options.world_size
         group = group + [_dummy(group[0]) for _ in range(missing)]
         dummies += missing
-        per_rank = len(group) // world_size
-        counts = [0] * world_size
-        for micro_batch in sorted(group, key=lambda mb: _cost(mb, options), reverse=True):
-            rank = min((r for r in range(world_size) if counts[r] < per_rank), key=lambda r: costs[r])
-            ranks[rank].append(micro_batch)
-            counts[rank] += 1
-            costs[rank] += _cost(micro_batch, options)
+        weights = [options.cost(mb.sequence_lengths) for mb in group]
+        for rank, items in enumerate(partition(weights, options.world_size, options.balance)):
+            ranks[rank] += [group[item] for item in items]
     return ranks, dummies
+
+
+def partition(weights: Sequence[float], world_size: int, balance: Balance = "prime-rl") -> list[list[int]]:
+    """Partition item indices into ``world_size`` equal-count ranks of near-equal total weight.
+
+    ``"prime-rl"`` is packing.md section 5's exact algorithm: Karmarkar-Karp largest
+    differencing, then pairwise swap refinement. ``"best"`` also refines a longest-first
+    greedy dealing and keeps whichever has the smaller ``(max load, max - min load)``,
+    ties to the exact one, so its busiest rank is never heavier.
+
+    Args:
+        weights: the cost of each item; their number must be a multiple of ``world_size``.
+        world_size: number of ranks.
+        balance: which partition to return.
+
+    Returns:
+        The item indices of each rank, ascending.
+    """
+    if len(weights) % world_size:
+        raise UsageError(f"Expected a multiple of {world_size} items to partition, got {len(weights)}")
+    if not weights:
+        return [[] for _ in range(world_size)]
+    ranks = _refine(weights, _karmarkar_karp(weights, world_size))
+    if balance == "best":
+        greedy = _refine(weights, _greedy(weights, world_size))
+        if _score(weights, greedy) < _score(weights, ranks):
+            ranks = greedy
+    return [sorted(items) for items in ranks]
+
+
+class _KKState:
+    """Karmarkar-Karp: W sets of ``(total, items)``, kept sorted descending; states order by spread."""
+
+    __slots__ = ("sets", "spread")
+
+    def __init__(self, sets: list[tuple[float, list[int]]]) -> None:
+        self.sets = sorted(sets, reverse=True)
+        self.spread = self.sets[0][0] - self.sets[-1][0]
+
+    def __lt__(self, other: _KKState) -> bool:
+        # heapq pops the smallest: the largest spread, ties to the larger first set.
+        if self.spread != other.spread:
+            return self.spread > other.spread
+        return self.sets[0] > other.sets[0]
+
+    def merge(self, other: _KKState) -> _KKState:
+        """Return the state where set i of this one gains set W-1-i of ``other``."""
+        w = len(self.sets)
+        return _KKState(
+            [
+                (total + other.sets[w - 1 - i][0], items + other.sets[w - 1 - i][1])
+                for i, (total, items) in enumerate(self.sets)
+            ]
+        )
+
+
+def _karmarkar_karp(weights: Sequence[float], world_size: int) -> list[list[int]]:
+    """Largest differencing over chunks of W items taken in ascending ``(weight, index)`` order."""
+    ordered = sorted((weight, index) for index, weight in enumerate(weights))
+    states = [
+        _KKState([(weight, [index]) for weight, index in ordered[start : start + world_size]])
+        for start in range(0, len(ordered), world_size)
+    ]
+    heapq.heapify(states)
+    while len(states) > 1:
+        first = heapq.heappop(states)
+        heapq.heappush(states, first.merge(heapq.heappop(states)))
+    return [sorted(items) for _, items in states[0].sets]
+
+
+def _greedy(weights: Sequence[float], world_size: int) -> list[list[int]]:
+    """Deal items heaviest first to the lightest rank that still has room (equal counts)."""
+    per_rank = len(weights) // world_size
+    ranks: list[list[int]] = [[] for _ in range(world_size)]
+    loads = [0.0] * world_size
+    for index in sorted(range(len(weights)), key=lambda i: weights[i], reverse=True):
+        rank = min((r for r in range(world_size) if len(ranks[r]) < per_rank), key=loads.__getitem__)
+        ranks[rank].append(index)
+        loads[rank] += weights[index]
+    return ranks
+
+
+def _score(weights: Sequence[float], ranks: list[list[int]]) -> tuple[float, float]:
+    loads = [sum(weights[index] for index in items) for items in ranks]
+    return max(loads), max(loads) - min(loads)
+
+
+def _refine(weights: Sequence[float], ranks: list[list[int]]) -> list[list[int]]:
+    """Apply the best strictly improving swap of two items between two ranks until none is left.
+
+    A swap is scored by the new ``(max load, max - min load)``; the first best one in
+    the order (rank l < rank r, item of l, item of r) wins. A swapped item takes the
+    place of the one it replaced. Each pair of ranks is scored with numpy over all its
+    item pairs at once, with the same float operations in the same order as one at a
+    time, so the result is exact (the scan is quadratic in items per rank).
+    """
+    ranks = [list(items) for items in ranks]
+    values = np.asarray(weights)
+    loads = [sum(weights[index] for index in items) for items in ranks]
+    world_size = len(ranks)
+    while True:
+        best = (max(loads), max(loads) - min(loads))
+        swap: tuple[int, int, int, int, float, float] | None = None
+        by_load = sorted(range(world_size), key=loads.__getitem__)
+        for left in range(world_size):
+            for right in range(left + 1, world_size):
+                others = [rank for rank in by_load if rank != left and rank != right]
+                left_weights = values[ranks[left]][:, None]
+                right_weights = values[ranks[right]][None, :]
+                new_left = (loads[left] - left_weights) + right_weights
+                new_right = (loads[right] - right_weights) + left_weights
+                high = np.maximum(new_left, new_right)
+                low = np.minimum(new_left, new_right)
+                if others:
+                    high = np.maximum(high, loads[others[-1]])
+                    low = np.minimum(low, loads[others[0]])
+                top = high.min()
+                if top > best[0]:
+                    continue
+                spread = np.where(high == top, high - low, np.inf)
+                least = spread.min()
+                if (top, least) < best:
+                    flat = int(np.flatnonzero(spread == least)[0])
+                    i, j = divmod(flat, len(ranks[right]))
+                    best = (top, least)
+                    swap = (left, right, i, j, new_left[i, j].item(), new_right[i, j].item())
+        if swap is None:
+            return ranks
+        left, right, i, j, loads[left], loads[right] = swap
+        ranks[left][i], ranks[right][j] = ranks[right][j], ranks[left][i]
 
 
 def _dummy(micro_batch: MicroBatch) -> MicroBatch:
@@ -451,17 +673,12 @@ def _dummy(micro_batch: MicroBatch) -> MicroBatch:
     )
 
 
-def _cost(micro_batch: MicroBatch, options: PackOptions) -> float:
-    """Tokens, plus the attention weight times the sum of squared sequence lengths."""
-    attention = sum(length * length for length in micro_batch.sequence_lengths)
-    return len(micro_batch.input_ids) + options.attention_weight * attention
-
-
 def _add_step(report: PackReport, step: StepPackReport) -> None:
+    """Add a step's figures to the run's."""
     report.steps.append(step)
     report.steps_packed += 1
     report.samples += step.samples
-    report.truncated_samples += step.truncated_samples
+    report.add(step)
     report.micro_batches_per_rank += step.micro_batches_per_rank
     report.micro_batches_with_refs += step.micro_batches_with_refs
     report.dummies += step.dummies

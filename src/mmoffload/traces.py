@@ -10,6 +10,7 @@ placeholder length, their content hash and the token stream's image tokens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class RefsReport(msgspec.Struct, kw_only=True):
     flat_samples: int = 0
     branches: int = 0
     branches_without_trainable_tokens: int = 0
+    sampled_turns_as_context: int = 0
     samples_written: int = 0
     samples_with_images: int = 0
     images_referenced: int = 0
@@ -318,10 +320,15 @@ def _trace_samples(
     group, reward = _group_and_reward(trace, episode, where)
     context.traces_seen += 1
     samples: list[_Pending] = []
+    trained: set[int] = set()  # sampled nodes trained in an earlier branch (leaf order)
     for leaf in (index for index in range(len(nodes)) if not has_child[index]):
         report.branches += 1
         path = _path_to(leaf, nodes)
-        branch = _join([parts[index] for index in path])
+        carried = [index for index in path if index in trained]
+        report.sampled_turns_as_context += len(carried)
+        # A sampled turn shared by several branches is trained in the first one only.
+        branch = _join([_as_context(parts[index]) if index in trained else parts[index] for index in path])
+        trained.update(index for index in path if True in parts[index].mask)
         if not any(branch.mask):
             report.branches_without_trainable_tokens += 1
             continue
@@ -503,6 +510,11 @@ def _path_to(leaf: int, nodes: list[_Node]) -> list[int]:
     return path[::-1]
 
 
+def _as_context(part: _Part) -> _Part:
+    """Return a sampled node as context: mask false, tokens, logprobs and advantages unchanged."""
+    return dataclasses.replace(part, mask=[False] * len(part.mask))
+
+
 def _join(parts: list[_Part]) -> _Part:
     """Concatenate the nodes of a branch; advantages only if some node carries them."""
     tokens: list[int] = []
@@ -662,7 +674,9 @@ def _reward(record: _Record, where: Where) -> float | None:
 def _fill_group_advantages(pending: list[_Pending], report: RefsReport) -> list[TrainingSample]:
     """Give samples without node advantages their trace's reward minus its group's mean reward.
 
-    A trace counts once in its group's mean however many branches it has.
+    The advantage sits on the trainable (mask-true) tokens, 0.0 elsewhere, as prime-rl's
+    orchestrator writes it. A trace counts once in its group's mean however many branches
+    it has.
     """
     rewards_by_trace = {item.trace: (item.group, item.reward) for item in pending if item.reward is not None}
     totals: dict[tuple[str, bytes] | None, list[float]] = {}
@@ -674,7 +688,8 @@ def _fill_group_advantages(pending: list[_Pending], report: RefsReport) -> list[
         sample = item.sample
         if sample.advantages is None:
             if item.reward is not None:
-                sample.advantages = [item.reward - means[item.group]] * len(sample.token_ids)
+                advantage = item.reward - means[item.group]
+                sample.advantages = np.where(np.asarray(sample.mask, dtype=bool), advantage, 0.0).tolist()
                 report.advantages_from_group_reward += 1
             else:
                 report.samples_without_advantages += 1
