@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from mmoffload_cli import audit, demo, materialize, offload, pack, refs
+from mmoffload_cli import audit, demo, generate, materialize, offload, pack, refs, serve
 
 app = typer.Typer(
     name="mmoffload",
@@ -21,6 +21,8 @@ app.command()(pack.pack)
 app.command()(audit.audit)
 app.command()(demo.demo)
 app.command()(materialize.materialize)
+app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve.serve)
+app.command()(generate.generate)
 
 
 def main() -> None:

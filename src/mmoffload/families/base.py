@@ -110,6 +110,24 @@ class Family(ABC):
             images one at a time and concatenating gives the same arrays.
         """
 
+    def engine_pixels(self, images: list[Image.Image], *, device_normalizes: bool) -> dict[str, np.ndarray]:
+        """Return an inference engine's vision inputs for ``images`` (RGB), in order.
+
+        Args:
+            images: the request's images.
+            device_normalizes: the engine rescales and normalizes pixels itself, on the
+                device (vLLM's ``mm_device_do_normalize``); inputs must then stay unnormalized,
+                or they are normalized twice, silently.
+
+        Raises:
+            UsageError: the family cannot make inputs for such an engine.
+        """
+        if device_normalizes:
+            raise UsageError(
+                f"Family `{self.name}` has no unnormalized engine inputs for device normalization"
+            )
+        return self.pixels(images)
+
     @abstractmethod
     def zero_pixels(self, grid: Grid) -> np.ndarray:
         """Return the zero-loss placeholder pixel rows of a missing image of ``grid``."""

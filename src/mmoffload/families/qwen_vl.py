@@ -123,6 +123,19 @@ class QwenVL(Family):
             self.grid_kwarg: np.asarray(out["image_grid_thw"], dtype=np.int64),
         }
 
+    def engine_pixels(self, images: list[Image.Image], *, device_normalizes: bool) -> dict[str, np.ndarray]:
+        # The processor's own switches: on-device normalization wants pixels in [0, 255] as they are.
+        out = self.image_processor(
+            images=images,
+            do_rescale=not device_normalizes,
+            do_normalize=not device_normalizes,
+            return_tensors="np",
+        )
+        return {
+            self.pixel_kwarg: np.asarray(out["pixel_values"], dtype=np.float32),
+            self.grid_kwarg: np.asarray(out["image_grid_thw"], dtype=np.int64),
+        }
+
     def zero_pixels(self, grid: Grid) -> np.ndarray:
         t, h, w = grid
         row = CHANNELS * self.temporal_patch_size * self.patch_size**2
