@@ -79,7 +79,9 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=[name for name in SPECIAL_TOKENS if name not in ("<|im_end|>", "<|endoftext|>")],
+        additional_special_tokens=[
+            name for name in SPECIAL_TOKENS if name not in ("<|im_end|>", "<|endoftext|>")
+        ],
     )
     fast.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"

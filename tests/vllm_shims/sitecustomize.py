@@ -103,11 +103,17 @@ def _drop_video_processor(cls: type) -> None:
 
 
 class _ShimFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, name: str, path: Any = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if name == STUBBED or name.startswith(STUBBED + "."):
             # `importlib.util.find_spec` (transformers' availability probe) must still see nothing.
             caller = sys._getframe(2).f_code
-            if caller.co_name == "find_spec" and "importlib" in caller.co_filename and "util" in caller.co_filename:
+            if (
+                caller.co_name == "find_spec"
+                and "importlib" in caller.co_filename
+                and "util" in caller.co_filename
+            ):
                 return None
             return importlib.machinery.ModuleSpec(name, _StubLoader(), is_package=True)
         if name in PROCESSOR_MODULES:
