@@ -99,6 +99,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "PYTHONPATH": os.pathsep.join([str(SHIMS), str(REPO / "src"), str(REPO / "cli")]),
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "TMPDIR": str(private_tmp),
+        # Images under this directory get pixels normalized twice (the shims explain it).
+        "MMOFFLOAD_TEST_NORMALIZE_TWICE_DIR": str(root / "normalized-twice"),
     }
     command = [
         sys.executable, "-c", "from mmoffload_cli.app import main; main()",
@@ -139,13 +141,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def image_prompt(
-    server: Server, seeds: tuple[int, ...], size: tuple[int, int] = (200, 120)
+    server: Server, seeds: tuple[int, ...], size: tuple[int, int] = (200, 120), assets: Path | None = None
 ) -> dict[str, Any]:
     """Return a raw-ref request with one stored image per seed, text around each."""
     family = Families(server.model_dir).get("qwen_vl")
     tokens, images = [72, 105], []
     for seed in seeds:
-        stored = store_image(server.assets, image_bytes(*size, seed=seed))
+        stored = store_image(assets or server.assets, image_bytes(*size, seed=seed))
         grid = family.layout(*size)
         length = family.placeholder_length(grid)
         tokens.append(QWEN_VISION_START)
@@ -207,6 +209,16 @@ def test_raw_refs_equal_vllms_own_processing(server: Server, seeds: tuple[int, .
     status, theirs = server.post(vllm_own_request(server, seeds))
     assert status == 200, theirs
     assert choice(ours) == choice(theirs)
+
+
+def test_pixels_normalized_twice_would_change_the_logprobs(server: Server) -> None:
+    # The mismatch check 7 prevents: normalized pixels into an engine that normalizes on the device.
+    # vLLM accepts them without an error; only the numbers change.
+    status, wrong = server.post(image_prompt(server, (20,), assets=server.assets.parent / "normalized-twice"))
+    assert status == 200, wrong
+    _, right = server.post(vllm_own_request(server, (20,)))
+    wrong_logprobs, right_logprobs = choice(wrong)[1], choice(right)[1]
+    assert max(abs(a - b) for a, b in zip(wrong_logprobs, right_logprobs, strict=True)) > 1e-3
 
 
 def test_prior_turn_image_plus_a_new_one(server: Server) -> None:

@@ -16,22 +16,26 @@ Two things break without torchvision (``/work/shared/notes/vllm-on-cpu.md``):
   (which needs torchvision). Once their modules are imported, ``video_processor``
   is dropped from their attributes and a placeholder carrying the few settings
   vLLM reads takes its place; videos are never sent in these tests.
+
+One more, not about torchvision: with ``MMOFFLOAD_TEST_NORMALIZE_TWICE_DIR`` set,
+the server makes the images under that directory with normalized pixels although
+the engine normalizes on the device: the mismatch the engine side exists to
+prevent, so a test can show what it would do to the logprobs.
 """
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import os
 import sys
 import types
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 STUBBED = "torchvision"
-PROCESSOR_MODULES = {
-    "transformers.models.qwen2_vl.processing_qwen2_vl": "Qwen2VLProcessor",
-    "transformers.models.qwen2_5_vl.processing_qwen2_5_vl": "Qwen2_5_VLProcessor",
-    "transformers.models.qwen3_vl.processing_qwen3_vl": "Qwen3VLProcessor",
-}
+NORMALIZE_TWICE_ENV = "MMOFFLOAD_TEST_NORMALIZE_TWICE_DIR"
 
 
 class _Anything:
@@ -62,18 +66,18 @@ class _StubLoader(importlib.abc.Loader):
 
 
 class _PatchingLoader(importlib.abc.Loader):
-    """Runs the real loader, then replaces the processor class's video processor."""
+    """Runs the real loader, then patches the module."""
 
-    def __init__(self, loader: importlib.abc.Loader, class_name: str) -> None:
+    def __init__(self, loader: importlib.abc.Loader, patch: Callable[[types.ModuleType], None]) -> None:
         self.loader = loader
-        self.class_name = class_name
+        self.patch = patch
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: types.ModuleType) -> None:
         self.loader.exec_module(module)
-        _drop_video_processor(getattr(module, self.class_name))
+        self.patch(module)
 
 
 class _VideoProcessorPlaceholder:
@@ -102,6 +106,31 @@ def _drop_video_processor(cls: type) -> None:
     cls.__init__ = __init__  # type: ignore[method-assign]
 
 
+def _normalize_twice(module: types.ModuleType) -> None:
+    directory = Path(os.environ[NORMALIZE_TWICE_ENV])
+    original = module.RawRefEngineInputs._materialize
+
+    def _materialize(self: Any, ref: Any) -> Any:
+        if not Path(ref.uri.removeprefix("file://")).is_relative_to(directory):
+            return original(self, ref)
+        return module.materialize_ref(
+            ref, lambda family, image: family.engine_pixels([image], device_normalizes=False)
+        )
+
+    module.RawRefEngineInputs._materialize = _materialize
+
+
+PATCHES: dict[str, Callable[[types.ModuleType], None]] = {
+    "transformers.models.qwen2_vl.processing_qwen2_vl": lambda m: _drop_video_processor(m.Qwen2VLProcessor),
+    "transformers.models.qwen2_5_vl.processing_qwen2_5_vl": lambda m: _drop_video_processor(
+        m.Qwen2_5_VLProcessor
+    ),
+    "transformers.models.qwen3_vl.processing_qwen3_vl": lambda m: _drop_video_processor(m.Qwen3VLProcessor),
+}
+if os.environ.get(NORMALIZE_TWICE_ENV):
+    PATCHES["mmoffload.vllm_engine"] = _normalize_twice
+
+
 class _ShimFinder(importlib.abc.MetaPathFinder):
     def find_spec(
         self, name: str, path: Any = None, target: Any = None
@@ -116,13 +145,13 @@ class _ShimFinder(importlib.abc.MetaPathFinder):
             ):
                 return None
             return importlib.machinery.ModuleSpec(name, _StubLoader(), is_package=True)
-        if name in PROCESSOR_MODULES:
+        if name in PATCHES:
             for finder in sys.meta_path:
                 if finder is self or not hasattr(finder, "find_spec"):
                     continue
                 spec = finder.find_spec(name, path, target)
                 if spec is not None and spec.loader is not None:
-                    spec.loader = _PatchingLoader(spec.loader, PROCESSOR_MODULES[name])
+                    spec.loader = _PatchingLoader(spec.loader, PATCHES[name])
                     return spec
         return None
 
