@@ -14,7 +14,9 @@ from collections.abc import Iterable
 import typer
 
 # Command name -> the module in this package that defines the function of that name.
-COMMANDS = ("offload", "refs", "pack", "audit", "demo", "materialize", "show", "inspect")
+COMMANDS = ("offload", "refs", "pack", "audit", "demo", "materialize", "show", "inspect", "serve", "generate")
+# `serve` passes the arguments after `--` on to vLLM.
+CONTEXT_SETTINGS = {"serve": {"allow_extra_args": True, "ignore_unknown_options": True}}
 
 
 def build(commands: Iterable[str] = COMMANDS) -> typer.Typer:
@@ -29,7 +31,8 @@ def build(commands: Iterable[str] = COMMANDS) -> typer.Typer:
         rich_markup_mode="rich",
     )
     for name in commands:
-        app.command()(getattr(importlib.import_module(f"mmoffload_cli.{name}"), name))
+        command = getattr(importlib.import_module(f"mmoffload_cli.{name}"), name)
+        app.command(context_settings=CONTEXT_SETTINGS.get(name))(command)
     # A callback keeps a one-command app a group, so `mmoffload offload ...` parses the same.
     app.callback()(_root)
     return app

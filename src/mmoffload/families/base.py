@@ -127,6 +127,24 @@ class Family(ABC):
             offset += size
         return {self.pixel_kwarg: rows, self.grid_kwarg: np.array(grids, dtype=np.int64).reshape(-1, 3)}
 
+    def engine_pixels(self, images: list[Image.Image], *, device_normalizes: bool) -> dict[str, np.ndarray]:
+        """Return an inference engine's vision inputs for ``images`` (RGB), in order.
+
+        Args:
+            images: the request's images.
+            device_normalizes: the engine rescales and normalizes pixels itself, on the
+                device (vLLM's ``mm_device_do_normalize``); inputs must then stay unnormalized,
+                or they are normalized twice, silently.
+
+        Raises:
+            UsageError: the family cannot make inputs for such an engine.
+        """
+        if device_normalizes:
+            raise UsageError(
+                f"Family `{self.name}` has no unnormalized engine inputs for device normalization"
+            )
+        return self.pixels(images)
+
     @abstractmethod
     def prepare_image(self, image: Image.Image) -> dict[str, np.ndarray]:
         """Return what one image's pixels are made from: compact, cacheable, never handed out.

@@ -211,6 +211,19 @@ class QwenVL(Family):
         patches = blocks.transpose(0, 3, 1, 4, 6, 2, 5).reshape(grid_h * grid_w, CHANNELS, ps * ps)
         return {"levels": patches, self.grid_kwarg: np.array([[1, grid_h, grid_w]], dtype=np.int64)}
 
+    def engine_pixels(self, images: list[Image.Image], *, device_normalizes: bool) -> dict[str, np.ndarray]:
+        # The processor's own switches: on-device normalization wants pixels in [0, 255] as they are.
+        out = self.image_processor(
+            images=images,
+            do_rescale=not device_normalizes,
+            do_normalize=not device_normalizes,
+            return_tensors="np",
+        )
+        return {
+            self.pixel_kwarg: np.asarray(out["pixel_values"], dtype=np.float32),
+            self.grid_kwarg: np.asarray(out["image_grid_thw"], dtype=np.int64),
+        }
+
     def write_pixels(self, prepared: dict[str, np.ndarray], out: np.ndarray) -> None:
         if "levels" not in prepared:
             out[...] = prepared[self.pixel_kwarg]

@@ -1,0 +1,62 @@
+"""``mmoffload serve``: vLLM's API server taking raw image refs on ``/inference/v1/generate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mmoffload.errors import UsageError
+from mmoffload.pixel_cache import DEFAULT_CACHE_BYTES
+from mmoffload_cli import render
+
+
+def serve(
+    ctx: typer.Context,
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model", help="Model directory vLLM serves (its processor and tokenizer are read offline)."
+        ),
+    ],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
+    cache_bytes: Annotated[
+        int, typer.Option("--cache-bytes", min=0, help="Bound of the materialized-image cache, in bytes.")
+    ] = DEFAULT_CACHE_BYTES,
+    allowed_root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--allowed-root", help="Serve only images under this directory (repeatable; default: any)."
+        ),
+    ] = None,
+) -> None:
+    """Serve a model with vLLM; image refs in requests are read, checked and processed here.
+
+    Every vLLM route is kept (/health, /v1/models, the OpenAI endpoints);
+    POST /inference/v1/generate takes features.kwargs_data entries as mmraw: refs.
+    A bad ref gets HTTP 400 invalid_mm_image_ref and the engine keeps serving.
+    Arguments after `--` go to vLLM unchanged. Needs the `vllm` extra.
+
+    Examples:
+
+        mmoffload serve --model /models/Qwen3-VL-8B-Instruct --port 8000
+
+        mmoffload serve --model tiny/ -- --enforce-eager --max-model-len 4096
+    """
+    with render.errors_to_exit():
+        if not (model / "config.json").is_file():
+            raise UsageError(f"Expected a model directory with `config.json`, got `{model}`")
+        try:
+            from mmoffload.server import serve as run_server
+        except ImportError as exc:
+            raise UsageError(f"`mmoffload serve` needs vLLM: pip install 'mmoffload[vllm]' ({exc})") from exc
+        run_server(
+            model.absolute(),
+            host=host,
+            port=port,
+            vllm_args=list(ctx.args),
+            cache_bytes=cache_bytes,
+            roots=allowed_root,
+        )

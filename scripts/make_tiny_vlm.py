@@ -1,0 +1,117 @@
+"""Build a tiny random-weight Qwen2-VL model directory for tests and the vLLM smoke run (no download).
+
+About 20 M parameters: 2 text layers of width 128, a 1-layer vision tower with
+patch 16 (the grid the fixtures' Qwen3-VL descriptors use), the Qwen special
+tokens at their real ids and a word-level tokenizer over byte tokens 0-255
+(the fixtures' byte-level text). The image processor, tokenizer and chat
+template are saved separately: building the combined processor object needs a
+video processor, which needs torchvision.
+
+Usage: python scripts/make_tiny_vlm.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+VOCAB_SIZE = 151_936
+SPECIAL_TOKENS = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653,
+    "<|image_pad|>": 151655,
+    "<|video_pad|>": 151656,
+}
+# Small enough for a CPU engine, large enough for the fixtures' 1280x720 screenshots (880 tokens).
+MIN_PIXELS, MAX_PIXELS = 32 * 32, 1280 * 720
+PATCH_SIZE = 16
+
+
+def build(out_dir: Path, seed: int = 0) -> Path:
+    """Write the tiny model to ``out_dir`` and return it."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(seed)
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": VOCAB_SIZE,
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 8192,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
+            "tie_word_embeddings": True,
+            "bos_token_id": SPECIAL_TOKENS["<|endoftext|>"],
+            "eos_token_id": SPECIAL_TOKENS["<|im_end|>"],
+        },
+        vision_config={
+            "depth": 1,
+            "embed_dim": 32,
+            "hidden_size": 128,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": PATCH_SIZE,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=SPECIAL_TOKENS["<|image_pad|>"],
+        video_token_id=SPECIAL_TOKENS["<|video_pad|>"],
+        vision_start_token_id=SPECIAL_TOKENS["<|vision_start|>"],
+        vision_end_token_id=SPECIAL_TOKENS["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
+    model.save_pretrained(out_dir)
+
+    vocab = {f"<{i}>": i for i in range(256)} | SPECIAL_TOKENS
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=[
+            name for name in SPECIAL_TOKENS if name not in ("<|im_end|>", "<|endoftext|>")
+        ],
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+    )
+    fast.save_pretrained(out_dir)
+
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=PATCH_SIZE,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+    )
+    image_processor.save_pretrained(out_dir)
+    # vLLM and mmoffload's family registry read the processor class and the layout from this file.
+    config_path = out_dir / "preprocessor_config.json"
+    settings = json.loads(config_path.read_text())
+    settings.update(
+        image_processor_type="Qwen2VLImageProcessor",
+        processor_class="Qwen2VLProcessor",
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
+    )
+    config_path.write_text(json.dumps(settings, indent=2))
+    return out_dir
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    print(build(Path(sys.argv[1])))

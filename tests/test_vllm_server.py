@@ -1,0 +1,349 @@
+"""``mmoffload serve`` on a real vLLM engine with a tiny random-weight Qwen2-VL (skipped without vLLM).
+
+One engine for the whole module: started once on a loopback port, as users start it,
+through the CLI. Its images live in a per-session asset directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from mmoffload.assets import StoredImage
+from mmoffload.families import Families
+from mmoffload.inference_client import InferenceClient, InferenceServerError, build_request, parse_completion
+from mmoffload.rawrefs import decode_ref, encode_ref
+from mmoffload_cli.app import app
+from tests.builders import (
+    QWEN_IMAGE_PAD,
+    QWEN_VISION_END,
+    QWEN_VISION_START,
+    descriptor,
+    image_bytes,
+    store_image,
+)
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+
+REPO = Path(__file__).resolve().parent.parent
+SHIMS = Path(__file__).resolve().parent / "vllm_shims"
+START_TIMEOUT_S = 600
+GREEDY = {"max_tokens": 6, "temperature": 0.0, "logprobs": 0}
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    model_dir: Path
+    assets: Path
+    process: subprocess.Popen[bytes]
+
+    def post(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(
+            self.url + "/inference/v1/generate",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def get(self, route: str) -> tuple[int, Any]:
+        with urllib.request.urlopen(self.url + route, timeout=30) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _build_tiny_model(out_dir: Path) -> Path:
+    spec = importlib.util.spec_from_file_location("make_tiny_vlm", REPO / "scripts" / "make_tiny_vlm.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build(out_dir)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("vllm")
+    model_dir = _build_tiny_model(root / "model")
+    private_tmp = root / "tmp"  # vLLM leaves IPC socket files in $TMPDIR at each start
+    private_tmp.mkdir()
+    port = _free_port()
+    env = {
+        **os.environ,
+        # The test-only torchvision shims must reach the server and the engine processes it spawns.
+        "PYTHONPATH": os.pathsep.join([str(SHIMS), str(REPO / "src"), str(REPO / "cli")]),
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "TMPDIR": str(private_tmp),
+        # Images under this directory get pixels normalized twice (the shims explain it).
+        "MMOFFLOAD_TEST_NORMALIZE_TWICE_DIR": str(root / "normalized-twice"),
+    }
+    command = [
+        sys.executable, "-c", "from mmoffload_cli.app import main; main()",
+        "serve", "--model", str(model_dir), "--port", str(port), "--",
+        "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
+        "--limit-mm-per-prompt", '{"image": 3, "video": 0}',
+    ]  # fmt: skip
+    log = (root / "server.log").open("wb")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(
+                f"server exited with {process.returncode}: {(root / 'server.log').read_text()[-3000:]}"
+            )
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(
+                f"server not ready after {START_TIMEOUT_S} s: {(root / 'server.log').read_text()[-3000:]}"
+            )
+        time.sleep(1)
+    try:
+        yield Server(url, model_dir, root / "assets", process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def image_prompt(
+    server: Server, seeds: tuple[int, ...], size: tuple[int, int] = (200, 120), assets: Path | None = None
+) -> dict[str, Any]:
+    """Return a raw-ref request with one stored image per seed, text around each."""
+    family = Families(server.model_dir).get("qwen_vl")
+    tokens, images = [72, 105], []
+    for seed in seeds:
+        stored = store_image(assets or server.assets, image_bytes(*size, seed=seed))
+        grid = family.layout(*size)
+        length = family.placeholder_length(grid)
+        tokens.append(QWEN_VISION_START)
+        images.append((descriptor(stored.uri, list(grid)), stored.hash, len(tokens), length))
+        tokens += [QWEN_IMAGE_PAD] * length + [QWEN_VISION_END, 32]
+    sidecar = {
+        "mm_items": {"image": [d for d, _, _, _ in images]},
+        "mm_hashes": {"image": [h for _, h, _, _ in images]},
+        "mm_placeholders": {"image": [{"offset": o, "length": n} for _, _, o, n in images]},
+    }
+    return build_request(tokens, [sidecar], GREEDY)
+
+
+def vllm_own_request(
+    server: Server, seeds: tuple[int, ...], size: tuple[int, int] = (200, 120)
+) -> dict[str, Any]:
+    """The same prompt for vLLM's own processing: one unexpanded image pad per image, PIL images as data URLs."""
+    tokens, parts = [72, 105], []
+    for seed in seeds:
+        data = image_bytes(*size, seed=seed)
+        tokens += [QWEN_VISION_START, QWEN_IMAGE_PAD, QWEN_VISION_END, 32]
+        parts.append({"type": "image_url", "url": "data:image/png;base64," + base64.b64encode(data).decode()})
+    return {"token_ids": tokens, "sampling_params": GREEDY, "content_parts": parts}
+
+
+def choice(body: dict[str, Any]) -> tuple[list[int], list[float]]:
+    completion = parse_completion(body)
+    return completion.token_ids, completion.logprobs
+
+
+def assert_refused(server: Server, body: dict[str, Any], image: int, words: str) -> None:
+    status, answer = server.post(body)
+    assert status == 400, answer
+    assert answer["error"]["type"] == "invalid_mm_image_ref"
+    assert f"image {image}" in answer["error"]["message"] and words in answer["error"]["message"]
+    # The engine keeps serving.
+    status, answer = server.post(image_prompt(server, (0,)))
+    assert status == 200 and len(answer["choices"][0]["token_ids"]) == GREEDY["max_tokens"]
+
+
+def test_health_and_models_are_vllms(server: Server) -> None:
+    assert server.get("/health")[0] == 200
+    status, models = server.get("/v1/models")
+    assert status == 200 and models["data"][0]["id"] == str(server.model_dir)
+
+
+def test_good_two_image_request_returns_tokens_and_logprobs(server: Server) -> None:
+    status, body = server.post(image_prompt(server, (1, 2)))
+    assert status == 200, body
+    tokens, logprobs = choice(body)
+    assert len(tokens) == len(logprobs) == GREEDY["max_tokens"]
+    assert all(lp <= 0.0 for lp in logprobs)
+
+
+@pytest.mark.parametrize("seeds", [(3,), (4, 5)])
+def test_raw_refs_equal_vllms_own_processing(server: Server, seeds: tuple[int, ...]) -> None:
+    status, ours = server.post(image_prompt(server, seeds))
+    assert status == 200, ours
+    status, theirs = server.post(vllm_own_request(server, seeds))
+    assert status == 200, theirs
+    assert choice(ours) == choice(theirs)
+
+
+def test_pixels_normalized_twice_would_change_the_logprobs(server: Server) -> None:
+    # The mismatch check 7 prevents: normalized pixels into an engine that normalizes on the device.
+    # vLLM accepts them without an error; only the numbers change.
+    status, wrong = server.post(image_prompt(server, (20,), assets=server.assets.parent / "normalized-twice"))
+    assert status == 200, wrong
+    _, right = server.post(vllm_own_request(server, (20,)))
+    wrong_logprobs, right_logprobs = choice(wrong)[1], choice(right)[1]
+    assert max(abs(a - b) for a, b in zip(wrong_logprobs, right_logprobs, strict=True)) > 1e-3
+
+
+def test_prior_turn_image_plus_a_new_one(server: Server) -> None:
+    assert server.post(image_prompt(server, (6,)))[0] == 200
+    status, body = server.post(image_prompt(server, (6, 7)))
+    assert status == 200, body
+    assert choice(body) == choice(server.post(vllm_own_request(server, (6, 7)))[1])
+
+
+def test_concurrent_requests_for_one_image_materialize_it_once(server: Server) -> None:
+    before = server.get("/mmoffload/v1/stats")[1]
+    body = image_prompt(server, (8,), size=(640, 480))
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: server.post(body), range(4)))
+    assert [status for status, _ in answers] == [200] * 4
+    after = server.get("/mmoffload/v1/stats")[1]
+    assert after["images_materialized"] - before["images_materialized"] == 1
+    assert after["images"] - before["images"] == 4
+
+
+def test_wrong_placeholder_length_is_refused(server: Server) -> None:
+    body = image_prompt(server, (0, 1))
+    body["features"]["mm_placeholders"]["image"][1]["length"] -= 4
+    assert_refused(server, body, 1, "Expected placeholder length")
+
+
+def test_tampered_file_is_refused(server: Server) -> None:
+    body = image_prompt(server, (10,))
+    uri = decode_ref(body["features"]["kwargs_data"]["image"][0])["raw_image_uri"]
+    Path(uri.removeprefix("file://")).write_bytes(image_bytes(200, 120, seed=11))
+    assert_refused(server, body, 0, "Content hash mismatch")
+
+
+def test_grid_mismatch_is_refused(server: Server) -> None:
+    body = image_prompt(server, (0, 12))
+    fields = decode_ref(body["features"]["kwargs_data"]["image"][1])
+    item = {**descriptor(fields["raw_image_uri"], [1, 4, 24])}
+    body["features"]["kwargs_data"]["image"][1] = encode_ref(item, fields["mm_hash"])
+    assert_refused(server, body, 1, "Expected the descriptor's grid [1, 4, 24]")
+
+
+def test_missing_file_is_refused(server: Server) -> None:
+    body = image_prompt(server, (13,))
+    uri = decode_ref(body["features"]["kwargs_data"]["image"][0])["raw_image_uri"]
+    Path(uri.removeprefix("file://")).unlink()
+    assert_refused(server, body, 0, "Missing image file")
+
+
+def test_hash_mismatch_is_refused(server: Server) -> None:
+    body = image_prompt(server, (0, 14))
+    body["features"]["mm_hashes"]["image"][0] = "f" * 32
+    assert_refused(server, body, 0, "to equal `mm_hashes[0]`")
+
+
+@pytest.mark.parametrize("item", [None, "AAAAbase64msgpack"])
+def test_non_mmraw_item_is_refused(server: Server, item: str | None) -> None:
+    body = image_prompt(server, (0,))
+    body["features"]["kwargs_data"]["image"][0] = item
+    assert_refused(server, body, 0, "Expected an `mmraw:` ref")
+
+
+def test_mismatched_counts_are_refused(server: Server) -> None:
+    body = image_prompt(server, (0, 1))
+    body["features"]["mm_placeholders"]["image"].pop()
+    status, answer = server.post(body)
+    assert status == 400 and answer["error"]["type"] == "invalid_mm_image_ref"
+    assert "2 refs and 1 placeholders" in answer["error"]["message"]
+    assert server.post(image_prompt(server, (0,)))[0] == 200
+
+
+def test_client_returns_the_completion_and_raises_on_refusal(server: Server) -> None:
+    client = InferenceClient(server.url)
+    body = image_prompt(server, (15,))
+    completion = parse_completion(client.post(body))
+    assert len(completion.token_ids) == GREEDY["max_tokens"] and completion.finish_reason == "length"
+    body["features"]["mm_hashes"]["image"][0] = "0" * 32
+    with pytest.raises(InferenceServerError) as info:
+        client.post(body)
+    assert info.value.status == 400 and info.value.body["error"]["type"] == "invalid_mm_image_ref"
+
+
+def test_generate_command_writes_a_sampled_node(server: Server, tmp_path: Path) -> None:
+    body = image_prompt(server, (16, 17))
+    tokens = body["token_ids"]
+    features = body["features"]
+    items = [decode_ref(ref) for ref in features["kwargs_data"]["image"]]
+    for fields in items:
+        fields["kind"] = "prime_raw_mm_item"
+        del fields["mm_hash"]
+    sidecar = {
+        "mm_items": {"image": items},
+        "mm_hashes": features["mm_hashes"],
+        "mm_placeholders": features["mm_placeholders"],
+    }
+    trace = {
+        "id": "t0",
+        "nodes": [
+            {"parent": None, "token_ids": tokens, "mask": [False] * len(tokens), "multi_modal_data": sidecar},
+        ],
+    }
+    source, out = tmp_path / "traces.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps(trace) + "\n")
+    result = CliRunner().invoke(
+        app, ["generate", str(source), "--server", server.url, "-o", str(out), "--max-tokens", "5", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["traces_completed"], report["images_sent"], report["completion_tokens"]) == (1, 2, 5)
+    node = json.loads(out.read_text())["nodes"][1]
+    assert node["parent"] == 0 and node["sampled"] is True
+    assert node["mask"] == [True] * 5 and len(node["token_ids"]) == len(node["logprobs"]) == 5
+
+
+def test_generate_command_names_the_image_the_server_refused(server: Server, tmp_path: Path) -> None:
+    stored: StoredImage = store_image(server.assets, image_bytes(200, 120, seed=18))
+    tokens = [72, QWEN_VISION_START] + [QWEN_IMAGE_PAD] * 20 + [QWEN_VISION_END]
+    sidecar = {
+        "mm_items": {"image": [descriptor(stored.uri, [1, 8, 12])]},
+        "mm_hashes": {"image": [stored.hash]},
+        "mm_placeholders": {"image": [{"offset": 2, "length": 20}]},
+    }
+    trace = {"nodes": [{"token_ids": tokens, "mask": [False] * len(tokens), "multi_modal_data": sidecar}]}
+    source, out = tmp_path / "traces.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps(trace) + "\n")
+    result = CliRunner().invoke(app, ["generate", str(source), "--server", server.url, "-o", str(out)])
+    assert result.exit_code == 2
+    assert "invalid_mm_image_ref" in result.stderr and "image 0" in result.stderr
+    assert not out.exists()
