@@ -7,9 +7,11 @@ from typing import Annotated
 
 import typer
 
+from mmoffload.assets import default_allowed_roots
+from mmoffload.io import check_writable_dir
 from mmoffload.materialize import MissingImagePolicy, iter_rank_files, materialize_run
 from mmoffload_cli import render
-from mmoffload_cli.options import Json, Model, Quiet
+from mmoffload_cli.options import AllowRoot, Json, Model, Quiet
 
 
 def materialize(
@@ -29,6 +31,7 @@ def materialize(
             help="Write each micro batch's tensors to DIR/step_<N>/rank_<R>_mb_<K>.safetensors.",
         ),
     ] = None,
+    allow_root: AllowRoot = None,
     json_output: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -48,11 +51,18 @@ def materialize(
 
         mmoffload materialize run/ --model qwen2_5_vl --save run/materialized
     """
-    with render.errors_to_exit():
+    with render.errors_to_exit("safetensors files already saved stay, each whole; no other file was written"):
+        if save is not None:
+            check_writable_dir(save, "--save directory")
         total = sum(path.stat().st_size for _, path in iter_rank_files(run))
         with render.progress_bar("materialize", total, enabled=not quiet) as advance:
             report = materialize_run(
-                run, model=model, missing_image_policy=missing_image_policy, save_dir=save, advance=advance
+                run,
+                model=model,
+                missing_image_policy=missing_image_policy,
+                save_dir=save,
+                advance=advance,
+                allowed_roots=allow_root or default_allowed_roots(run),
             )
     render.emit_report(report, "materialize", as_json=json_output, quiet=quiet)
     if report.images_placeholdered:

@@ -48,7 +48,7 @@ def pack(
 
         mmoffload pack RUN --seq-len 16384 --pad-multiple 2 --world-size 8 --json
     """
-    with render.errors_to_exit():
+    with render.errors_to_exit("no rank file was written (a run's rank files appear all at once)"):
         report = pack_run(
             run,
             PackOptions(

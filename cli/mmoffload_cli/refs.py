@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from mmoffload.assets import default_allowed_roots
 from mmoffload.families import resolve_model_dir
 from mmoffload.traces import RefsOptions, build_refs
 from mmoffload_cli import options, render
@@ -59,6 +60,7 @@ def refs(
     verify_hashes: VerifyHashes = True,
     skip_invalid: SkipInvalid = False,
     rejects: Rejects = None,
+    allow_root: options.AllowRoot = None,
     as_json: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
@@ -76,7 +78,7 @@ def refs(
 
         mmoffload refs traces.jsonl --run-dir RUN --skip-invalid --rejects bad.jsonl
     """
-    with render.errors_to_exit():
+    with render.errors_to_exit("no step was written (a run's steps appear all at once)"):
         model_dir = resolve_model_dir(model) if model is not None else None
         report = build_refs(
             traces,
@@ -90,6 +92,7 @@ def refs(
                 verify_hashes=verify_hashes,
                 skip_invalid=skip_invalid,
                 rejects_path=rejects,
+                allowed_roots=_tuple(allow_root or default_allowed_roots(run_dir)),
             ),
         )
     render.emit_report(report, "refs", as_json=as_json, quiet=quiet)
@@ -102,3 +105,7 @@ def refs(
         if not quiet:
             render.stderr.print(f"{report.rejected_records:,} record(s) rejected, see {report.rejects_path}")
         raise typer.Exit(render.EXIT_PROBLEMS)
+
+
+def _tuple(roots: list[Path] | None) -> tuple[Path, ...] | None:
+    return tuple(roots) if roots is not None else None

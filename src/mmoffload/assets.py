@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from mmoffload.errors import BadInputError, IntegrityError, Where
+from mmoffload.errors import BadInputError, IntegrityError, UsageError, Where
 from mmoffload.io import atomic_write
 
 ASSETS_ENV_VAR = "VF_RENDERER_IMAGE_OFFLOAD_DIR"
 HASH_HEX_DIGITS = 32
+# The most bytes read for one referenced image (a 4K screenshot PNG is about 10 MB).
+MAX_IMAGE_BYTES_ENV_VAR = "MMOFFLOAD_MAX_IMAGE_BYTES"
+DEFAULT_MAX_IMAGE_BYTES = 128 << 20
 
 # Magic numbers, checked against the bytes, never against a claimed media type.
 _MAGIC: tuple[tuple[bytes, str], ...] = (
@@ -62,11 +67,50 @@ def uri_to_path(uri: str, where: Where | None = None) -> Path:
     """Return the local path a ``file://`` URI names.
 
     Raises:
-        BadInputError: the URI is not a local ``file://`` URI.
+        BadInputError: the URI is not a local ``file://`` URI, or names a NUL byte.
     """
     if not is_local_file_uri(uri):
         raise BadInputError(f"Expected a local `file://` URI, got `{uri[:80]}`", where)
-    return Path(unquote(urlsplit(uri).path))
+    path = unquote(urlsplit(uri).path)
+    if "\0" in path:
+        raise BadInputError(f"Expected a `file://` URI without NUL bytes, got `{uri[:80]}`", where)
+    return Path(path)
+
+
+def max_image_bytes() -> int:
+    """Return the most bytes read for one image: ``$MMOFFLOAD_MAX_IMAGE_BYTES``, else 128 MiB.
+
+    Raises:
+        UsageError: the variable is not a whole number > 0.
+    """
+    return env_limit(MAX_IMAGE_BYTES_ENV_VAR, DEFAULT_MAX_IMAGE_BYTES)
+
+
+def env_limit(name: str, default: int) -> int:
+    """Return a positive whole-number limit from the environment variable ``name``, else ``default``.
+
+    Raises:
+        UsageError: the variable is set but is not a whole number > 0.
+    """
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise UsageError(f"Expected ${name} as a whole number > 0, got `{raw[:40]}`")
+    return int(raw)
+
+
+def default_allowed_roots(run_dir: Path | None) -> list[Path] | None:
+    """Return the directories refs may point into when the user named none.
+
+    The run's asset directory (``RUN/assets/images``, when it exists) and
+    ``$VF_RENDERER_IMAGE_OFFLOAD_DIR`` (when set); None (any regular file) when
+    neither is known.
+    """
+    roots = [Path(env)] if (env := os.environ.get(ASSETS_ENV_VAR)) else []
+    if run_dir is not None and (run_dir / "assets" / "images").is_dir():
+        roots.append(run_dir / "assets" / "images")
+    return roots or None
 
 
 def resolve_assets_dir(explicit: Path | None, run_dir: Path | None) -> Path:
@@ -117,31 +161,96 @@ class AssetStore:
         return StoredImage(digest, path, written=True)
 
 
-def read_verified(path: Path, expected_hash: str | None, where: Where | None = None) -> bytes:
-    """Read an image file, checking its content hash when one is expected.
+def read_verified(
+    path: Path,
+    expected_hash: str | None,
+    where: Where | None = None,
+    *,
+    allowed_roots: Sequence[Path] | None = None,
+    max_bytes: int | None = None,
+) -> bytes:
+    """Read a referenced image file, safely, checking its content hash when one is expected.
+
+    The one reader of referenced image bytes: the file must lie under one of
+    ``allowed_roots`` (after resolving links and ``..``) when they are given, must
+    be a regular file (never a device, FIFO or ``/proc`` stream), and at most
+    ``max_bytes`` long. A refused file is never read, and no error echoes its
+    content or hash.
+
+    Args:
+        path: the file a ref names.
+        expected_hash: the ref's ``mm_hash``; None to skip the check.
+        where: the ref's location, for errors.
+        allowed_roots: directories refs may point into; None allows any regular file.
+        max_bytes: the most bytes read (default ``max_image_bytes()``).
 
     Raises:
-        IntegrityError: the file is missing or its content hashes to something else.
+        BadInputError: the file is outside the allowed roots, not a regular file, or too large.
+        IntegrityError: the file is missing or unreadable, or its content hashes to something else.
     """
+    limit = max_image_bytes() if max_bytes is None else max_bytes
+    resolved = check_allowed(path, allowed_roots, where)
     try:
-        data = path.read_bytes()
+        # Non-blocking, so a FIFO that never answers cannot hang the open.
+        fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError as exc:
         raise IntegrityError(f"Missing image file `{path}`", where) from exc
+    except OSError as exc:
+        raise IntegrityError(f"Cannot read image file `{path}`: {exc.strerror}", where) from exc
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadInputError(f"Expected a regular image file, got a special file `{path}`", where)
+        if info.st_size > limit:
+            raise BadInputError(
+                f"Image file `{path}` is {info.st_size:,} bytes, over the {limit:,}-byte limit "
+                f"(${MAX_IMAGE_BYTES_ENV_VAR})",
+                where,
+            )
+        try:
+            data = handle.read(limit + 1)
+        except OSError as exc:
+            raise IntegrityError(f"Cannot read image file `{path}`: {exc.strerror}", where) from exc
+    if len(data) > limit:  # Grew since the stat.
+        raise BadInputError(f"Image file `{path}` is over the {limit:,}-byte limit", where)
     if expected_hash is not None:
-        verify_hash(data, expected_hash, path, where)
+        verify_hash(data, expected_hash, path, where, show_actual=allowed_roots is not None)
     return data
 
 
-def verify_hash(data: bytes, expected_hash: str, path: Path, where: Where | None = None) -> None:
+def check_allowed(path: Path, allowed_roots: Sequence[Path] | None, where: Where | None = None) -> Path:
+    """Return ``path`` resolved (links, ``..``), checking that it lies under an allowed root.
+
+    Raises:
+        BadInputError: it lies outside every root (the file is not opened).
+    """
+    resolved = Path(os.path.realpath(path))
+    if allowed_roots is not None and not any(
+        resolved.is_relative_to(os.path.realpath(root)) for root in allowed_roots
+    ):
+        raise BadInputError(
+            f"Image file `{path}` is outside the allowed roots "
+            f"({', '.join(f'`{root}`' for root in allowed_roots)}); allow its directory to read it",
+            where,
+        )
+    return resolved
+
+
+def verify_hash(
+    data: bytes, expected_hash: str, path: Path, where: Where | None = None, *, show_actual: bool = False
+) -> None:
     """Check that the bytes read from ``path`` hash to ``expected_hash``.
+
+    The actual hash is shown only with ``show_actual`` (a file inside the allowed
+    roots): of any other file it would leak a fingerprint of whatever a ref names.
 
     Raises:
         IntegrityError: the content hashes to something else.
     """
     if (actual := content_hash(data)) != expected_hash:
+        found = f"got `{actual}`" if show_actual else "the file holds other content"
         raise IntegrityError(
-            f"Content hash mismatch for `{file_uri(path)}`: expected `{expected_hash}`, got `{actual}`",
-            where,
+            f"Content hash mismatch for `{file_uri(path)}`: expected `{expected_hash}`, {found}", where
         )
 
 

@@ -32,12 +32,12 @@ from typing import Any
 import msgspec
 
 from mmoffload import rundir
-from mmoffload.assets import content_hash, is_local_file_uri, uri_to_path
+from mmoffload.assets import check_allowed, content_hash, is_local_file_uri, read_verified, uri_to_path
 from mmoffload.descriptors import DESCRIPTOR_KIND, HASH_PATTERN, descriptor_problems, descriptor_uri
-from mmoffload.errors import BadInputError, PathPart, UsageError, Where, json_path
+from mmoffload.errors import BadInputError, MMOffloadError, PathPart, UsageError, Where, json_path
 from mmoffload.families import Families
 from mmoffload.imageparts import ImageSource, iter_image_sources, source_kind
-from mmoffload.io import decode_json_line, iter_lines
+from mmoffload.io import decode_json_line, iter_lines, too_deep
 from mmoffload.spans import span_problems
 from mmoffload.wire import (
     MICRO_BATCH_PER_TOKEN_FIELDS,
@@ -227,10 +227,13 @@ def _micro_batch_record(batch: MicroBatch) -> _Record:
 class _Auditor:
     """Accumulates figures and violations over every artifact, then checks the files once."""
 
-    def __init__(self, families: Families, verify_hashes: bool) -> None:
+    def __init__(
+        self, families: Families, verify_hashes: bool, allowed_roots: Sequence[Path] | None = None
+    ) -> None:
         self.families = families
         self.report = AuditReport(hashes_verified=verify_hashes)
         self.files: dict[Path, _FileUse] = {}
+        self.allowed_roots = allowed_roots
 
     def violation(self, loc: _Loc, kind: str, reason: str, **where: Any) -> None:
         self.report.violations.append(
@@ -382,7 +385,12 @@ class _Auditor:
         """Count one image source; a local file is registered for the file check."""
         kind = source_kind(source)
         if kind == "file":
-            use = self.files.setdefault(uri_to_path(source), _FileUse(loc, image))
+            try:
+                file = uri_to_path(source)
+            except BadInputError as exc:
+                self.violation(loc, "bad_uri", exc.message, path=json_path(path), image=image)
+                return
+            use = self.files.setdefault(file, _FileUse(loc, image))
             if expected_hash is not None:
                 use.hashes.add(expected_hash)
             return
@@ -406,17 +414,22 @@ class _Auditor:
                 self.violation(loc, "undecodable", exc.message)
                 continue
             self.report.jsonl_records += 1
-            for source in self.image_sources(loc, value, ()):
-                self.source(loc, source.source, source.path)
-            for parts, obj in _descriptors_and_samples(value):
-                if obj.get("mm_kwargs") is not None:
-                    self.report.eager_mm_kwargs += 1
-                    self.violation(
-                        loc, "eager_mm_kwargs", "Expected no eager `mm_kwargs`", path=json_path(parts)
-                    )
-                if obj.get("kind") == DESCRIPTOR_KIND and (problems := descriptor_problems(obj)):
-                    self.report.non_strict_descriptors += 1
-                    self.violation(loc, "non_strict_descriptor", "; ".join(problems), path=json_path(parts))
+            try:
+                self.jsonl_value(loc, value)
+            except RecursionError:
+                self.violation(loc, "undecodable", too_deep(where).message)
+
+    def jsonl_value(self, loc: _Loc, value: object) -> None:
+        """Audit one decoded JSONL record."""
+        for source in self.image_sources(loc, value, ()):
+            self.source(loc, source.source, source.path)
+        for parts, obj in _descriptors_and_samples(value):
+            if obj.get("mm_kwargs") is not None:
+                self.report.eager_mm_kwargs += 1
+                self.violation(loc, "eager_mm_kwargs", "Expected no eager `mm_kwargs`", path=json_path(parts))
+            if obj.get("kind") == DESCRIPTOR_KIND and (problems := descriptor_problems(obj)):
+                self.report.non_strict_descriptors += 1
+                self.violation(loc, "non_strict_descriptor", "; ".join(problems), path=json_path(parts))
 
     # --- files, once each
 
@@ -425,6 +438,11 @@ class _Auditor:
         self.report.unique_images = len(self.files)
         present: list[tuple[Path, _FileUse]] = []
         for path, use in self.files.items():
+            try:
+                check_allowed(path, self.allowed_roots)
+            except BadInputError as exc:
+                self.violation(use.first, "disallowed_file", exc.message, image=use.image)
+                continue
             try:
                 self.report.image_bytes += path.stat().st_size
             except OSError as exc:
@@ -446,13 +464,18 @@ class _Auditor:
                 self.violation(
                     use.first,
                     "hash_mismatch",
-                    f"Content hash mismatch for `{path}`: ref says `{', '.join(wrong)}`, content is `{actual}`",
+                    f"Content hash mismatch for `{path}`: ref says `{', '.join(wrong)}`, "
+                    + (actual if actual.startswith("unreadable") else "the file holds other content"),
                     image=use.image,
                 )
 
 
 def audit(
-    paths: Sequence[Path], *, verify_hashes: bool = False, model_dir: Path | None = None
+    paths: Sequence[Path],
+    *,
+    verify_hashes: bool = False,
+    model_dir: Path | None = None,
+    allowed_roots: Sequence[Path] | None = None,
 ) -> AuditReport:
     """Audit run directories, ``.bin`` artifacts and JSONL files; return every figure and problem.
 
@@ -462,6 +485,8 @@ def audit(
             TrainingBatch) and rollout or trace ``.jsonl`` files.
         verify_hashes: Also re-hash every referenced file against its refs' hashes.
         model_dir: A model directory whose settings the families use (default: their defaults).
+        allowed_roots: Directories refs may point into; a file elsewhere is a violation and
+            is never read. None allows any regular file.
 
     Returns:
         The report; ``ok`` is true when there is no violation.
@@ -470,7 +495,7 @@ def audit(
         UsageError: a path is missing, unreadable or of an unknown kind, or a run has no artifacts.
     """
     plan = _plan(paths)
-    auditor = _Auditor(Families(model_dir), verify_hashes)
+    auditor = _Auditor(Families(model_dir), verify_hashes, allowed_roots)
     for group in plan.groups:
         for path in group.training_batches:
             auditor.training_batch(path, trainer_bound=not group.rank_files)
@@ -554,9 +579,9 @@ def _gc_paused() -> Iterator[None]:
 
 def _hash_file(path: Path) -> str:
     try:
-        return content_hash(path.read_bytes())
-    except OSError as exc:
-        return f"unreadable ({exc.strerror})"  # Vanished since the stat: disagrees with every ref.
+        return content_hash(read_verified(path, None))
+    except MMOffloadError as exc:
+        return f"unreadable ({exc.message})"  # Vanished, special or too large: disagrees with every ref.
 
 
 def _ref_problems(item: dict[str, Any], digest: str, uri: str, offset: int, previous_end: int) -> list[str]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import io
 import json
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,12 @@ import safetensors.numpy
 from PIL import Image
 
 from mmoffload import rundir
-from mmoffload.assets import uri_to_path, verify_hash
+from mmoffload.assets import check_allowed, read_verified, uri_to_path, verify_hash
 from mmoffload.descriptors import descriptor_uri, validate_descriptor
 from mmoffload.errors import BadInputError, IntegrityError, UsageError, Where
 from mmoffload.families import Families, Family, ForwardPolicy, Grid, resolve_model_dir
 from mmoffload.families.base import to_rgb
+from mmoffload.images import open_image
 from mmoffload.io import atomic_write
 from mmoffload.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
 from mmoffload.spans import span_problems
@@ -116,6 +117,7 @@ class Materializer:
         missing_image_policy: MissingImagePolicy = MissingImagePolicy.PLACEHOLDER_ZERO_LOSS,
         cache: PixelCache | None = None,
         as_torch: bool = False,
+        allowed_roots: Sequence[Path] | None = None,
     ) -> None:
         """Configure a materializer.
 
@@ -124,6 +126,7 @@ class Materializer:
             missing_image_policy: what an absent image file does.
             cache: processed-image cache; a fresh one of the default size when None.
             as_torch: return torch tensors instead of numpy arrays (the ``torch`` extra).
+            allowed_roots: directories image refs may point into; None allows any regular file.
 
         Raises:
             UsageError: ``as_torch`` without torch installed.
@@ -134,6 +137,7 @@ class Materializer:
         self.stats = MaterializeStats()
         self._prepared: set[str] = set()
         self._to_torch = _torch_converter() if as_torch else None
+        self.allowed_roots = allowed_roots
 
     def materialize(self, micro_batch: MicroBatch, where: Where | None = None) -> MaterializedMicroBatch:
         """Materialize one micro batch.
@@ -295,14 +299,12 @@ class Materializer:
             return cached
         path = uri_to_path(uri, at)
         started = time.perf_counter()
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+        # Outside the roots is refused before even the existence check: no oracle for other files.
+        if not os.path.lexists(check_allowed(path, self.allowed_roots, at)):
             return None
-        except OSError as exc:
-            raise IntegrityError(f"Cannot read image file `{uri}`: {exc.strerror}", at) from exc
+        data = read_verified(path, None, at, allowed_roots=self.allowed_roots)
         hashed = time.perf_counter()
-        verify_hash(data, digest, path, at)
+        verify_hash(data, digest, path, at, show_actual=self.allowed_roots is not None)
         decoding = time.perf_counter()
         image = _decode(data, uri, at)
         processing = time.perf_counter()
@@ -333,10 +335,10 @@ def _decode(data: bytes, uri: str, at: Where) -> Image.Image:
     """Decode image bytes to RGB.
 
     Raises:
-        BadInputError: the bytes do not decode as an image.
+        BadInputError: the bytes do not decode as an image, or declare too many pixels.
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data, uri, at) as image:
             image.load()
             return to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -423,6 +425,7 @@ def materialize_run(
     save_dir: Path | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     advance: Callable[[int], None] | None = None,
+    allowed_roots: Sequence[Path] | None = None,
 ) -> MaterializeReport:
     """Materialize every micro batch of every rank file of a run, as a trainer would.
 
@@ -433,6 +436,7 @@ def materialize_run(
         save_dir: when given, write each micro batch's tensors under it (see ``saved_path``).
         cache_bytes: bound of the processed-image cache.
         advance: called with each rank file's size in bytes once it is done (progress).
+        allowed_roots: directories image refs may point into; None allows any regular file.
 
     Raises:
         UsageError: the run has no rank files, or the model cannot be used.
@@ -442,7 +446,10 @@ def materialize_run(
     started = time.perf_counter()
     families = Families(resolve_model_dir(model) if model is not None else None)
     materializer = Materializer(
-        families, missing_image_policy=missing_image_policy, cache=PixelCache(cache_bytes)
+        families,
+        missing_image_policy=missing_image_policy,
+        cache=PixelCache(cache_bytes),
+        allowed_roots=allowed_roots,
     )
     rank_files = list(iter_rank_files(run_dir))
     if not rank_files:

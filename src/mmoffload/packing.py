@@ -19,7 +19,7 @@ import msgspec
 
 from mmoffload import rundir
 from mmoffload.errors import BadInputError, IntegrityError, UsageError, Where
-from mmoffload.io import atomic_write
+from mmoffload.io import atomic_write, check_writable_dir
 from mmoffload.spans import span_problems
 from mmoffload.wire import (
     MICRO_BATCH_PER_TOKEN_FIELDS,
@@ -131,9 +131,10 @@ class _Piece:
 def pack_run(run_dir: Path, options: PackOptions) -> PackReport:
     """Pack every step of a run into ``rank_<R>.bin`` files.
 
-    Rank files of a step are written only after the whole step packed and
-    passed its checks; rank files beyond the world size (from an earlier pack)
-    are removed.
+    Rank files are written only after their step packed and passed its checks,
+    and every step's rank files appear at once when the whole run packed (see
+    ``rundir.staged_run``); rank files beyond the world size (from an earlier
+    pack) are removed. A second pack of the same run at once is refused.
 
     Args:
         run_dir: the run directory holding ``rollouts/step_<N>/train_rollouts.bin``.
@@ -153,6 +154,7 @@ def pack_run(run_dir: Path, options: PackOptions) -> PackReport:
             "Expected steps with `train_rollouts.bin` (run `mmoffload refs` first)",
             Where(file=str(run_dir / rundir.ROLLOUTS)),
         )
+    check_writable_dir(run_dir / rundir.ROLLOUTS, "run directory")
     report = PackReport(
         run_dir=str(run_dir),
         seq_len=options.seq_len,
@@ -160,14 +162,15 @@ def pack_run(run_dir: Path, options: PackOptions) -> PackReport:
         world_size=options.world_size,
         pad_token_id=options.pad_token_id,
     )
-    for step in steps:
-        path = rundir.training_batch_path(run_dir, step)
-        ranks, step_report = pack_batch(read_training_batch(path), options, step, Where(file=str(path)))
-        for rank, micro_batches in enumerate(ranks):
-            atomic_write(rundir.rank_path(run_dir, step, rank), encode(micro_batches))
-        for stale in rundir.rank_paths(run_dir, step)[options.world_size :]:
-            stale.unlink()
-        _add_step(report, step_report)
+    with rundir.staged_run(run_dir) as staged:
+        for step in steps:
+            path = rundir.training_batch_path(run_dir, step)
+            ranks, step_report = pack_batch(read_training_batch(path), options, step, Where(file=str(path)))
+            for rank, micro_batches in enumerate(ranks):
+                atomic_write(rundir.rank_path(staged, step, rank), encode(micro_batches))
+            for stale in rundir.rank_paths(staged, step)[options.world_size :]:
+                stale.unlink()
+            _add_step(report, step_report)
     return report
 
 
