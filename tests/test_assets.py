@@ -81,7 +81,7 @@ def test_reading_checks_existence_and_content(tmp_path: Path) -> None:
     stored = AssetStore(tmp_path).put(image_bytes())
     assert read_verified(stored.path, stored.hash) == stored.path.read_bytes()
     stored.path.write_bytes(image_bytes(seed=9))
-    with pytest.raises(IntegrityError, match=f"expected `{stored.hash}`, got `"):
+    with pytest.raises(IntegrityError, match=f"expected `{stored.hash}`, the file holds other content"):
         read_verified(stored.path, stored.hash)
     with pytest.raises(IntegrityError, match="Missing image file"):
         read_verified(tmp_path / "gone.png", None)

@@ -146,7 +146,7 @@ def test_a_missing_image_file_is_marked_on_its_card(run: Path, tmp_path: Path) -
     document = page.read_text()
     assert re.search(r"<figure class='image-span problem' id='img-1'[^>]*data-problem='\d+'", document)
     assert "<li class='problem-item' data-kind='missing_file'" in document
-    assert "<div class='missing-image'>Cannot read image file" in document
+    assert "<div class='missing-image'>Missing image file" in document
 
 
 def test_a_corrupt_image_file_is_marked_on_its_card(run: Path, tmp_path: Path) -> None:

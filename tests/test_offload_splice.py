@@ -4,7 +4,7 @@ import msgspec
 import pytest
 
 from mmoffload.assets import AssetStore, content_hash
-from mmoffload.errors import BadInputError, Where
+from mmoffload.errors import BadInputError, UsageError, Where
 from mmoffload.io import TEMP_PREFIX
 from mmoffload.offload import Offloader, offload_record
 from tests.builders import data_url, image_bytes
@@ -78,7 +78,7 @@ def test_an_image_that_cannot_be_synced_never_gets_its_name(tmp_path, monkeypatc
         raise OSError(5, "Input/output error")
 
     store = AssetStore(tmp_path)
-    with pytest.raises(OSError, match="Input/output error"), store.syncing():
+    with pytest.raises(UsageError, match="Cannot write output: Input/output error"), store.syncing():
         monkeypatch.setattr("mmoffload.assets.os.fsync", fail)
         store.put(PNG)
     assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from mmoffload.assets import default_allowed_roots
 from mmoffload.audit import AuditReport, Expectation, check_expectations
 from mmoffload.audit import audit as audit_paths
 from mmoffload.families import resolve_model_dir
@@ -44,6 +45,7 @@ def audit(
     inputs: Inputs,
     verify_hashes: VerifyHashes = False,
     model: options.Model = None,
+    allow_root: options.AllowRoot = None,
     expect: options.Expect = None,
     html_out: HtmlOut = None,
     remap: options.Remap = None,
@@ -81,6 +83,7 @@ def audit(
             model_dir=model_dir,
             remap=Remap.parse(remap or []),
             ray=RayOptions(address=ray_address) if ray or ray_address else None,
+            allowed_roots=allow_root or default_roots(inputs),
         )
         expectations = check_expectations(report, expect or [])
         if html_out is not None:
@@ -97,6 +100,13 @@ def audit(
         raise typer.Exit(render.EXIT_PROBLEMS)
 
 
+def default_roots(inputs: list[Path]) -> list[Path] | None:
+    """Return the asset directories of the runs among ``inputs`` (see ``default_allowed_roots``)."""
+    runs = [path for path in inputs if path.is_dir()] or [None]
+    roots = [root for run in runs for root in default_allowed_roots(run) or []]
+    return list(dict.fromkeys(roots)) or None
+
+
 def violations_table(report: AuditReport, shown: int = SHOWN_VIOLATIONS) -> Table | str:
     """Render the first ``shown`` violations, then how many more there are."""
     if report.ok:
@@ -110,7 +120,7 @@ def violations_table(report: AuditReport, shown: int = SHOWN_VIOLATIONS) -> Tabl
             short_path(violation.file),
             render.format_value(violation.index) if violation.index is not None else "",
             str(violation.image) if violation.image is not None else "",
-            violation.reason + (f" at `{violation.path}`" if violation.path else ""),
+            render.shorten(violation.reason + (f" at `{violation.path}`" if violation.path else "")),
         )
     if (more := len(report.violations) - shown) > 0:
         table.caption = f"and {more:,} more (--json lists them all)"

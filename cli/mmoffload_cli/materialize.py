@@ -7,10 +7,12 @@ from typing import Annotated
 
 import typer
 
+from mmoffload.assets import default_allowed_roots
+from mmoffload.io import check_writable_dir
 from mmoffload.materialize import MissingImagePolicy, iter_rank_files, materialize_run
 from mmoffload.remap import Remap
 from mmoffload_cli import options, render
-from mmoffload_cli.options import Json, Model, Quiet
+from mmoffload_cli.options import AllowRoot, Json, Model, Quiet
 
 
 def materialize(
@@ -31,6 +33,7 @@ def materialize(
         ),
     ] = None,
     remap: options.Remap = None,
+    allow_root: AllowRoot = None,
     json_output: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -52,7 +55,9 @@ def materialize(
 
         mmoffload materialize run/ --remap s3://rollouts/assets=/data/assets
     """
-    with render.errors_to_exit():
+    with render.errors_to_exit("safetensors files already saved stay, each whole; no other file was written"):
+        if save is not None:
+            check_writable_dir(save, "--save directory")
         total = sum(path.stat().st_size for _, path in iter_rank_files(run))
         with render.progress_bar("materialize", total, enabled=not quiet) as advance:
             report = materialize_run(
@@ -62,6 +67,7 @@ def materialize(
                 save_dir=save,
                 remap=Remap.parse(remap or []),
                 advance=advance,
+                allowed_roots=allow_root or default_allowed_roots(run),
             )
     render.emit_report(report, "materialize", as_json=json_output, quiet=quiet)
     if report.images_placeholdered:

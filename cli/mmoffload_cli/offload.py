@@ -67,7 +67,10 @@ def offload(
 
         mmoffload offload dumps/*.jsonl -o out/ --assets s3://bucket/run1/images --ray
     """
-    with render.errors_to_exit():
+    with render.errors_to_exit(
+        "no output or rejects file was written; images already stored stay in the asset directory, "
+        "each whole (content addressed)"
+    ):
         outputs = plan_outputs(inputs, output, in_place)
         total = sum(path.stat().st_size for path in inputs if path.is_file())
         with render.progress_bar("offload", total, enabled=not quiet) as advance:
@@ -84,5 +87,7 @@ def offload(
             )
     render.emit_report(report, "offload", as_json=json_output, quiet=quiet)
     if report.rejected_lines:
-        render.stderr.print(f"{report.rejected_lines} line(s) rejected, see {', '.join(report.rejects)}")
+        render.stderr.print(
+            render.shorten(f"{report.rejected_lines} line(s) rejected, see {', '.join(report.rejects)}")
+        )
         raise typer.Exit(render.EXIT_PROBLEMS)

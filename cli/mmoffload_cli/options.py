@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-Output = Annotated[Path | None, typer.Option("-o", "--output", help="Write the result here.")]
+
+def output_path(value: str) -> Path:
+    """Parse an output path, keeping what a trailing ``/`` means: a directory, which must exist.
+
+    Raises:
+        typer.BadParameter: ``DIR/`` names no directory (pathlib would drop the ``/`` and
+            write a file named like the directory).
+    """
+    path = Path(value)
+    if value.endswith(("/", os.sep)) and not path.is_dir():
+        raise typer.BadParameter(f"`{value}` ends with `/` but is no directory; create it first")
+    return path
+
+
+Output = Annotated[
+    Path | None,
+    typer.Option("-o", "--output", parser=output_path, help="Write the result here (a file, or DIR/)."),
+]
 # A string, not a Path: a Path would fold `s3://bucket` into `s3:/bucket`.
 Assets = Annotated[
     str | None,
@@ -56,5 +74,13 @@ RayAddress = Annotated[
     str | None,
     typer.Option(
         "--ray-address", metavar="ADDRESS", help="Ray cluster for --ray (host:port, ray://host:port)."
+    ),
+]
+AllowRoot = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--allow-root",
+        help="Directory image refs may point into (repeatable; default: the run's assets/images "
+        "and $VF_RENDERER_IMAGE_OFFLOAD_DIR when they exist, else any regular file).",
     ),
 ]

@@ -73,7 +73,7 @@ def pack(
 
         mmoffload pack RUN --seq-len 8192 --world-size 8 --balance best --max-truncated-fraction 0.01
     """
-    with render.errors_to_exit():
+    with render.errors_to_exit("no rank file was written (a run's rank files appear all at once)"):
         report = pack_run(
             run,
             PackOptions(

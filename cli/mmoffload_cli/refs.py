@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from mmoffload.assets import default_allowed_roots
 from mmoffload.families import resolve_model_dir
 from mmoffload.remap import Remap
 from mmoffload.traces import RefsOptions, build_refs
@@ -61,6 +62,7 @@ def refs(
     skip_invalid: SkipInvalid = False,
     rejects: Rejects = None,
     remap: options.Remap = None,
+    allow_root: options.AllowRoot = None,
     as_json: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
@@ -80,7 +82,7 @@ def refs(
 
         mmoffload refs traces.jsonl --run-dir RUN --remap /mnt/rollout/assets=/data/assets
     """
-    with render.errors_to_exit():
+    with render.errors_to_exit("no step was written (a run's steps appear all at once)"):
         model_dir = resolve_model_dir(model) if model is not None else None
         report = build_refs(
             traces,
@@ -95,6 +97,7 @@ def refs(
                 skip_invalid=skip_invalid,
                 rejects_path=rejects,
                 remap=Remap.parse(remap or []),
+                allowed_roots=_tuple(allow_root or default_allowed_roots(run_dir)),
             ),
         )
     render.emit_report(report, "refs", as_json=as_json, quiet=quiet)
@@ -107,3 +110,7 @@ def refs(
         if not quiet:
             render.stderr.print(f"{report.rejected_records:,} record(s) rejected, see {report.rejects_path}")
         raise typer.Exit(render.EXIT_PROBLEMS)
+
+
+def _tuple(roots: list[Path] | None) -> tuple[Path, ...] | None:
+    return tuple(roots) if roots is not None else None

@@ -4,37 +4,89 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any
 
 import msgspec
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from mmoffload.errors import MMOffloadError
 
-# Exit codes as ruff uses them.
+# Exit codes as ruff uses them; a signal exits 128 + its number, as shells report it.
 EXIT_OK, EXIT_PROBLEMS, EXIT_CANNOT_RUN = 0, 1, 2
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 TRACEBACK_ENV_VAR = "MMOFFLOAD_TRACEBACK"
+# User text quoted in a message (between backticks) is cut to this many characters; a whole message too.
+QUOTE_CHARS, MESSAGE_CHARS = 200, 2000
 
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# Markup is off: user text (file names, keys, URLs) prints as it is; our own markup opts in.
+stdout = Console(highlight=False, soft_wrap=True, markup=False)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+
+_QUOTED = re.compile(f"`([^`]{{{QUOTE_CHARS + 1},}})`")
+
+
+def shorten(text: str) -> str:
+    """Cut each quoted span of user text to ``QUOTE_CHARS`` and the whole text to ``MESSAGE_CHARS``."""
+    text = _QUOTED.sub(lambda m: f"`{m.group(1)[:QUOTE_CHARS]}...` ({len(m.group(1)):,} chars)", text)
+    return text if len(text) <= MESSAGE_CHARS else f"{text[:MESSAGE_CHARS]}... ({len(text):,} chars)"
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so every ``finally`` removes its temporaries."""
+
+
+def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:
+    raise Terminated
 
 
 @contextlib.contextmanager
-def errors_to_exit() -> Iterator[None]:
-    """Turn a library error into one message on stderr and exit 2 (traceback on request)."""
+def errors_to_exit(on_interrupt: str = "nothing was written") -> Iterator[None]:
+    """Map every failure to one message on stderr and an exit code: the one error-to-exit map.
+
+    A library error or an OS error exits 2; Ctrl-C exits 130 and SIGTERM 143,
+    after every temporary is removed, saying ``on_interrupt`` (what was and was
+    not written). A traceback only with ``MMOFFLOAD_TRACEBACK`` set.
+
+    Args:
+        on_interrupt: what an interrupted run leaves behind, for the user.
+    """
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C (or kill -INT) must still stop the run.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     except MMOffloadError as exc:
-        if os.environ.get(TRACEBACK_ENV_VAR):
-            traceback.print_exc()
-        stderr.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
-        raise typer.Exit(EXIT_CANNOT_RUN) from None
+        fail(str(exc), EXIT_CANNOT_RUN)
+    except OSError as exc:
+        where = f" - at `{exc.filename}`" if exc.filename else ""
+        fail(f"{exc.strerror or exc}{where}", EXIT_CANNOT_RUN)
+    except RecursionError:
+        fail("Input nested too deep to process", EXIT_CANNOT_RUN)
+    except KeyboardInterrupt:
+        fail(f"interrupted (Ctrl-C): {on_interrupt}", EXIT_SIGINT)
+    except Terminated:
+        fail(f"terminated (SIGTERM): {on_interrupt}", EXIT_SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+
+
+def fail(message: str, code: int) -> None:
+    """Print one error line (user text escaped and cut short) and exit with ``code``."""
+    if os.environ.get(TRACEBACK_ENV_VAR):
+        traceback.print_exc()
+    stderr.print(f"[bold red]error:[/] {escape(shorten(message))}", markup=True)
+    raise typer.Exit(code) from None
 
 
 def report_table(report: msgspec.Struct, title: str) -> Table:

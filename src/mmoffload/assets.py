@@ -16,22 +16,26 @@ import collections
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from mmoffload.errors import BadInputError, IntegrityError, Where
-from mmoffload.io import TEMP_PREFIX, atomic_write
+from mmoffload.errors import BadInputError, IntegrityError, MissingImageError, UsageError, Where
+from mmoffload.io import atomic_write, own_temp_prefix, remove_own_temps, write_errors
 
 if TYPE_CHECKING:
     from mmoffload.objectstore import ObjectStore
 
 ASSETS_ENV_VAR = "VF_RENDERER_IMAGE_OFFLOAD_DIR"
 HASH_HEX_DIGITS = 32
+# The most bytes read for one referenced image (a 4K screenshot PNG is about 10 MB).
+MAX_IMAGE_BYTES_ENV_VAR = "MMOFFLOAD_MAX_IMAGE_BYTES"
+DEFAULT_MAX_IMAGE_BYTES = 128 << 20
 
 # Magic numbers, checked against the bytes, never against a claimed media type.
 _MAGIC: tuple[tuple[bytes, str], ...] = (
@@ -99,11 +103,50 @@ def uri_to_path(uri: str, where: Where | None = None) -> Path:
     """Return the local path a ``file://`` URI names.
 
     Raises:
-        BadInputError: the URI is not a local ``file://`` URI.
+        BadInputError: the URI is not a local ``file://`` URI, or names a NUL byte.
     """
     if not is_local_file_uri(uri):
         raise BadInputError(f"Expected a local `file://` URI, got `{uri[:80]}`", where)
-    return Path(unquote(urlsplit(uri).path))
+    path = unquote(urlsplit(uri).path)
+    if "\0" in path:
+        raise BadInputError(f"Expected a `file://` URI without NUL bytes, got `{uri[:80]}`", where)
+    return Path(path)
+
+
+def max_image_bytes() -> int:
+    """Return the most bytes read for one image: ``$MMOFFLOAD_MAX_IMAGE_BYTES``, else 128 MiB.
+
+    Raises:
+        UsageError: the variable is not a whole number > 0.
+    """
+    return env_limit(MAX_IMAGE_BYTES_ENV_VAR, DEFAULT_MAX_IMAGE_BYTES)
+
+
+def env_limit(name: str, default: int) -> int:
+    """Return a positive whole-number limit from the environment variable ``name``, else ``default``.
+
+    Raises:
+        UsageError: the variable is set but is not a whole number > 0.
+    """
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise UsageError(f"Expected ${name} as a whole number > 0, got `{raw[:40]}`")
+    return int(raw)
+
+
+def default_allowed_roots(run_dir: Path | None) -> list[Path] | None:
+    """Return the directories refs may point into when the user named none.
+
+    The run's asset directory (``RUN/assets/images``, when it exists) and
+    ``$VF_RENDERER_IMAGE_OFFLOAD_DIR`` (when set); None (any regular file) when
+    neither is known.
+    """
+    roots = [Path(env)] if (env := os.environ.get(ASSETS_ENV_VAR)) else []
+    if run_dir is not None and (run_dir / "assets" / "images").is_dir():
+        roots.append(run_dir / "assets" / "images")
+    return roots or None
 
 
 def resolve_assets_dir(explicit: Path | str | None, run_dir: Path | None) -> Path | str:
@@ -178,7 +221,8 @@ class AssetStore:
         renamed into place and the directory synced: durable under its name.
 
         Raises:
-            OSError: an image could not be synced or renamed (the first such error).
+            UsageError: an image could not be written, synced or renamed (the first such error,
+                naming the image's path).
         """
         if self._syncer is not None:
             yield
@@ -186,18 +230,29 @@ class AssetStore:
         self._syncer = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="mmoffload-sync")
         try:
             yield
-        finally:
+        except BaseException:
+            # A stop between a temporary's creation and its hand-off to a thread leaves it unnamed.
             try:
-                self.flush()
+                self._finish()
             finally:
-                self._syncer.shutdown()
-                self._syncer = None
+                remove_own_temps(self.root)
+            raise
+        self._finish()
+
+    def _finish(self) -> None:
+        assert self._syncer is not None
+        try:
+            self.flush()
+        finally:
+            self._syncer.shutdown()
+            self._syncer = None
 
     def flush(self) -> None:
         """Wait until every image put so far is durable under its name.
 
         Raises:
-            OSError: an image could not be synced or renamed (the first such error).
+            UsageError: an image could not be written, synced or renamed (the first such error,
+                naming the image's path).
         """
         pending, self._pending = self._pending, collections.OrderedDict()
         errors = [error for future in pending.values() if (error := future.exception()) is not None]
@@ -222,11 +277,13 @@ class AssetStore:
         if self._directory_synced:
             self.root.mkdir(parents=True, exist_ok=True)
             self._directory_synced = False
-        fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.root)
+        with write_errors(path):
+            fd, tmp_name = tempfile.mkstemp(prefix=own_temp_prefix(), dir=self.root)
         try:
             view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            with write_errors(path, fd):
+                while view:
+                    view = view[os.write(fd, view) :]
         except BaseException:
             os.close(fd)
             os.unlink(tmp_name)
@@ -237,15 +294,17 @@ class AssetStore:
 def _sync_and_rename(fd: int, tmp_name: str, path: Path) -> None:
     """Make a written temporary durable, then give it its name (the only way a name appears)."""
     try:
-        os.fsync(fd)
-        os.fchmod(fd, 0o644)
+        with write_errors(path, fd):
+            os.fsync(fd)
+            os.fchmod(fd, 0o644)
     except BaseException:
         os.close(fd)
         os.unlink(tmp_name)
         raise
     os.close(fd)
     try:
-        os.replace(tmp_name, path)
+        with write_errors(path):
+            os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
@@ -296,32 +355,126 @@ def asset_size(location: Path | str) -> int:
     return object_size(location)
 
 
-def read_verified(path: Path | str, expected_hash: str | None, where: Where | None = None) -> bytes:
-    """Read an image file (or object, see ``asset_location``), checking its content hash when expected.
+def read_verified(
+    path: Path | str,
+    expected_hash: str | None,
+    where: Where | None = None,
+    *,
+    allowed_roots: Sequence[Path] | None = None,
+    max_bytes: int | None = None,
+) -> bytes:
+    """Read a referenced image file (or object, see ``asset_location``), checking its hash when expected.
+
+    The one reader of referenced image bytes: a file must lie under one of
+    ``allowed_roots`` (after resolving links and ``..``) when they are given, must
+    be a regular file (never a device, FIFO or ``/proc`` stream), and at most
+    ``max_bytes`` long; an object is bounded the same way. A refused file is never
+    read, and no error echoes its content or hash.
+
+    Args:
+        path: the file (or object URL) a ref names.
+        expected_hash: the ref's ``mm_hash``; None to skip the check.
+        where: the ref's location, for errors.
+        allowed_roots: directories file refs may point into; None allows any regular file.
+        max_bytes: the most bytes read (default ``max_image_bytes()``).
 
     Raises:
-        IntegrityError: the file is missing or its content hashes to something else.
+        BadInputError: the file is outside the allowed roots, not a regular file, or too large.
+        MissingImageError: there is no such file or object.
+        IntegrityError: it is unreadable, or its content hashes to something else.
     """
-    try:
-        data = read_asset(path)
-    except FileNotFoundError as exc:
-        raise IntegrityError(f"Missing image file `{path}`", where) from exc
+    limit = max_image_bytes() if max_bytes is None else max_bytes
+    if isinstance(path, Path):
+        data = _read_file(path, limit, where, allowed_roots)
+    else:
+        data = _read_object(path, limit, where)
     if expected_hash is not None:
-        verify_hash(data, expected_hash, path, where)
+        verify_hash(data, expected_hash, path, where, show_actual=allowed_roots is not None)
     return data
 
 
-def verify_hash(data: bytes, expected_hash: str, path: Path | str, where: Where | None = None) -> None:
+def _read_file(path: Path, limit: int, where: Where | None, allowed_roots: Sequence[Path] | None) -> bytes:
+    resolved = check_allowed(path, allowed_roots, where)
+    try:
+        # Non-blocking, so a FIFO that never answers cannot hang the open.
+        fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError as exc:
+        raise MissingImageError(f"Missing image file `{path}`", where) from exc
+    except OSError as exc:
+        raise IntegrityError(f"Cannot read image file `{path}`: {exc.strerror}", where) from exc
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadInputError(f"Expected a regular image file, got a special file `{path}`", where)
+        _check_size(path, info.st_size, limit, where)
+        try:
+            data = handle.read(limit + 1)
+        except OSError as exc:
+            raise IntegrityError(f"Cannot read image file `{path}`: {exc.strerror}", where) from exc
+    if len(data) > limit:  # Grew since the stat.
+        raise BadInputError(f"Image file `{path}` is over the {limit:,}-byte limit", where)
+    return data
+
+
+def _read_object(url: str, limit: int, where: Where | None) -> bytes:
+    try:
+        _check_size(url, asset_size(url), limit, where)
+        return read_asset(url)
+    except FileNotFoundError as exc:
+        raise MissingImageError(f"Missing image file `{url}`", where) from exc
+    except OSError as exc:
+        raise IntegrityError(f"Cannot read image file `{url}`: {exc.strerror or exc}", where) from exc
+
+
+def _check_size(path: Path | str, size: int, limit: int, where: Where | None) -> None:
+    if size > limit:
+        raise BadInputError(
+            f"Image file `{path}` is {size:,} bytes, over the {limit:,}-byte limit (${MAX_IMAGE_BYTES_ENV_VAR})",
+            where,
+        )
+
+
+def check_allowed(path: Path, allowed_roots: Sequence[Path] | None, where: Where | None = None) -> Path:
+    """Return ``path`` resolved (links, ``..``), checking that it lies under an allowed root.
+
+    Raises:
+        BadInputError: it lies outside every root (the file is not opened).
+    """
+    resolved = Path(os.path.realpath(path))
+    if allowed_roots is not None and not any(
+        resolved.is_relative_to(os.path.realpath(root)) for root in allowed_roots
+    ):
+        raise BadInputError(
+            f"Image file `{path}` is outside the allowed roots "
+            f"({', '.join(f'`{root}`' for root in allowed_roots)}); allow its directory to read it",
+            where,
+        )
+    return resolved
+
+
+def verify_hash(
+    data: bytes,
+    expected_hash: str,
+    path: Path | str,
+    where: Where | None = None,
+    *,
+    show_actual: bool = False,
+) -> None:
     """Check that the bytes read from ``path`` (or an object-store URL) hash to ``expected_hash``.
+
+    A file's actual hash is shown only with ``show_actual`` (a file inside the allowed
+    roots): of any other file it would leak a fingerprint of whatever a ref names.
 
     Raises:
         IntegrityError: the content hashes to something else.
     """
     if (actual := content_hash(data)) != expected_hash:
-        shown = file_uri(path) if isinstance(path, Path) else path
+        is_file = isinstance(path, Path)
+        shown = file_uri(path) if is_file else path
+        # An object lies in the store the ref names, so its hash leaks nothing.
+        found = f"got `{actual}`" if show_actual or not is_file else "the file holds other content"
         raise IntegrityError(
-            f"Content hash mismatch for `{shown}`: expected `{expected_hash}`, got `{actual}`",
-            where,
+            f"Content hash mismatch for `{shown}`: expected `{expected_hash}`, {found}", where
         )
 
 

@@ -36,16 +36,17 @@ from mmoffload import rundir
 from mmoffload.assets import (
     asset_location,
     asset_size,
+    check_allowed,
     content_hash,
     is_local_file_uri,
     is_object_uri,
-    read_asset,
+    read_verified,
 )
 from mmoffload.descriptors import DESCRIPTOR_KIND, HASH_PATTERN, descriptor_problems, descriptor_uri
-from mmoffload.errors import BadInputError, PathPart, UsageError, Where, json_path
+from mmoffload.errors import BadInputError, MMOffloadError, PathPart, UsageError, Where, json_path
 from mmoffload.families import Families
 from mmoffload.imageparts import ImageSource, iter_image_sources, source_kind
-from mmoffload.io import decode_json_line, iter_lines
+from mmoffload.io import decode_json_line, iter_lines, too_deep
 from mmoffload.remap import Remap
 from mmoffload.spans import span_problems
 
@@ -321,10 +322,17 @@ def _truncation(report: AuditReport, samples: _Sequences, micro_batches: list[_P
 class _Auditor:
     """Accumulates figures and violations over every artifact, then checks the files once."""
 
-    def __init__(self, families: Families, verify_hashes: bool, remap: Remap | None = None) -> None:
+    def __init__(
+        self,
+        families: Families,
+        verify_hashes: bool,
+        remap: Remap | None = None,
+        allowed_roots: Sequence[Path] | None = None,
+    ) -> None:
         self.families = families
         self.report = AuditReport(hashes_verified=verify_hashes)
         self.remap = remap or Remap()
+        self.allowed_roots = allowed_roots
         # Local image files by path, object-store images by URL.
         self.files: dict[Path | str, _FileUse] = {}
         # Per step directory: its samples and its micro batches, for the truncation figures.
@@ -494,7 +502,12 @@ class _Auditor:
         """Count one image source; a local file is registered for the file check."""
         kind = source_kind(source)
         if kind == "file":
-            use = self.files.setdefault(asset_location(self.remap(source)), _FileUse(loc, image))
+            try:
+                file = asset_location(self.remap(source))
+            except BadInputError as exc:
+                self.violation(loc, "bad_uri", exc.message, path=json_path(path), image=image)
+                return
+            use = self.files.setdefault(file, _FileUse(loc, image))
             if expected_hash is not None:
                 use.hashes.add(expected_hash)
             return
@@ -522,6 +535,13 @@ class _Auditor:
             self.violation(loc, "undecodable", exc.message)
             return
         self.report.jsonl_records += 1
+        try:
+            self.jsonl_value(loc, value)
+        except RecursionError:
+            self.violation(loc, "undecodable", too_deep(where).message)
+
+    def jsonl_value(self, loc: _Loc, value: object) -> None:
+        """Audit one decoded JSONL record."""
         for source in self.image_sources(loc, value, ()):
             self.source(loc, source.source, source.path)
         for parts, obj in _descriptors_and_samples(value):
@@ -550,6 +570,12 @@ class _Auditor:
         present: list[tuple[Path | str, _FileUse]] = []
         for path, use in self.files.items():
             try:
+                if isinstance(path, Path):
+                    check_allowed(path, self.allowed_roots)
+            except BadInputError as exc:
+                self.violation(use.first, "disallowed_file", exc.message, image=use.image)
+                continue
+            try:
                 self.report.image_bytes += asset_size(path)
             except OSError as exc:
                 self.report.missing_files += 1
@@ -572,7 +598,8 @@ class _Auditor:
                 self.violation(
                     use.first,
                     "hash_mismatch",
-                    f"Content hash mismatch for `{path}`: ref says `{', '.join(wrong)}`, content is `{actual}`",
+                    f"Content hash mismatch for `{path}`: ref says `{', '.join(wrong)}`, "
+                    + (actual if actual.startswith("unreadable") else "the file holds other content"),
                     image=use.image,
                 )
 
@@ -593,6 +620,7 @@ def audit(
     model_dir: Path | None = None,
     remap: Remap | None = None,
     ray: RayOptions | None = None,
+    allowed_roots: Sequence[Path] | None = None,
 ) -> AuditReport:
     """Audit run directories, ``.bin`` artifacts and JSONL files; return every figure and problem.
 
@@ -604,6 +632,8 @@ def audit(
         model_dir: A model directory whose settings the families use (default: their defaults).
         remap: URI prefix rewrites applied before each image file is checked (``--remap``).
         ray: audit the JSONL lines as tasks on a Ray cluster (``ray_backend``); same report.
+        allowed_roots: Directories refs may point into; a file elsewhere is a violation and
+            is never read. None allows any regular file.
 
     Returns:
         The report; ``ok`` is true when there is no violation.
@@ -612,7 +642,7 @@ def audit(
         UsageError: a path is missing, unreadable or of an unknown kind, or a run has no artifacts.
     """
     plan = _plan(paths)
-    auditor = _Auditor(Families(model_dir), verify_hashes, remap)
+    auditor = _Auditor(Families(model_dir), verify_hashes, remap, allowed_roots)
     for group in plan.groups:
         for path in group.training_batches:
             auditor.training_batch(path, trainer_bound=not group.rank_files)
@@ -725,9 +755,9 @@ def _gc_paused() -> Iterator[None]:
 
 def _hash_file(path: Path | str) -> str:
     try:
-        return content_hash(read_asset(path))
-    except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"  # Vanished since the stat: disagrees with every ref.
+        return content_hash(read_verified(path, None))
+    except MMOffloadError as exc:
+        return f"unreadable ({exc.message})"  # Vanished, special or too large: disagrees with every ref.
 
 
 def _ref_problems(item: dict[str, Any], digest: str, uri: str, offset: int, previous_end: int) -> list[str]:

@@ -68,5 +68,9 @@ class IntegrityError(MMOffloadError):
     """Stored data disagrees with what references it: missing file, wrong hash, wrong grid."""
 
 
+class MissingImageError(IntegrityError):
+    """A referenced image file or object does not exist (materialize may stand in placeholder pixels)."""
+
+
 class UsageError(MMOffloadError):
     """The call itself cannot work: bad arguments, unreadable paths, unknown names."""

@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
-from PIL import Image, UnidentifiedImageError
 
-from mmoffload.assets import uri_to_path
+from mmoffload.assets import read_verified, sniff_extension, uri_to_path
 from mmoffload.audit import Violation, audit_record
 from mmoffload.errors import BadInputError, MMOffloadError
 from mmoffload.families import IMAGE_TYPE, VIDEO_TYPE, Families
 from mmoffload.families.base import read_added_tokens, to_rgb
+from mmoffload.images import open_image
 from mmoffload.show import Selected
 from mmoffload.spans import DEFAULT_TOKEN_NAMES, run_edges, type_ids_from_spans
 from mmoffload.wire import MicroBatch, MMImageRef
@@ -112,16 +112,18 @@ def read_image(uri: str) -> ImageFile:
     except MMOffloadError as exc:
         return ImageFile(Path(uri), None, None, None, None, exc.message)
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return ImageFile(path, None, None, None, None, f"Cannot read image file: {exc.strerror}")
+        data = read_verified(path, None)
+    except MMOffloadError as exc:
+        return ImageFile(path, None, None, None, None, exc.message)
+    if sniff_extension(data) is None:
+        return ImageFile(path, len(data), None, None, None, "Image file does not decode: not an image format")
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        with open_image(data, uri) as opened:
             width, height = opened.size
             image = to_rgb(opened)
             image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    except UnidentifiedImageError:
-        return ImageFile(path, len(data), None, None, None, "Image file does not decode: not an image format")
+    except BadInputError as exc:
+        return ImageFile(path, len(data), None, None, None, exc.message)
     except (OSError, ValueError) as exc:
         return ImageFile(path, len(data), None, None, None, f"Image file does not decode: {exc}")
     out = io.BytesIO()

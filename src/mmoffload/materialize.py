@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import io
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,12 @@ import safetensors.numpy
 from PIL import Image
 
 from mmoffload import rundir
-from mmoffload.assets import asset_location, read_asset, verify_hash
+from mmoffload.assets import asset_location, read_verified, verify_hash
 from mmoffload.descriptors import descriptor_uri, validate_descriptor
-from mmoffload.errors import BadInputError, IntegrityError, UsageError, Where
+from mmoffload.errors import BadInputError, IntegrityError, MissingImageError, UsageError, Where
 from mmoffload.families import Families, Family, ForwardPolicy, Grid, resolve_model_dir
 from mmoffload.families.base import prepared_grid, to_rgb
+from mmoffload.images import open_image
 from mmoffload.io import atomic_write
 from mmoffload.packing import check_micro_batch
 from mmoffload.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
@@ -121,6 +121,7 @@ class Materializer:
         cache: PixelCache | None = None,
         as_torch: bool = False,
         remap: Remap | None = None,
+        allowed_roots: Sequence[Path] | None = None,
     ) -> None:
         """Configure a materializer.
 
@@ -130,6 +131,7 @@ class Materializer:
             cache: processed-image cache; a fresh one of the default size when None.
             as_torch: return torch tensors instead of numpy arrays (the ``torch`` extra).
             remap: URI prefix rewrites applied before each image is read (``--remap``).
+            allowed_roots: directories image refs may point into; None allows any regular file.
 
         Raises:
             UsageError: ``as_torch`` without torch installed.
@@ -141,6 +143,7 @@ class Materializer:
         self.stats = MaterializeStats()
         self._prepared: set[str] = set()
         self._to_torch = _torch_converter() if as_torch else None
+        self.allowed_roots = allowed_roots
 
     def materialize(self, micro_batch: MicroBatch, where: Where | None = None) -> MaterializedMicroBatch:
         """Materialize one micro batch.
@@ -296,13 +299,11 @@ class Materializer:
         path = asset_location(uri, at)
         started = time.perf_counter()
         try:
-            data = read_asset(path)
-        except FileNotFoundError:
+            data = read_verified(path, None, at, allowed_roots=self.allowed_roots)
+        except MissingImageError:
             return None
-        except OSError as exc:
-            raise IntegrityError(f"Cannot read image file `{uri}`: {exc.strerror or exc}", at) from exc
         hashed = time.perf_counter()
-        verify_hash(data, digest, path, at)
+        verify_hash(data, digest, path, at, show_actual=self.allowed_roots is not None)
         decoding = time.perf_counter()
         image = _decode(data, uri, at)
         processing = time.perf_counter()
@@ -333,10 +334,10 @@ def _decode(data: bytes, uri: str, at: Where) -> Image.Image:
     """Decode image bytes to RGB.
 
     Raises:
-        BadInputError: the bytes do not decode as an image.
+        BadInputError: the bytes do not decode as an image, or declare too many pixels.
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data, uri, at) as image:
             image.load()
             return to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -416,6 +417,7 @@ def materialize_run(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     remap: Remap | None = None,
     advance: Callable[[int], None] | None = None,
+    allowed_roots: Sequence[Path] | None = None,
 ) -> MaterializeReport:
     """Materialize every micro batch of every rank file of a run, as a trainer would.
 
@@ -427,6 +429,7 @@ def materialize_run(
         cache_bytes: bound of the processed-image cache.
         remap: URI prefix rewrites applied before each image is read (``--remap``).
         advance: called with each rank file's size in bytes once it is done (progress).
+        allowed_roots: directories image refs may point into; None allows any regular file.
 
     Raises:
         UsageError: the run has no rank files, or the model cannot be used.
@@ -436,7 +439,11 @@ def materialize_run(
     started = time.perf_counter()
     families = Families(resolve_model_dir(model) if model is not None else None)
     materializer = Materializer(
-        families, missing_image_policy=missing_image_policy, cache=PixelCache(cache_bytes), remap=remap
+        families,
+        missing_image_policy=missing_image_policy,
+        cache=PixelCache(cache_bytes),
+        remap=remap,
+        allowed_roots=allowed_roots,
     )
     rank_files = list(iter_rank_files(run_dir))
     if not rank_files:

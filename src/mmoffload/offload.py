@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -39,7 +40,17 @@ from mmoffload.imageparts import (
     needs_reshape,
     rewrite_part,
 )
-from mmoffload.io import TEMP_PREFIX, atomic_writer, decode_json_line, iter_lines
+from mmoffload.io import (
+    TEMP_PREFIX,
+    atomic_writer,
+    check_distinct,
+    check_output_path,
+    check_writable_dir,
+    decode_json_line,
+    iter_lines,
+    remove_own_temps,
+    too_deep,
+)
 
 if TYPE_CHECKING:
     from mmoffload.objectstore import ObjectStore, StoredObject
@@ -303,7 +314,9 @@ class Offloader:
         counts.remote_kept += 1
         return part.source
 
-    def _store_data_url(self, data_url: _DataUrl, where: Where, counts: RecordCounts) -> StoredImage | StoredObject:
+    def _store_data_url(
+        self, data_url: _DataUrl, where: Where, counts: RecordCounts
+    ) -> StoredImage | StoredObject:
         if data_url.stored is not None:
             counts.dedup_hits += 1
             return data_url.stored
@@ -442,21 +455,50 @@ def offload_files(
     Raises:
         BadInputError: the first bad line (file, line, JSON path), unless skipping them.
         IntegrityError: a missing ``file://`` source (when checked or adopted).
-        UsageError: an unreadable input.
+        UsageError: an unreadable input, an output that is an input or another output,
+            or an output or asset directory that cannot be written (all checked before any work).
     """
     started = time.perf_counter()
     options = options or OffloadOptions()
+    rejects_paths = [rejects or _default_rejects(target) for target in outputs] if skip_bad_lines else []
     store = open_store(assets)
+    _check_paths(inputs, outputs, rejects_paths, store)
     report = OffloadReport(inputs=len(inputs), assets=str(store.root))
+    temp_dirs = {path.parent for path in [*outputs, *rejects_paths]}
     if isinstance(store, AssetStore):
         store.root.mkdir(parents=True, exist_ok=True)
         report.stale_temps_removed = sweep_stale_temps(store.root)
+        temp_dirs.add(store.root)
+    try:
+        _offload_all(inputs, outputs, store, options, skip_bad_lines, rejects, workers, ray, advance, report)
+    except BaseException:
+        # A stop (Ctrl-C, SIGTERM) can land just as a temporary is made; none may stay behind.
+        for directory in temp_dirs:
+            remove_own_temps(directory)
+        raise
+    report.seconds = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _offload_all(
+    inputs: list[Path],
+    outputs: list[Path],
+    store: AssetStore | ObjectStore,
+    options: OffloadOptions,
+    skip_bad_lines: bool,
+    rejects: Path | None,
+    workers: int,
+    ray: RayOptions | None,
+    advance: Callable[[int], None],
+    report: OffloadReport,
+) -> None:
+    """Stream every input through the offloader into its output, committing all outputs at the end."""
     with contextlib.ExitStack() as commits, _line_results(store, options, workers, ray) as results:
         reject_files: dict[Path, BinaryIO] = {}
         for source, target in zip(inputs, outputs, strict=True):
             report.jsonl_bytes_in += _size(source)
             out = commits.enter_context(atomic_writer(target))
-            rejects_path = rejects or target.with_name(target.name + REJECTS_SUFFIX)
+            rejects_path = rejects or _default_rejects(target)
             for where, line, result in results(iter_lines(source)):
                 advance(len(line))
                 if isinstance(result, MMOffloadError):
@@ -473,8 +515,25 @@ def offload_files(
                 report.add(counts)
             report.outputs.append(str(target))
         report.rejects = [str(path) for path in reject_files]
-    report.seconds = round(time.perf_counter() - started, 3)
-    return report
+
+
+def _default_rejects(target: Path) -> Path:
+    return target.with_name(target.name + REJECTS_SUFFIX)
+
+
+def _check_paths(
+    inputs: list[Path], outputs: list[Path], rejects: list[Path], store: AssetStore | ObjectStore
+) -> None:
+    """Refuse, before any work, outputs that would overwrite an input or each other, or cannot be written."""
+    for path in inputs:
+        _size(path)
+    named = [("output", path) for path in outputs if path not in inputs]
+    named += [("rejects file", path) for path in dict.fromkeys(rejects)]
+    check_distinct(inputs, named)
+    for role, path in named:
+        check_output_path(path, role)
+    if isinstance(store, AssetStore):
+        check_writable_dir(store.root, "asset directory")
 
 
 LineResult = tuple[bytes, RecordCounts] | MMOffloadError
@@ -548,8 +607,22 @@ _worker: Offloader | None = None
 
 
 def _init_worker(store: AssetStore | ObjectStore, options: OffloadOptions) -> None:
+    """Set up a pool worker: stop signals as the parent expects, then its offloader."""
+    # Ctrl-C reaches the whole process group: the parent alone stops the run (and these workers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The parent stops workers with SIGTERM: exit through every `finally`, removing temporaries.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    set_worker(store, options)
+
+
+def set_worker(store: AssetStore | ObjectStore, options: OffloadOptions) -> None:
+    """Make this process's offloader (a pool worker's, or a Ray worker's)."""
     global _worker
     _worker = Offloader(store, options)
+
+
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _offload_batch(batch: list[tuple[Where, bytes]]) -> list[Any]:
@@ -573,6 +646,8 @@ def _offload_line(offloader: Offloader, where: Where, line: bytes) -> LineResult
         return offloader.line(line, where)
     except _LINE_ERRORS as exc:
         return exc
+    except RecursionError:
+        return too_deep(where)
 
 
 def _line_ending(line: bytes) -> bytes:

@@ -23,7 +23,7 @@ import numpy as np
 
 from mmoffload import rundir
 from mmoffload.errors import BadInputError, IntegrityError, UsageError, Where
-from mmoffload.io import atomic_write
+from mmoffload.io import atomic_write, check_writable_dir
 from mmoffload.spans import span_problems
 from mmoffload.wire import (
     MICRO_BATCH_PER_TOKEN_FIELDS,
@@ -186,10 +186,12 @@ class _Piece:
 def pack_run(run_dir: Path, options: PackOptions) -> PackReport:
     """Pack every step of a run into ``rank_<R>.bin`` files.
 
-    Rank files of a step are written only after the whole step packed and
-    passed its checks; rank files beyond the world size (from an earlier pack)
-    are removed. With ``max_truncated_fraction``, the truncation of every step
-    is counted first, and nothing is written when it drops too much.
+    Rank files are written only after their step packed and passed its checks,
+    and every step's rank files appear at once when the whole run packed (see
+    ``rundir.staged_run``); rank files beyond the world size (from an earlier
+    pack) are removed. A second pack of the same run at once is refused. With
+    ``max_truncated_fraction``, the truncation of every step is counted first,
+    and nothing is written when it drops too much.
 
     Args:
         run_dir: the run directory holding ``rollouts/step_<N>/train_rollouts.bin``.
@@ -210,6 +212,7 @@ def pack_run(run_dir: Path, options: PackOptions) -> PackReport:
             "Expected steps with `train_rollouts.bin` (run `mmoffload refs` first)",
             Where(file=str(run_dir / rundir.ROLLOUTS)),
         )
+    check_writable_dir(run_dir / rundir.ROLLOUTS, "run directory")
     report = PackReport(
         run_dir=str(run_dir),
         seq_len=options.seq_len,
@@ -233,11 +236,12 @@ def pack_run(run_dir: Path, options: PackOptions) -> PackReport:
             report.samples = samples
             report.written = False
             return report
-    for step in steps:
-        path = rundir.training_batch_path(run_dir, step)
-        ranks, step_report = pack_batch(read_training_batch(path), options, step, Where(file=str(path)))
-        _write_ranks(run_dir, step, ranks)
-        _add_step(report, step_report)
+    with rundir.staged_run(run_dir) as staged:
+        for step in steps:
+            path = rundir.training_batch_path(run_dir, step)
+            ranks, step_report = pack_batch(read_training_batch(path), options, step, Where(file=str(path)))
+            _write_ranks(staged, step, ranks)
+            _add_step(report, step_report)
     return report
 
 

@@ -106,7 +106,9 @@ def audit_jsonl_on_ray(auditor: Any, paths: list[Path], ray_options: RayOptions)
 
 def _empty_copy(auditor: Any) -> Any:
     """An auditor with ``auditor``'s settings and nothing found yet: what a task needs to know."""
-    return type(auditor)(auditor.families, auditor.report.hashes_verified, auditor.remap)
+    return type(auditor)(
+        auditor.families, auditor.report.hashes_verified, auditor.remap, auditor.allowed_roots
+    )
 
 
 def offload_dataset(
@@ -262,7 +264,7 @@ def _ensure_worker(store: AssetStore | ObjectStore, options: offload.OffloadOpti
     global _worker_for
     key = (str(store.root), options)
     if _worker_for != key:
-        offload._init_worker(store, options)
+        offload.set_worker(store, options)
         _worker_for = key
 
 

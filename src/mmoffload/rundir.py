@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
+
+from mmoffload.io import staged_directory
 
 ROLLOUTS = "rollouts"
 TRAINING_BATCH_FILE = "train_rollouts.bin"
 _STEP = re.compile(r"step_(\d+)")
 _RANK = re.compile(r"rank_(\d+)\.bin")
+
+
+@contextlib.contextmanager
+def staged_run(run_dir: Path) -> Iterator[Path]:
+    """Yield a run directory to write steps into; its ``rollouts`` replace the run's as a unit.
+
+    Every step written (and every file removed) in one block appears in
+    ``RUN/rollouts`` at once when the block succeeds, and not at all when it
+    fails or the process is killed: a step's rank files always come from one
+    pack, and a refs run's steps from one run. One writer per run at a time.
+
+    Raises:
+        UsageError: another live process is writing the run.
+    """
+    with staged_directory(run_dir / ROLLOUTS) as staged:
+        yield staged.parent
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

@@ -9,6 +9,7 @@ placeholder length, their content hash and the token stream's image tokens.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import re
@@ -21,14 +22,22 @@ import msgspec
 import numpy as np
 
 from mmoffload import rundir
-from mmoffload.assets import asset_location, asset_size, read_verified
+from mmoffload.assets import asset_location, asset_size, check_allowed, read_verified
 from mmoffload.descriptors import validate_sidecar
 from mmoffload.errors import BadInputError, IntegrityError, MMOffloadError, PathPart, UsageError, Where
 from mmoffload.families import IMAGE_TYPE, Families
-from mmoffload.io import atomic_write, atomic_writer, iter_lines
+from mmoffload.io import (
+    atomic_write,
+    atomic_writer,
+    check_distinct,
+    check_output_path,
+    check_writable_dir,
+    iter_lines,
+    too_deep,
+)
 from mmoffload.remap import Remap
 from mmoffload.spans import span_problems, type_ids_from_spans, type_ids_from_tokens
-from mmoffload.wire import MMImageRef, MMRefs, TrainingBatch, TrainingSample, encode
+from mmoffload.wire import Int64, MMImageRef, MMRefs, TrainingBatch, TrainingSample, encode
 
 # Where a group key is looked up, most specific first.
 GROUP_KEYS = ("group", "example_id", "task")
@@ -37,7 +46,7 @@ GROUP_KEYS = ("group", "example_id", "task")
 class _Node(msgspec.Struct):
     """One trace node: the tokens one message adds to the stream."""
 
-    token_ids: list[int]
+    token_ids: list[Int64]
     mask: list[bool | int] | None = None  # absent: nothing sampled (a prompt or tool node)
     parent: int | None = None
     logprobs: list[float] | None = None
@@ -57,7 +66,7 @@ class _Record(msgspec.Struct):
     env: Any = None
     nodes: list[_Node] | None = None
     agent: Any = None
-    token_ids: list[int] | None = None
+    token_ids: list[Int64] | None = None
     mask: list[bool | int] | None = None
     logprobs: list[float] | None = None
     temperatures: list[float] | None = None
@@ -127,6 +136,7 @@ class RefsOptions:
         skip_invalid: reject bad records into ``rejects_path`` instead of stopping.
         rejects_path: where rejected records go (default ``RUN/rollouts/rejects.jsonl``).
         remap: URI prefix rewrites applied to every image URI, checked and written rewritten.
+        allowed_roots: directories image refs may point into; None allows any regular file.
     """
 
     model_dir: Path | None = None
@@ -138,6 +148,7 @@ class RefsOptions:
     skip_invalid: bool = False
     rejects_path: Path | None = None
     remap: Remap = field(default_factory=Remap)
+    allowed_roots: tuple[Path, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -177,7 +188,7 @@ class _Context:
     options: RefsOptions
     families: Families
     report: RefsReport
-    checked_files: dict[tuple[Path | str, str | None], str | None] = field(default_factory=dict)
+    checked_files: dict[tuple[Path | str, str | None], MMOffloadError | None] = field(default_factory=dict)
     traces_seen: int = 0
 
 
@@ -198,7 +209,8 @@ def build_refs(trace_files: Sequence[Path], run_dir: Path, options: RefsOptions 
     Raises:
         BadInputError: a record breaks traces.md (first one, unless ``skip_invalid``).
         IntegrityError: an image file is missing or its content has another hash.
-        UsageError: unreadable input, bad options, or a step that cannot be written.
+        UsageError: unreadable input, bad options, a rejects file that is an input, or a
+            run directory or step that cannot be written.
     """
     options = options or RefsOptions()
     if options.step_size is not None and options.step_size < 1:
@@ -207,6 +219,11 @@ def build_refs(trace_files: Sequence[Path], run_dir: Path, options: RefsOptions 
     report = RefsReport(run_dir=str(run_dir), hashes_verified=options.verify_hashes)
     context = _Context(options, families, report)
     rejects_path = options.rejects_path or run_dir / rundir.ROLLOUTS / "rejects.jsonl"
+    # Refuse, before reading anything, outputs that would overwrite an input or cannot be written.
+    check_writable_dir(run_dir, "run directory")
+    if options.skip_invalid:
+        check_distinct(trace_files, [("rejects file", rejects_path)])
+        check_output_path(rejects_path, "rejects file")
 
     pending: list[_Pending] = []
     with contextlib.ExitStack() as stack:
@@ -218,9 +235,10 @@ def build_refs(trace_files: Sequence[Path], run_dir: Path, options: RefsOptions 
                 counted = msgspec.structs.asdict(report)
                 try:
                     pending.extend(_line_samples(line, where, context))
-                except (BadInputError, IntegrityError) as exc:
+                except (BadInputError, IntegrityError, RecursionError) as caught:
+                    exc = too_deep(where) if isinstance(caught, RecursionError) else caught
                     if rejects is None:
-                        raise
+                        raise exc from caught
                     _write_reject(rejects, line, where, exc)
                     # A rejected line counts in no figure but its own.
                     for name, value in counted.items():
@@ -470,18 +488,19 @@ def _check_file(path: Path | str, digest: str, where: Where, context: _Context) 
     key = (path, digest if context.options.verify_hashes else None)
     if key not in context.checked_files:
         try:
+            roots = context.options.allowed_roots
             if context.options.verify_hashes:
-                read_verified(path, digest)
+                read_verified(path, digest, allowed_roots=roots)
             elif isinstance(path, str):
                 _object_exists(path)
-            elif not path.is_file():
+            elif not check_allowed(path, roots).is_file():
                 raise IntegrityError(f"Missing image file `{path}`")
             context.checked_files[key] = None
-        except IntegrityError as exc:
-            context.checked_files[key] = exc.message
+        except (BadInputError, IntegrityError) as exc:
+            context.checked_files[key] = exc
     problem = context.checked_files[key]
     if problem is not None:
-        raise IntegrityError(problem, where)
+        raise type(problem)(problem.message, where)
 
 
 def _object_exists(uri: str) -> None:
@@ -700,33 +719,32 @@ def _fill_group_advantages(pending: list[_Pending], report: RefsReport) -> list[
 def _write_steps(
     samples: list[TrainingSample], run_dir: Path, options: RefsOptions, report: RefsReport
 ) -> None:
-    """Write one ``TrainingBatch`` per step, atomically; stale rank files of a rewritten step go."""
+    """Write one ``TrainingBatch`` per step, all steps as a unit; stale rank files of a rewritten step go."""
     size = options.step_size or max(len(samples), 1)
-    for number, start in enumerate(range(0, len(samples), size)):
-        step = options.first_step + number
-        batch = TrainingBatch(examples=samples[start : start + size], step=step)
-        try:
-            atomic_write(rundir.training_batch_path(run_dir, step), encode(batch))
-            for stale in rundir.rank_paths(run_dir, step):
+    with rundir.staged_run(run_dir) as staged:
+        for number, start in enumerate(range(0, len(samples), size)):
+            step = options.first_step + number
+            batch = TrainingBatch(examples=samples[start : start + size], step=step)
+            atomic_write(rundir.training_batch_path(staged, step), encode(batch))
+            for stale in rundir.rank_paths(staged, step):
                 stale.unlink()
-        except OSError as exc:
-            raise UsageError(
-                f"Cannot write step {step} ({report.steps_written} earlier steps written and intact): "
-                f"{exc.strerror or exc}",
-                Where(file=str(rundir.training_batch_path(run_dir, step))),
-            ) from exc
-        report.steps.append(step)
-        report.steps_written += 1
+            report.steps.append(step)
+    report.steps_written = len(report.steps)
 
 
 def _write_reject(out: BinaryIO, line: bytes, where: Where, exc: MMOffloadError) -> None:
     """Append a rejected record, whole, with its reason and location."""
+    entry: dict[str, Any] = {"file": where.file, "line": where.line, "reason": str(exc)}
     try:
         msgspec.json.decode(line)
-        record: Any = msgspec.Raw(line.strip())
-    except msgspec.DecodeError:
-        record = line.decode("utf-8", errors="replace").rstrip("\n")
-    entry = {"file": where.file, "line": where.line, "reason": str(exc), "record": record}
+        entry["record"] = msgspec.Raw(line.strip())
+    except (msgspec.DecodeError, RecursionError):
+        # Not JSON (or too deep to re-read): the exact text, or its bytes when it is not UTF-8.
+        text = line.rstrip(b"\r\n")
+        try:
+            entry["record"] = text.decode()
+        except UnicodeDecodeError:
+            entry["record_base64"] = base64.b64encode(text).decode()
     out.write(msgspec.json.encode(entry) + b"\n")
 
 

@@ -8,13 +8,16 @@ by position: never reorder fields, and only ever append new ones with defaults.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
 from mmoffload.errors import BadInputError, UsageError, Where
 
 T = TypeVar("T")
+
+# Every integer on the wire fits int64 (the trainer's tensors); decoding refuses anything larger.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class _Wire(msgspec.Struct, array_like=True, gc=False):
@@ -25,8 +28,8 @@ class MMImageRef(_Wire):
     item: dict[str, Any]
     hash: str
     uri: str
-    offset: int
-    length: int
+    offset: Int64
+    length: Int64
 
 
 class MMRefs(_Wire):
@@ -35,18 +38,18 @@ class MMRefs(_Wire):
 
 class EncodedTensor(_Wire):
     dtype: str
-    shape: list[int]
+    shape: list[Int64]
     data: bytes
 
 
 class RoutedExperts(_Wire):
     data: bytes
-    shape: list[int]
+    shape: list[Int64]
     dtype: str
 
 
 class TrainingSample(_Wire):
-    token_ids: list[int]
+    token_ids: list[Int64]
     mask: list[bool]
     logprobs: list[float]
     temperatures: list[float]
@@ -55,7 +58,7 @@ class TrainingSample(_Wire):
     mm_kwargs: dict[str, EncodedTensor] | None = None
     mm_refs: MMRefs | None = None
     routed_experts: RoutedExperts | None = None
-    mm_token_type_ids: list[int] | None = None
+    mm_token_type_ids: list[Int64] | None = None
     rl_weights: list[float] | None = None
     ce_weights: list[float] | None = None
     ref_kl_weights: list[float] | None = None
@@ -64,31 +67,31 @@ class TrainingSample(_Wire):
 
 class TrainingBatch(_Wire):
     examples: list[TrainingSample]
-    step: int
-    run_idx: int | None = None
+    step: Int64
+    run_idx: Int64 | None = None
 
 
 class MicroBatch(_Wire):
-    input_ids: list[int]
+    input_ids: list[Int64]
     loss_mask: list[bool]
     advantages: list[float]
     inference_logprobs: list[float]
-    position_ids: list[int]
-    sequence_lengths: list[int]
+    position_ids: list[Int64]
+    sequence_lengths: list[Int64]
     temperatures: list[float]
     env_names: list[str]
-    seq_lens: list[int]
+    seq_lens: list[Int64]
     ref_logprobs: list[float] | None = None
-    lora_num_tokens: list[int] | None = None
+    lora_num_tokens: list[Int64] | None = None
     routed_experts: RoutedExperts | None = None
     mm_kwargs: dict[str, EncodedTensor] | None = None
     mm_refs: MMRefs | None = None
-    mm_token_type_ids: list[int] | None = None
+    mm_token_type_ids: list[Int64] | None = None
     rl_weights: list[float] | None = None
     ce_weights: list[float] | None = None
     ref_kl_weights: list[float] | None = None
     run_id: str | None = None
-    run_step: int | None = None
+    run_step: Int64 | None = None
 
 
 # Fields holding one value per token (their length must equal the token count).

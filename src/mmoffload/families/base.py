@@ -62,6 +62,23 @@ class Family(ABC):
             tokens.get(name, token_id): name for name, token_id in self.default_token_ids.items()
         }
 
+    def setting(self, config: dict[str, Any], name: str, default: int) -> int:
+        """Return a layout setting of ``preprocessor_config.json``: a whole number > 0, else ``default``.
+
+        A missing, null or 0-valued ``min_pixels``-style entry falls back to the default;
+        anything else that is not a whole number > 0 is refused.
+
+        Raises:
+            UsageError: naming the file and the setting.
+        """
+        value = config.get(name)
+        if value is None:
+            return default
+        if type(value) is not int or value < 1:
+            where = Where(file=str(self.model_dir / "preprocessor_config.json")) if self.model_dir else None
+            raise UsageError(f"Expected `{name}` as a whole number > 0, got `{value!r:.80}`", where)
+        return value
+
     @abstractmethod
     def configure(self, config: dict[str, Any]) -> None:
         """Read the family's layout settings from ``preprocessor_config.json`` (or defaults)."""
@@ -265,10 +282,23 @@ def read_added_tokens(model_dir: Path) -> dict[str, int]:
     tokens: dict[str, int] = {}
     config_path = model_dir / "tokenizer_config.json"
     if config_path.exists():
-        for token_id, entry in read_json(config_path).get("added_tokens_decoder", {}).items():
-            tokens[entry["content"]] = int(token_id)
+        decoder = read_json(config_path).get("added_tokens_decoder", {})
+        try:
+            for token_id, entry in decoder.items():
+                tokens[str(entry["content"])] = int(token_id)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise UsageError(
+                'Expected `added_tokens_decoder` as {id: {"content": token}}', Where(file=str(config_path))
+            ) from None
     tokenizer_path = model_dir / "tokenizer.json"
     if tokenizer_path.exists():
-        for entry in read_json(tokenizer_path).get("added_tokens", []):
-            tokens.setdefault(entry["content"], int(entry["id"]))
+        added = read_json(tokenizer_path).get("added_tokens", [])
+        try:
+            for entry in added:
+                tokens.setdefault(str(entry["content"]), int(entry["id"]))
+        except (KeyError, TypeError, ValueError):
+            raise UsageError(
+                'Expected `added_tokens` as a list of {"id": int, "content": token}',
+                Where(file=str(tokenizer_path)),
+            ) from None
     return tokens

@@ -37,10 +37,19 @@ class KimiK25(Family):
 
     def configure(self, config: dict[str, Any]) -> None:
         media = config.get("media_proc_cfg", config)
-        self.patch_size: int = media.get("patch_size", 14)
-        self.merge_kernel_size: tuple[int, int] = tuple(media.get("merge_kernel_size", (2, 2)))  # type: ignore[assignment]
-        self.patch_budget: int = media.get("in_patch_limit") or media.get("in_token_limit") or 16384
-        self.patch_limit_on_one_side: int = media.get("patch_limit_on_one_side", 512)
+        if not isinstance(media, dict):
+            media = {"media_proc_cfg": media, "patch_size": "not an object"}
+        self.patch_size = self.setting(media, "patch_size", 14)
+        kernel = media.get("merge_kernel_size", [2, 2])
+        if not (isinstance(kernel, list | tuple) and len(kernel) == 2):
+            kernel = ["not a pair", kernel]
+        self.merge_kernel_size = (
+            self.setting({"merge_kernel_size": kernel[0]}, "merge_kernel_size", 2),
+            self.setting({"merge_kernel_size": kernel[1]}, "merge_kernel_size", 2),
+        )
+        budget = media.get("in_patch_limit") or media.get("in_token_limit")
+        self.patch_budget = self.setting({"in_patch_limit": budget}, "in_patch_limit", 16384)
+        self.patch_limit_on_one_side = self.setting(media, "patch_limit_on_one_side", 512)
         self.image_mean: tuple[float, ...] = tuple(media.get("image_mean", (0.5, 0.5, 0.5)))
         self.image_std: tuple[float, ...] = tuple(media.get("image_std", (0.5, 0.5, 0.5)))
         # Each level's value, per channel: (level / 255 - mean) / std in float32, as families.md says.

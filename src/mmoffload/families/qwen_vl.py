@@ -124,11 +124,15 @@ class QwenVL(Family):
         if self.model_dir is None:
             config = read_json(DEFAULT_PROCESSOR_DIR / "preprocessor_config.json")
         size = config.get("size") or {}
-        self.patch_size: int = config.get("patch_size", 16)
-        self.merge_size: int = config.get("merge_size", 2)
-        self.temporal_patch_size: int = config.get("temporal_patch_size", 2)
-        self.min_pixels: int = config.get("min_pixels") or size.get("shortest_edge") or 65536
-        self.max_pixels: int = config.get("max_pixels") or size.get("longest_edge") or 16777216
+        if not isinstance(size, dict):
+            size = {}
+        self.patch_size = self.setting(config, "patch_size", 16)
+        self.merge_size = self.setting(config, "merge_size", 2)
+        self.temporal_patch_size = self.setting(config, "temporal_patch_size", 2)
+        self.min_pixels = config.get("min_pixels") or self.setting(size, "shortest_edge", 65536)
+        self.max_pixels = config.get("max_pixels") or self.setting(size, "longest_edge", 16777216)
+        self.min_pixels = self.setting({"min_pixels": self.min_pixels}, "min_pixels", 65536)
+        self.max_pixels = self.setting({"max_pixels": self.max_pixels}, "max_pixels", 16777216)
         self.resample: int = config.get("resample", Image.Resampling.BICUBIC)
         self.table = pair_table(
             value_table(
