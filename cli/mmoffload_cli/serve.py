@@ -25,10 +25,10 @@ def serve(
     cache_bytes: Annotated[
         int, typer.Option("--cache-bytes", min=0, help="Bound of the materialized-image cache, in bytes.")
     ] = DEFAULT_CACHE_BYTES,
-    allowed_root: Annotated[
+    allow_root: Annotated[
         list[Path] | None,
         typer.Option(
-            "--allowed-root", help="Serve only images under this directory (repeatable; default: any)."
+            "--allow-root", help="Serve only images under this directory (repeatable; default: any)."
         ),
     ] = None,
 ) -> None:
@@ -58,5 +58,5 @@ def serve(
             port=port,
             vllm_args=list(ctx.args),
             cache_bytes=cache_bytes,
-            roots=allowed_root,
+            roots=allow_root,
         )
