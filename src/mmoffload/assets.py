@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from mmoffload.errors import BadInputError, IntegrityError, Where
+from mmoffload.errors import BadInputError, IntegrityError, UsageError, Where
 from mmoffload.io import atomic_write
 
 ASSETS_ENV_VAR = "VF_RENDERER_IMAGE_OFFLOAD_DIR"
@@ -69,15 +69,17 @@ def uri_to_path(uri: str, where: Where | None = None) -> Path:
     return Path(unquote(urlsplit(uri).path))
 
 
-def resolve_assets_dir(explicit: Path | None, run_dir: Path | None) -> Path:
+def resolve_assets_dir(
+    explicit: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str] | None
+) -> Path:
     """Pick the asset directory: explicit, else ``$VF_RENDERER_IMAGE_OFFLOAD_DIR``, else RUN's."""
     if explicit is not None:
-        return explicit
+        return Path(explicit)
     if env := os.environ.get(ASSETS_ENV_VAR):
         return Path(env)
     if run_dir is not None:
-        return run_dir / "assets" / "images"
-    raise BadInputError(f"No asset directory: pass one, set ${ASSETS_ENV_VAR}, or give a run directory")
+        return Path(run_dir) / "assets" / "images"
+    raise UsageError(f"No asset directory: pass `--assets DIR` or set ${ASSETS_ENV_VAR}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +98,8 @@ class StoredImage:
 class AssetStore:
     """A directory of content-addressed images, safe for concurrent writers."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root.absolute()
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
 
     def put(self, data: bytes, where: Where | None = None) -> StoredImage:
         """Store ``data`` once, atomically; return where it lives.

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from PIL import Image
 
 from mmoffload.errors import BadInputError
+from mmoffload.extras import require
 from mmoffload.families.base import IMAGE_TYPE, Family, ForwardPolicy, Grid, to_rgb
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 CHANNELS = 3
 
@@ -79,8 +82,9 @@ class KimiK25(Family):
     def _patches(self, image: Image.Image) -> tuple[np.ndarray, Grid]:
         """Resize, pad, normalize and cut one image into (h*w, 3, ps, ps) patches, row-major."""
         image = to_rgb(image)
-        padded = Image.new("RGB", self.padded_size(*image.size), (0, 0, 0))
-        padded.paste(image.resize(self.resized_size(*image.size), Image.Resampling.BICUBIC), (0, 0))
+        pil = require("PIL.Image", "Kimi K2.5 pixels")
+        padded = pil.new("RGB", self.padded_size(*image.size), (0, 0, 0))
+        padded.paste(image.resize(self.resized_size(*image.size), pil.Resampling.BICUBIC), (0, 0))
         mean = np.asarray(self.image_mean, dtype=np.float32)
         std = np.asarray(self.image_std, dtype=np.float32)
         values = (np.asarray(padded, dtype=np.float32) / np.float32(255) - mean) / std  # (H, W, C)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from PIL import Image
 
 from mmoffload.errors import BadInputError, UsageError
+from mmoffload.extras import require
 from mmoffload.families.base import IMAGE_TYPE, VIDEO_TYPE, Family, ForwardPolicy, Grid
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 MAX_ASPECT_RATIO = 200
 # The processor config used when no model directory is given: Qwen3-VL, as the Family defaults.
@@ -96,11 +99,11 @@ class QwenVL(Family):
             UsageError: the processor cannot be loaded from the model directory.
         """
         # Imported here: transformers takes seconds to import and only the trainer side needs it.
-        from transformers import AutoImageProcessor
+        auto_image_processor = require("transformers", "The Qwen-VL image processor").AutoImageProcessor
 
         directory = self.model_dir or DEFAULT_PROCESSOR_DIR
         try:
-            return AutoImageProcessor.from_pretrained(
+            return auto_image_processor.from_pretrained(
                 str(directory),
                 local_files_only=True,
                 backend=self.processor_backend,
