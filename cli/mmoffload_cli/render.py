@@ -12,10 +12,20 @@ from typing import Any
 import msgspec
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
-from mmoffload.errors import MMOffloadError
+from mmoffload.errors import MMOffloadError, Where, json_path
+from mmoffload_cli import verbosity
 
 # Exit codes as ruff uses them.
 EXIT_OK, EXIT_PROBLEMS, EXIT_CANNOT_RUN = 0, 1, 2
@@ -25,26 +35,57 @@ stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+class ErrorReport(msgspec.Struct):
+    """What ``--json`` prints on stdout when a command cannot run (exit 2)."""
+
+    error: str
+    kind: str
+    message: str
+    file: str | None = None
+    line: int | None = None
+    path: str | None = None
+    ok: bool = False
+
+
 @contextlib.contextmanager
-def errors_to_exit() -> Iterator[None]:
-    """Turn a library error into one message on stderr and exit 2 (traceback on request)."""
+def errors_to_exit(as_json: bool = False) -> Iterator[None]:
+    """Turn a library error into one message on stderr and exit 2 (traceback on request).
+
+    With ``as_json`` the error is also one JSON object on stdout, so ``jq`` always has a document.
+    """
     try:
         yield
     except MMOffloadError as exc:
         if os.environ.get(TRACEBACK_ENV_VAR):
             traceback.print_exc()
-        stderr.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        stderr.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
+        if as_json:
+            where = exc.where or Where()
+            report = ErrorReport(
+                error=str(exc),
+                kind=type(exc).__name__,
+                message=exc.message,
+                file=where.file,
+                line=where.line,
+                path=json_path(where.path) if where.path is not None else None,
+            )
+            sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
         raise typer.Exit(EXIT_CANNOT_RUN) from None
 
 
 def report_table(report: msgspec.Struct, title: str) -> Table:
-    """Render a flat report struct as a two-column figure/value table."""
+    """Render a report struct as a two-column figure/value table (plain lists too with ``-v``)."""
     table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 2))
     table.add_column("figure", style="bold")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")
     for name, value in msgspec.structs.asdict(report).items():
         if isinstance(value, int | float | str | bool) or value is None:
             table.add_row(name, format_value(value))
+        elif isinstance(value, dict) and value and all(isinstance(v, str) for v in value.values()):
+            # Which config each family ran on (`qwen_vl=defaults`): always worth a line.
+            table.add_row(name, Text(", ".join(f"{key}={v}" for key, v in value.items())))
+        elif verbosity.verbose() and isinstance(value, list) and all(isinstance(v, str | int) for v in value):
+            table.add_row(name, Text(", ".join(map(str, value))))
     return table
 
 
@@ -65,6 +106,9 @@ def emit_report(report: msgspec.Struct, title: str, *, as_json: bool, quiet: boo
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
     elif not quiet:
         stdout.print(report_table(report, title))
+    if not quiet:
+        for warning in getattr(report, "warnings", None) or []:
+            stderr.print(f"warning: {warning}", markup=False)
 
 
 @contextlib.contextmanager
@@ -79,3 +123,34 @@ def progress_bar(
     with Progress(*columns, console=stderr, transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+@contextlib.contextmanager
+def counting_bar(
+    description: str, total: int | None, *, enabled: bool = True
+) -> Iterator[Callable[[int, int], None]]:
+    """Yield ``advance(micro_batches, images)``: a bar of micro batches with images and a rate.
+
+    Shown on an interactive stderr only, like ``progress_bar``.
+    """
+    if not (enabled and stderr.is_terminal and not stderr.is_dumb_terminal):
+        yield lambda _batches, _images: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("micro batches, {task.fields[images]:,} images, {task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task(description, total=total, images=0, rate="")
+        counts = {"images": 0}
+
+        def advance(batches: int, images: int) -> None:
+            counts["images"] += images
+            elapsed = bar.tasks[task].elapsed or 0.0
+            rate = f"{counts['images'] / elapsed:,.1f} images/s" if elapsed else ""
+            bar.update(task, advance=batches, images=counts["images"], rate=rate)
+
+        yield advance

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from mmoffload.errors import BadInputError, IntegrityError, Where
+from mmoffload.errors import BadInputError, IntegrityError, UsageError, Where
 from mmoffload.io import TEMP_PREFIX, atomic_write
 
 if TYPE_CHECKING:
@@ -106,11 +106,16 @@ def uri_to_path(uri: str, where: Where | None = None) -> Path:
     return Path(unquote(urlsplit(uri).path))
 
 
-def resolve_assets_dir(explicit: Path | str | None, run_dir: Path | None) -> Path | str:
+def resolve_assets_dir(
+    explicit: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str] | None
+) -> Path | str:
     """Pick the asset store: explicit, else ``$VF_RENDERER_IMAGE_OFFLOAD_DIR``, else RUN's.
 
     An object-store URL (``s3://bucket/prefix``) is kept as a string, a ``file://``
     URL becomes its path, anything else is a directory.
+
+    Raises:
+        UsageError: none is given, the variable is unset and there is no run directory.
     """
     if explicit is None:
         explicit = os.environ.get(ASSETS_ENV_VAR) or None
@@ -119,10 +124,10 @@ def resolve_assets_dir(explicit: Path | str | None, run_dir: Path | None) -> Pat
             return explicit.rstrip("/")
         return uri_to_path(explicit) if explicit.startswith("file:") else Path(explicit)
     if explicit is not None:
-        return explicit
+        return Path(explicit)
     if run_dir is not None:
-        return run_dir / "assets" / "images"
-    raise BadInputError(f"No asset directory: pass one, set ${ASSETS_ENV_VAR}, or give a run directory")
+        return Path(run_dir) / "assets" / "images"
+    raise UsageError(f"No asset directory: pass `--assets DIR` or set ${ASSETS_ENV_VAR}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +146,8 @@ class StoredImage:
 class AssetStore:
     """A directory of content-addressed images, safe for concurrent writers."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root.absolute()
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
         self._syncer: ThreadPoolExecutor | None = None
         self._pending: collections.OrderedDict[Path, Future[None]] = collections.OrderedDict()
         self._directory_synced = True

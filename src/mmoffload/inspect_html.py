@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
-from PIL import Image, UnidentifiedImageError
 
 from mmoffload.assets import uri_to_path
 from mmoffload.audit import Violation, audit_record
 from mmoffload.errors import BadInputError, MMOffloadError
+from mmoffload.extras import require
 from mmoffload.families import IMAGE_TYPE, VIDEO_TYPE, Families
 from mmoffload.families.base import read_added_tokens, to_rgb
 from mmoffload.show import Selected
@@ -115,12 +115,13 @@ def read_image(uri: str) -> ImageFile:
         data = path.read_bytes()
     except OSError as exc:
         return ImageFile(path, None, None, None, None, f"Cannot read image file: {exc.strerror}")
+    pil = require("PIL.Image", "Image thumbnails")
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        with pil.open(io.BytesIO(data)) as opened:
             width, height = opened.size
             image = to_rgb(opened)
             image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    except UnidentifiedImageError:
+    except pil.UnidentifiedImageError:
         return ImageFile(path, len(data), None, None, None, "Image file does not decode: not an image format")
     except (OSError, ValueError) as exc:
         return ImageFile(path, len(data), None, None, None, f"Image file does not decode: {exc}")

@@ -21,7 +21,7 @@ import collections
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -39,7 +39,15 @@ from mmoffload.imageparts import (
     needs_reshape,
     rewrite_part,
 )
-from mmoffload.io import TEMP_PREFIX, atomic_writer, decode_json_line, iter_lines
+from mmoffload.io import (
+    TEMP_PREFIX,
+    Input,
+    atomic_writer,
+    decode_json_line,
+    is_stdio,
+    iter_lines,
+    open_output,
+)
 
 if TYPE_CHECKING:
     from mmoffload.objectstore import ObjectStore, StoredObject
@@ -303,7 +311,9 @@ class Offloader:
         counts.remote_kept += 1
         return part.source
 
-    def _store_data_url(self, data_url: _DataUrl, where: Where, counts: RecordCounts) -> StoredImage | StoredObject:
+    def _store_data_url(
+        self, data_url: _DataUrl, where: Where, counts: RecordCounts
+    ) -> StoredImage | StoredObject:
         if data_url.stored is not None:
             counts.dedup_hits += 1
             return data_url.stored
@@ -336,7 +346,9 @@ class Offloader:
 
 
 def offload_record(
-    record: Any, assets: Path | str | AssetStore | ObjectStore, options: OffloadOptions | None = None
+    record: Any,
+    assets: str | os.PathLike[str] | AssetStore | ObjectStore,
+    options: OffloadOptions | None = None,
 ) -> RecordCounts:
     """Offload the images of one request body or rollout record, in place.
 
@@ -359,36 +371,52 @@ def offload_record(
     return Offloader(store, options).record(record)
 
 
-def plan_outputs(inputs: list[Path], output: Path | None, in_place: bool) -> list[Path]:
+def plan_outputs(
+    inputs: Sequence[str | os.PathLike[str] | Input], output: str | os.PathLike[str] | None, in_place: bool
+) -> list[Path]:
     """Return the output path of each input.
 
     One input: ``output`` is the file to write (or a directory to write it into).
-    Several inputs: ``output`` is a directory and each output keeps its input's name.
-    ``in_place``: each input is its own output.
+    Several inputs, or inputs from a directory or a glob (see ``expand_inputs``):
+    ``output`` is a directory and each output mirrors its input's relative path.
+    ``output`` ``-`` is stdout for every input, in order. ``in_place``: each input
+    is its own output.
 
     Raises:
         UsageError: neither or both of ``output`` and ``in_place``, an output that is
-            an input (without ``in_place``), or two inputs with the same output.
+            an input (without ``in_place``), stdin rewritten in place, or two inputs
+            with the same output (naming both).
     """
     if not inputs:
         raise UsageError("Expected at least one input file")
     if in_place == (output is not None):
         raise UsageError("Expected exactly one of an output (`-o`) or in-place rewriting (`--in-place`)")
+    items = [item if isinstance(item, Input) else Input(Path(item), Path(Path(item).name)) for item in inputs]
     if in_place:
-        outputs = list(inputs)
-    elif len(inputs) == 1 and not output.is_dir():  # type: ignore[union-attr]
-        outputs = [output]  # type: ignore[list-item]
+        if any(is_stdio(item.path) for item in items):
+            raise UsageError("Expected a file to rewrite in place, got stdin (`-`)")
+        return [item.path for item in items]
+    output = Path(output)  # type: ignore[arg-type]
+    if is_stdio(output):
+        return [output] * len(items)
+    mirrored = len(items) > 1 or items[0].relative != Path(items[0].path.name)
+    if not mirrored and not output.is_dir():
+        outputs = [output]
     else:
-        if output.exists() and not output.is_dir():  # type: ignore[union-attr]
-            raise UsageError(f"Expected a directory as output for {len(inputs)} inputs, got file `{output}`")
-        outputs = [output / path.name for path in inputs]  # type: ignore[operator]
-    resolved = [path.resolve() for path in outputs]
-    if len(set(resolved)) != len(resolved):
-        raise UsageError("Two inputs would write the same output; give inputs with distinct names")
-    if not in_place:
-        for source, target in zip(inputs, resolved, strict=True):
-            if source.resolve() == target:
-                raise UsageError(f"Output `{target}` is the input; use in-place rewriting to replace it")
+        if output.exists() and not output.is_dir():
+            raise UsageError(f"Expected a directory as output for {len(items)} inputs, got file `{output}`")
+        outputs = [output / item.relative for item in items]
+    claimed: dict[Path, Path] = {}
+    for item, target in zip(items, outputs, strict=True):
+        resolved = target.resolve()
+        if resolved in claimed:
+            raise UsageError(
+                f"Inputs `{claimed[resolved]}` and `{item.path}` would both write `{target}`; "
+                "give a directory or a glob so that outputs mirror their relative paths"
+            )
+        claimed[resolved] = item.path
+        if not is_stdio(item.path) and item.path.resolve() == resolved:
+            raise UsageError(f"Output `{resolved}` is the input; use in-place rewriting to replace it")
     return outputs
 
 
@@ -407,13 +435,13 @@ def sweep_stale_temps(directory: Path, older_than: float = STALE_TEMP_SECONDS) -
 
 
 def offload_files(
-    inputs: list[Path],
-    outputs: list[Path],
-    assets: Path | str | AssetStore | ObjectStore,
+    inputs: Sequence[str | os.PathLike[str]],
+    outputs: Sequence[str | os.PathLike[str]],
+    assets: str | os.PathLike[str] | AssetStore | ObjectStore,
     *,
     options: OffloadOptions | None = None,
     skip_bad_lines: bool = False,
-    rejects: Path | None = None,
+    rejects: str | os.PathLike[str] | None = None,
     workers: int = 1,
     ray: RayOptions | None = None,
     advance: Callable[[int], None] = lambda _n: None,
@@ -425,8 +453,10 @@ def offload_files(
     output. Images stored before a failure stay: they are content addressed.
 
     Args:
-        inputs: JSONL files, one record per line; never modified (unless an output is its input).
-        outputs: one path per input (see ``plan_outputs``).
+        inputs: JSONL files, one record per line, ``-`` for stdin, gzip or zstd compressed or
+            not; never modified (unless an output is its input).
+        outputs: one path per input (see ``plan_outputs``); ``-`` is stdout, a name ending
+            in ``.gz`` or ``.zst`` is written compressed.
         assets: the image asset directory or object-store URL, or a store on it.
         options: what to do with ``file://`` and remote sources.
         skip_bad_lines: keep going past bad lines, writing each whole, with its reason,
@@ -445,6 +475,8 @@ def offload_files(
         UsageError: an unreadable input.
     """
     started = time.perf_counter()
+    if skip_bad_lines and rejects is None and any(is_stdio(target) for target in outputs):
+        raise UsageError("Expected `--rejects PATH` for bad lines when the output is stdout (`-`)")
     options = options or OffloadOptions()
     store = open_store(assets)
     report = OffloadReport(inputs=len(inputs), assets=str(store.root))
@@ -454,11 +486,11 @@ def offload_files(
     with contextlib.ExitStack() as commits, _line_results(store, options, workers, ray) as results:
         reject_files: dict[Path, BinaryIO] = {}
         for source, target in zip(inputs, outputs, strict=True):
-            report.jsonl_bytes_in += _size(source)
-            out = commits.enter_context(atomic_writer(target))
-            rejects_path = rejects or target.with_name(target.name + REJECTS_SUFFIX)
+            out = commits.enter_context(open_output(target))
+            rejects_path = Path(rejects or Path(target).with_name(Path(target).name + REJECTS_SUFFIX))
             for where, line, result in results(iter_lines(source)):
                 advance(len(line))
+                report.jsonl_bytes_in += len(line)
                 if isinstance(result, MMOffloadError):
                     if not skip_bad_lines:
                         raise result
@@ -471,7 +503,7 @@ def offload_files(
                 out.write(written)
                 report.jsonl_bytes_out += len(written)
                 report.add(counts)
-            report.outputs.append(str(target))
+            report.outputs.append("<stdout>" if is_stdio(target) else str(target))
         report.rejects = [str(path) for path in reject_files]
     report.seconds = round(time.perf_counter() - started, 3)
     return report
@@ -588,10 +620,3 @@ def _reject(where: Where, line: bytes, error: MMOffloadError) -> bytes:
     except UnicodeDecodeError:
         entry = RejectedLine(str(where.file), where.line or 0, str(error), text_base64=text)
     return msgspec.json.encode(entry) + b"\n"
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError as exc:
-        raise UsageError(f"Cannot read input: {exc.strerror}", Where(file=str(path))) from exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -111,6 +112,9 @@ class RefsReport(msgspec.Struct, kw_only=True):
     rejects_path: str | None = None
     type_ids_cross_checked: bool = True
     samples_type_ids_from_placeholders: int = 0
+    # Each family the samples used, with its config (a model directory or "defaults").
+    families: dict[str, str] = msgspec.field(default_factory=dict)
+    warnings: list[str] = msgspec.field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +185,11 @@ class _Context:
     traces_seen: int = 0
 
 
-def build_refs(trace_files: Sequence[Path], run_dir: Path, options: RefsOptions | None = None) -> RefsReport:
+def build_refs(
+    trace_files: Sequence[str | os.PathLike[str]],
+    run_dir: str | os.PathLike[str],
+    options: RefsOptions | None = None,
+) -> RefsReport:
     """Turn offloaded rollout traces into ``RUN/rollouts/step_<N>/train_rollouts.bin`` files.
 
     Every record is read and checked before any step is written, so bad input
@@ -201,6 +209,7 @@ def build_refs(trace_files: Sequence[Path], run_dir: Path, options: RefsOptions 
         UsageError: unreadable input, bad options, or a step that cannot be written.
     """
     options = options or RefsOptions()
+    run_dir = Path(run_dir)
     if options.step_size is not None and options.step_size < 1:
         raise UsageError(f"Expected a step size >= 1, got {options.step_size}")
     families = Families(options.model_dir)
@@ -235,6 +244,8 @@ def build_refs(trace_files: Sequence[Path], run_dir: Path, options: RefsOptions 
     )
     report.image_files_checked = len(context.checked_files)
     _write_steps(samples, run_dir, options, report)
+    report.families = families.configs()
+    report.warnings = families.warnings()
     return report
 
 
@@ -578,9 +589,10 @@ def _sample(
 
 def _check_no_image_tokens(tokens: list[int], where: Where, context: _Context) -> None:
     """With a model given, a sample without images must hold none of its image tokens."""
-    if context.families.model_family is None:
+    model = context.families.model()
+    if model is None:
         return
-    token_types = context.families.get(context.families.model_family).token_types
+    token_types = model.token_types
     image_tokens = [token for token, kind in token_types.items() if kind == IMAGE_TYPE]
     stray = np.flatnonzero(np.isin(np.asarray(tokens, dtype=np.int64), image_tokens))
     if len(stray):

@@ -13,12 +13,12 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from PIL import Image
 
 from mmoffload.errors import BadInputError, UsageError
+from mmoffload.extras import require
 from mmoffload.families.base import (
     IMAGE_TYPE,
     VIDEO_TYPE,
@@ -32,7 +32,13 @@ from mmoffload.families.base import (
     write_levels,
 )
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 MAX_ASPECT_RATIO = 200
+# PIL.Image.Resampling's values (NEAREST 0 ... HAMMING 5) and BICUBIC, known without importing Pillow.
+PIL_RESAMPLE_FILTERS = frozenset(range(6))
+PIL_BICUBIC = 3
 # The processor config used when no model directory is given: Qwen3-VL, as the Family defaults.
 DEFAULT_PROCESSOR_DIR = Path(__file__).parent / "configs" / "qwen3_vl"
 CHANNELS = 3
@@ -95,7 +101,7 @@ def own_pixel_settings(config: dict[str, Any]) -> bool:
         and config.get("image_processor_type", "Qwen2VLImageProcessor") in OWN_PIXEL_PROCESSORS
         and all(config.get(flag, True) is True for flag in ("do_resize", "do_rescale", "do_normalize"))
         and config.get("do_convert_rgb", True) is True
-        and config.get("resample", Image.Resampling.BICUBIC) in set(Image.Resampling)
+        and config.get("resample", PIL_BICUBIC) in PIL_RESAMPLE_FILTERS
         and len(mean) == CHANNELS
         and len(std) == CHANNELS
     )
@@ -129,7 +135,7 @@ class QwenVL(Family):
         self.temporal_patch_size: int = config.get("temporal_patch_size", 2)
         self.min_pixels: int = config.get("min_pixels") or size.get("shortest_edge") or 65536
         self.max_pixels: int = config.get("max_pixels") or size.get("longest_edge") or 16777216
-        self.resample: int = config.get("resample", Image.Resampling.BICUBIC)
+        self.resample: int = config.get("resample", PIL_BICUBIC)
         self.table = pair_table(
             value_table(
                 config.get("rescale_factor", DEFAULT_RESCALE),
@@ -172,11 +178,11 @@ class QwenVL(Family):
             UsageError: the processor cannot be loaded from the model directory.
         """
         # Imported here: transformers takes seconds to import and only the trainer side needs it.
-        from transformers import AutoImageProcessor
+        auto_image_processor = require("transformers", "The Qwen-VL image processor").AutoImageProcessor
 
         directory = self.model_dir or DEFAULT_PROCESSOR_DIR
         try:
-            return AutoImageProcessor.from_pretrained(
+            return auto_image_processor.from_pretrained(
                 str(directory),
                 local_files_only=True,
                 backend=self.processor_backend,
