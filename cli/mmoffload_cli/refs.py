@@ -60,6 +60,13 @@ Rejects = Annotated[
         help="Rejects file for --skip-invalid (default RUN/rollouts/rejects.jsonl).",
     ),
 ]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an earlier run's steps without a warning and remove those this run does not write.",
+    ),
+]
 
 
 def refs(
@@ -74,6 +81,7 @@ def refs(
     skip_invalid: SkipInvalid = False,
     rejects: Rejects = None,
     remap: options.Remap = None,
+    overwrite: Overwrite = False,
     as_json: options.Json = False,
     quiet: options.Quiet = False,
     verbose: options.Verbose = False,
@@ -92,6 +100,7 @@ def refs(
         mmoffload refs a.jsonl b.jsonl --run-dir RUN --model qwen3_vl --json
         mmoffload refs 'runs/*/traces.jsonl' --run-dir RUN --step-size 256
         mmoffload refs traces.jsonl --run-dir RUN --skip-invalid
+        mmoffload refs new.jsonl --run-dir RUN --overwrite
         mmoffload refs traces.jsonl --run-dir RUN --remap /mnt/a=/data/a
     """
     with render.errors_to_exit(as_json):
@@ -109,6 +118,7 @@ def refs(
                 skip_invalid=skip_invalid,
                 rejects_path=rejects,
                 remap=Remap.parse(remap or []),
+                overwrite=overwrite,
             ),
         )
     render.emit_report(report, "refs", as_json=as_json, quiet=quiet)

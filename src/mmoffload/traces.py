@@ -106,6 +106,10 @@ class RefsReport(msgspec.Struct, kw_only=True):
     hashes_verified: bool = True
     steps_written: int = 0
     steps: list[int] = msgspec.field(default_factory=list)
+    # Steps an earlier run had written: rewritten by this one, left as they were, or removed (--overwrite).
+    steps_replaced: list[int] = msgspec.field(default_factory=list)
+    steps_left: list[int] = msgspec.field(default_factory=list)
+    steps_removed: list[int] = msgspec.field(default_factory=list)
     advantages_from_group_reward: int = 0
     samples_without_advantages: int = 0
     rejected_records: int = 0
@@ -131,6 +135,8 @@ class RefsOptions:
         skip_invalid: reject bad records into ``rejects_path`` instead of stopping.
         rejects_path: where rejected records go (default ``RUN/rollouts/rejects.jsonl``).
         remap: URI prefix rewrites applied to every image URI, checked and written rewritten.
+        overwrite: replace an earlier run's steps without a warning, and remove its steps
+            this run does not write (else they stay, with a warning).
     """
 
     model_dir: Path | None = None
@@ -142,6 +148,7 @@ class RefsOptions:
     skip_invalid: bool = False
     rejects_path: Path | None = None
     remap: Remap = field(default_factory=Remap)
+    overwrite: bool = False
 
 
 @dataclass(slots=True)
@@ -243,10 +250,67 @@ def build_refs(
         {ref.hash for sample in samples if sample.mm_refs for ref in sample.mm_refs.images}
     )
     report.image_files_checked = len(context.checked_files)
+    earlier = [step for step in rundir.steps(run_dir) if _step_files(run_dir, step)]
     _write_steps(samples, run_dir, options, report)
+    report.steps_replaced = sorted(set(earlier) & set(report.steps))
+    leftover = sorted(set(earlier) - set(report.steps))
+    if options.overwrite:
+        _remove_steps(run_dir, leftover)
+        report.steps_removed = leftover
+    else:
+        report.steps_left = leftover
     report.families = families.configs()
-    report.warnings = families.warnings()
+    report.warnings = families.warnings() + _earlier_steps_warnings(report, options.overwrite)
     return report
+
+
+def _step_files(run_dir: Path, step: int) -> list[Path]:
+    """Return a step's TrainingBatch (when there is one) and rank files."""
+    batch = rundir.training_batch_path(run_dir, step)
+    return ([batch] if batch.is_file() else []) + rundir.rank_paths(run_dir, step)
+
+
+def _remove_steps(run_dir: Path, steps: list[int]) -> None:
+    """Remove the TrainingBatch and rank files of ``steps`` (and each step directory left empty).
+
+    Raises:
+        UsageError: a file cannot be removed.
+    """
+    for step in steps:
+        try:
+            for path in _step_files(run_dir, step):
+                path.unlink()
+            with contextlib.suppress(OSError):
+                rundir.step_dir(run_dir, step).rmdir()  # Kept when it holds anything else.
+        except OSError as exc:
+            raise UsageError(
+                f"Cannot remove step {step} of an earlier run: {exc.strerror or exc}",
+                Where(file=str(rundir.step_dir(run_dir, step))),
+            ) from exc
+
+
+def _earlier_steps_warnings(report: RefsReport, overwrite: bool) -> list[str]:
+    """Say which steps of an earlier run were replaced or left (nothing with ``overwrite``)."""
+    found = []
+    if report.steps_left:
+        found.append(
+            f"{_step_list(report.steps_left)} of an earlier run left in the run directory, "
+            "read by pack, audit and materialize too: --overwrite removes them"
+        )
+    if report.steps_replaced and not overwrite:
+        found.append(
+            f"{_step_list(report.steps_replaced)} of an earlier run replaced (--overwrite says that is meant)"
+        )
+    return found
+
+
+def _step_list(steps: list[int]) -> str:
+    """Name steps for a message: ``step 3``, ``steps 0, 1``, ``steps 0 to 9 (10 steps)``."""
+    if len(steps) == 1:
+        return f"step {steps[0]}"
+    if len(steps) <= 6:
+        return "steps " + ", ".join(map(str, steps))
+    return f"steps {steps[0]} to {steps[-1]} ({len(steps)} steps)"
 
 
 def _line_samples(line: bytes, where: Where, context: _Context) -> list[_Pending]:
