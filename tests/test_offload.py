@@ -202,7 +202,7 @@ BAD_LINES = [
         "in.jsonl:2` `$.prompt[0].content[1].image_url.url`",
     ),
     (
-        json.dumps({"messages": [{"content": [{"type": "image", "url": "x"}]}]}).encode(),
+        json.dumps({"messages": [{"content": [{"type": "image", "src": "x"}]}]}).encode(),
         "unknown shape",
         "in.jsonl:2` `$.messages[0].content[0]`",
     ),

@@ -63,7 +63,7 @@ BATCH_LINES, BATCH_BYTES = 64, 16 << 20
 
 _LINE_ERRORS = (BadInputError, IntegrityError)
 # Every image part shape needs one of these in the line's text (or a \u escape spelling it).
-_IMAGE_MARKERS = (b"image", b"raw_uri", b"\\u")
+_IMAGE_MARKERS = (b"image", b"raw_uri", b"bytes", b"\\u")
 # A data URL literal is spliced out of a line only when its bytes are exactly its string: no
 # escapes, no spaces, nothing JSON would reject; then the decoded record holds a stand-in instead.
 _LITERAL_START = b'"data:'
