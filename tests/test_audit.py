@@ -349,18 +349,36 @@ def test_a_missing_path_cannot_be_audited(tmp_path: Path) -> None:
 
 
 def test_expectations_parse_numbers_and_booleans() -> None:
-    assert parse_expectation("examples=4") == ("examples", 4)
-    assert parse_expectation(" type_ids_present = TRUE ") == ("type_ids_present", True)
-    assert parse_expectation("ok=false") == ("ok", False)
+    assert parse_expectation("examples=4") == ("examples", "=", 4)
+    assert parse_expectation(" type_ids_present = TRUE ") == ("type_ids_present", "=", True)
+    assert parse_expectation("ok=false") == ("ok", "=", False)
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("examples>=1", ("examples", ">=", 1)),
+        ("examples<=10", ("examples", "<=", 10)),
+        ("data_uris<1", ("data_uris", "<", 1)),
+        ("image_bytes>0", ("image_bytes", ">", 0)),
+        ("missing_files==0", ("missing_files", "==", 0)),
+        ("ok!=false", ("ok", "!=", False)),
+        ("examples >= 2.5", ("examples", ">=", 2.5)),
+    ],
+)
+def test_expectations_parse_every_comparison(text: str, parsed: tuple) -> None:
+    assert parse_expectation(text) == parsed
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("examples", "Expected --expect NAME=VALUE, got `examples`"),
-        ("examples=four", "Expected a whole number for `examples`, got `four`"),
+        ("examples", "Expected --expect NAME<OP>VALUE (OP one of >= <= != == = > <), got `examples`"),
+        ("examples=four", "Expected a number for `examples`, got `four`"),
         ("ok=1", "Expected true or false for `ok`, got `1`"),
-        ("images=4", "Unknown figure `images` in --expect (known: training_batches, examples,"),
+        ("ok>true", "Expected `=` or `!=` for the yes/no figure `ok`, got `>`"),
+        ("pictures=4", "Unknown figure `pictures` in --expect (known: training_batches, examples,"),
+        ("exampels>=1", "Unknown figure `exampels` in --expect; did you mean `examples`? (known: "),
     ],
 )
 def test_a_bad_expectation_is_a_usage_error(text: str, message: str) -> None:
@@ -371,16 +389,27 @@ def test_a_bad_expectation_is_a_usage_error(text: str, message: str) -> None:
 
 def test_violations_is_no_figure() -> None:
     assert "violations" not in FIGURES and "descriptors" in FIGURES and FIGURES["ok"] is bool
+    assert "expectations" not in FIGURES
 
 
 def test_an_expectation_holds_only_for_the_actual_value() -> None:
     report = AuditReport(examples=4)
-    results = check_expectations(report, ["examples=4", "examples=3", "type_ids_present=true"])
-    assert [(e.name, e.expected, e.actual, e.holds) for e in results] == [
-        ("examples", 4, 4, True),
-        ("examples", 3, 4, False),
-        ("type_ids_present", True, True, True),
+    texts = ["examples=4", "examples=3", "type_ids_present=true", "examples>=1", "examples<4", "examples!=3"]
+    results = check_expectations(report, texts)
+    assert [(e.name, e.op, e.expected, e.actual, e.holds) for e in results] == [
+        ("examples", "=", 4, 4, True),
+        ("examples", "=", 3, 4, False),
+        ("type_ids_present", "=", True, True, True),
+        ("examples", ">=", 1, 4, True),
+        ("examples", "<", 4, 4, False),
+        ("examples", "!=", 3, 4, True),
     ]
+    assert report.expectations == results and report.ok is False
+
+
+def test_a_typo_in_an_expectation_stops_the_audit_before_reading(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="did you mean `data_uris`"):
+        audit([tmp_path / "not-read.bin"], expect=["data_uri=0"])
 
 
 def test_an_image_typed_token_in_a_text_sample_is_stray(tmp_path: Path) -> None:

@@ -80,13 +80,47 @@ def test_expectations_that_hold_exit_0(tmp_path: Path) -> None:
     assert result.stdout == "" and result.stderr == ""
 
 
-def test_a_failed_expectation_exits_1_and_prints_the_actual_value(tmp_path: Path) -> None:
-    args = ["--expect", "examples=4", "--expect", "ok=true"]
+def test_a_failed_expectation_exits_1_and_json_says_not_ok(tmp_path: Path) -> None:
+    args = ["--expect", "examples>=4", "--expect", "ok=true"]
     result = runner.invoke(app, ["audit", str(clean_run(tmp_path)), "--json", *args])
 
     assert result.exit_code == 1
+    report = msgspec.json.decode(result.stdout)
+    assert report["ok"] is False
+    assert report["expectations"] == [
+        {"name": "examples", "op": ">=", "expected": 4, "actual": 2, "holds": False},
+        {"name": "ok", "op": "=", "expected": True, "actual": True, "holds": True},
+    ]
+    assert result.stderr.strip() == "expectation failed: examples>=4, actual 2"
+
+
+def test_comparisons_that_hold_exit_0(tmp_path: Path) -> None:
+    args = ["--expect", "examples>=1", "--expect", "data_uris<1", "--expect", "missing_files!=1"]
+    result = runner.invoke(app, ["audit", str(clean_run(tmp_path)), "--json", *args])
+
+    assert result.exit_code == 0
     assert msgspec.json.decode(result.stdout)["ok"] is True
-    assert result.stderr.strip() == "expectation failed: examples=4, actual 2"
+
+
+def test_a_typo_suggests_the_nearest_figure_and_json_carries_the_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["audit", str(clean_run(tmp_path)), "--json", "--expect", "data_uri=0"])
+
+    assert result.exit_code == 2
+    error = msgspec.json.decode(result.stdout)
+    assert (error["ok"], error["kind"]) == (False, "UsageError")
+    assert "did you mean `data_uris`?" in error["message"] and "did you mean" in result.stderr
+
+
+def test_an_unreadable_input_with_json_prints_one_error_object(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["audit", str(tmp_path / "no_run"), "--json"])
+
+    assert result.exit_code == 2
+    error = msgspec.json.decode(result.stdout)
+    assert (error["file"], error["message"], error["ok"]) == (
+        str(tmp_path / "no_run"),
+        "No such file or directory",
+        False,
+    )
 
 
 def test_an_unknown_figure_exits_2_listing_the_known_ones(tmp_path: Path) -> None:

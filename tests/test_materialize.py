@@ -100,7 +100,7 @@ def test_kimi_micro_batch_passes_position_ids_and_no_type_ids(tmp_path: Path) ->
     assert set(batch.model_kwargs) == {"input_ids", "position_ids", "pixel_values", "grid_thws"}
     assert batch.model_kwargs["grid_thws"].tolist() == [[1, 2, 4]]
     assert batch.model_kwargs["pixel_values"].shape == (8, 3, 14, 14)
-    assert batch.model_kwargs["position_ids"].tolist() == [0, 1, 2, 3]
+    assert batch.model_kwargs["position_ids"].tolist() == [[0, 1, 2, 3]]  # (1, T), as HF models take it
 
 
 def test_text_only_micro_batch_has_no_family_and_keeps_position_ids() -> None:

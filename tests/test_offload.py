@@ -202,7 +202,7 @@ BAD_LINES = [
         "in.jsonl:2` `$.prompt[0].content[1].image_url.url`",
     ),
     (
-        json.dumps({"messages": [{"content": [{"type": "image", "url": "x"}]}]}).encode(),
+        json.dumps({"messages": [{"content": [{"type": "image", "src": "x"}]}]}).encode(),
         "unknown shape",
         "in.jsonl:2` `$.messages[0].content[0]`",
     ),
@@ -301,7 +301,7 @@ def test_several_inputs_write_into_an_output_directory(tmp_path):
         (["x.jsonl"], None, False, "exactly one"),
         (["x.jsonl"], "o.jsonl", True, "exactly one"),
         (["x.jsonl"], "x.jsonl", False, "is the input"),
-        (["a/x.jsonl", "x.jsonl"], "out", False, "same output"),
+        (["a/x.jsonl", "x.jsonl"], "out", False, "a/x.jsonl` and `.*x.jsonl` would both write"),
     ],
 )
 def test_unusable_output_plans_are_usage_errors(tmp_path, inputs, output, in_place, message):

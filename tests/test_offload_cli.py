@@ -65,7 +65,12 @@ def test_a_bad_line_exits_2_naming_file_line_and_path_and_writes_no_output(tmp_p
     source = write_jsonl(tmp_path / "in.jsonl", [record(data_url(PNG)), record("http://x.org/a.png")])
     result = invoke(source, "-o", tmp_path / "out.jsonl", "--assets", tmp_path / "assets", "--json")
     assert result.exit_code == 2
-    assert result.stdout == ""
+    error = json.loads(result.stdout)
+    assert (error["line"], error["path"], error["kind"]) == (
+        2,
+        "$.messages[0].content[0].image_url.url",
+        "BadInputError",
+    )
     assert "in.jsonl:2` `$.messages[0].content[0].image_url.url`" in result.stderr
     assert "remote `http:` URL" in result.stderr
     assert not (tmp_path / "out.jsonl").exists()

@@ -280,3 +280,38 @@ def test_audit_counts_the_truncation_figures_pack_reported(
     assert audited["truncation_steps_compared"] == 1 and audited["ok"]
     if world_size == 8:
         assert packed["dummies"] > 0  # dummies are told apart from real micro batches
+
+
+def test_refs_warns_of_the_steps_an_earlier_run_left_and_overwrite_removes_them(tmp_path: Path) -> None:
+    traces, _ = traces_file(tmp_path)
+    run = tmp_path / "run"
+    args = ["refs", str(traces), "--run-dir", str(run), "--model", "qwen3_vl"]
+    assert runner.invoke(app, [*args, "--step-size", "1"]).exit_code == 0  # steps 0 and 1
+    assert runner.invoke(app, ["pack", str(run), "--seq-len", "16"]).exit_code == 0
+
+    again = runner.invoke(app, [*args, "--json"])  # one step now: step 1 is the earlier run's
+
+    assert again.exit_code == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert (report["steps_replaced"], report["steps_left"], report["steps_removed"]) == ([0], [1], [])
+    assert "warning: step 1 of an earlier run left in the run directory" in again.stderr
+    assert "--overwrite removes them" in again.stderr and "step 0 of an earlier run replaced" in again.stderr
+    assert (run / "rollouts/step_1/rank_0.bin").is_file()
+    assert not (run / "rollouts/step_0/rank_0.bin").exists()  # a rewritten step's rank files go
+
+    overwritten = runner.invoke(app, [*args, "--overwrite", "--json"])
+
+    assert overwritten.exit_code == 0 and "warning" not in overwritten.stderr
+    report = json.loads(overwritten.stdout)
+    assert (report["steps_replaced"], report["steps_left"], report["steps_removed"]) == ([0], [], [1])
+    assert not (run / "rollouts/step_1").exists()
+    assert audit([run]).examples == 2
+
+
+def test_refs_into_a_new_run_directory_warns_of_nothing(tmp_path: Path) -> None:
+    traces, _ = traces_file(tmp_path)
+    result = runner.invoke(
+        app, ["refs", str(traces), "--run-dir", str(tmp_path / "run"), "--model", "qwen3_vl"]
+    )
+
+    assert result.exit_code == 0 and "warning" not in result.stderr

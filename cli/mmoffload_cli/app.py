@@ -10,13 +10,22 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Iterable
+from typing import Annotated
 
 import typer
+from typer.core import TyperArgument
+
+import mmoffload
 
 # Command name -> the module in this package that defines the function of that name.
 COMMANDS = ("offload", "refs", "pack", "audit", "demo", "materialize", "show", "inspect", "serve", "generate")
 # `serve` passes the arguments after `--` on to vLLM.
 CONTEXT_SETTINGS = {"serve": {"allow_extra_args": True, "ignore_unknown_options": True}}
+
+# Typer appends the value type (`<list[Path]>`) to an argument's help even when the argument
+# names a metavar that already says it; show the metavar alone.
+_display_type = TyperArgument.display_type_rich
+TyperArgument.display_type_rich = lambda self, ctx: None if self.metavar else _display_type(self, ctx)  # type: ignore[method-assign]
 
 
 def build(commands: Iterable[str] = COMMANDS) -> typer.Typer:
@@ -26,20 +35,34 @@ def build(commands: Iterable[str] = COMMANDS) -> typer.Typer:
         help="Raw image offload for multimodal RL: store each image once, pass file:// refs, "
         "let the trainer make its own pixels.",
         no_args_is_help=True,
-        add_completion=False,
         pretty_exceptions_enable=False,
-        rich_markup_mode="rich",
+        rich_markup_mode=None,
+        context_settings={"help_option_names": ["-h", "--help"]},
     )
     for name in commands:
         command = getattr(importlib.import_module(f"mmoffload_cli.{name}"), name)
         app.command(context_settings=CONTEXT_SETTINGS.get(name))(command)
-    # A callback keeps a one-command app a group, so `mmoffload offload ...` parses the same.
+    # The callback also keeps a one-command app a group, so `mmoffload offload ...` parses the same.
     app.callback()(_root)
     return app
 
 
-def _root() -> None:
-    """Raw image offload for multimodal RL: store each image once, pass file:// refs."""
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mmoffload {mmoffload.__version__}")
+        raise typer.Exit()
+
+
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "-V", "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Raw image offload for multimodal RL: store each image once, pass file:// refs, let the
+    trainer make its own pixels."""
 
 
 def __getattr__(name: str) -> typer.Typer:

@@ -11,9 +11,10 @@ from rich import box
 from rich.table import Table
 
 from mmoffload.assets import default_allowed_roots
-from mmoffload.audit import AuditReport, Expectation, check_expectations
+from mmoffload.audit import AuditReport, Expectation
 from mmoffload.audit import audit as audit_paths
 from mmoffload.families import resolve_model_dir
+from mmoffload.io import expand_inputs
 from mmoffload.ray_backend import RayOptions
 from mmoffload.remap import Remap
 from mmoffload_cli import options, render
@@ -23,8 +24,9 @@ SHOWN_VIOLATIONS = 10
 Inputs = Annotated[
     list[Path],
     typer.Argument(
-        metavar="RUN|FILE...",
-        help="Run directories, .bin artifacts (rank_<R>.bin or a TrainingBatch) and .jsonl files.",
+        metavar="PATH",
+        help="Run directories (or directories of runs), .bin artifacts (rank_<R>.bin or a "
+        "TrainingBatch), JSONL files (.gz/.zst too, - for stdin) and quoted globs.",
         show_default=False,
     ),
 ]
@@ -53,50 +55,49 @@ def audit(
     ray_address: options.RayAddress = None,
     as_json: options.Json = False,
     quiet: options.Quiet = False,
+    verbose: options.Verbose = False,
 ) -> None:
-    """Check a run's TrainingBatch and rank files (and any JSONL) and report every figure.
+    """Check runs and JSONL files and report every figure.
+
+    Reads each run's TrainingBatch and rank files, .bin artifacts and JSONL.
 
     Exit 0 when there is no violation and every --expect holds, 1 when not,
     2 when the inputs cannot be read or the arguments are unusable.
 
     Examples:
 
+    \b
         mmoffload audit RUN
-
         mmoffload audit RUN --verify-hashes --json
-
-        mmoffload audit RUN --expect examples=4 --expect data_uris=0 --expect type_ids_present=true
-
-        mmoffload audit offloaded.jsonl
-
+        mmoffload audit RUN --expect 'examples>=4' --expect data_uris=0
+        mmoffload audit offloaded.jsonl.gz
+        mmoffload audit DEMO_DIR --json | jq '.runs[] | {run, examples, ok}'
         mmoffload audit RUN --html audit.html
-
-        mmoffload audit RUN --verify-hashes --remap /mnt/rollout/assets=/data/assets
-
+        mmoffload audit RUN --verify-hashes --remap /mnt/a=/data/a
         mmoffload audit dumps/*.jsonl --ray --ray-address ray://head:10001
     """
-    with render.errors_to_exit():
+    with render.errors_to_exit(as_json):
         model_dir = resolve_model_dir(model) if model is not None else None
+        paths = [item.path for item in expand_inputs(inputs, directories=False)]
         report = audit_paths(
-            inputs,
+            paths,
             verify_hashes=verify_hashes,
             model_dir=model_dir,
+            expect=expect or (),
             remap=Remap.parse(remap or []),
             ray=RayOptions(address=ray_address) if ray or ray_address else None,
             allowed_roots=allow_root or default_roots(inputs),
         )
-        expectations = check_expectations(report, expect or [])
         if html_out is not None:
             from mmoffload.audit_html import audit_page  # Only --html needs the page and its plots.
             from mmoffload.io import atomic_write
 
-            atomic_write(html_out, audit_page(inputs, report).encode())
+            atomic_write(html_out, audit_page(paths, report).encode())
     render.emit_report(report, "audit", as_json=as_json, quiet=quiet)
     if not (as_json or quiet):
-        render.stdout.print(violations_table(report))
-    failed = [e for e in expectations if not e.holds]
-    print_failed(failed)
-    if not report.ok or failed:
+        render.stdout.print(violations_table(report, None if verbose else SHOWN_VIOLATIONS))
+    print_failed([e for e in report.expectations if not e.holds])
+    if not report.ok:
         raise typer.Exit(render.EXIT_PROBLEMS)
 
 
@@ -107,8 +108,8 @@ def default_roots(inputs: list[Path]) -> list[Path] | None:
     return list(dict.fromkeys(roots)) or None
 
 
-def violations_table(report: AuditReport, shown: int = SHOWN_VIOLATIONS) -> Table | str:
-    """Render the first ``shown`` violations, then how many more there are."""
+def violations_table(report: AuditReport, shown: int | None = SHOWN_VIOLATIONS) -> Table | str:
+    """Render the first ``shown`` violations (all for None), then how many more there are."""
     if report.ok:
         return "audit: ok, no violations"
     table = Table(title=f"{len(report.violations):,} violation(s)", title_justify="left", box=box.SIMPLE)
@@ -122,8 +123,8 @@ def violations_table(report: AuditReport, shown: int = SHOWN_VIOLATIONS) -> Tabl
             str(violation.image) if violation.image is not None else "",
             render.shorten(violation.reason + (f" at `{violation.path}`" if violation.path else "")),
         )
-    if (more := len(report.violations) - shown) > 0:
-        table.caption = f"and {more:,} more (--json lists them all)"
+    if shown is not None and (more := len(report.violations) - shown) > 0:
+        table.caption = f"and {more:,} more (-v or --json lists them all)"
         table.caption_justify = "left"
     return table
 
@@ -138,7 +139,7 @@ def print_failed(failed: Sequence[Expectation]) -> None:
     """Print each failed expectation with the figure's actual value, on stderr."""
     for expectation in failed:
         render.stderr.print(
-            f"expectation failed: {expectation.name}={render.format_value(expectation.expected)}, "
+            f"expectation failed: {expectation.name}{expectation.op}{render.format_value(expectation.expected)}, "
             f"actual {render.format_value(expectation.actual)}",
             markup=False,
         )

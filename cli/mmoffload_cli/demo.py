@@ -18,25 +18,32 @@ DemoRunDir = Annotated[
     Path | None,
     typer.Option(
         "--run-dir",
+        metavar="DIR",
         help="Demo root: one run per family in DIR/qwen_vl and DIR/kimi_k25 "
         "(default: a fresh temporary directory, kept and printed).",
     ),
 ]
 
 
-def demo(run_dir: DemoRunDir = None, as_json: options.Json = False, quiet: options.Quiet = False) -> None:
-    """Run offload, refs, pack and audit on the bundled Qwen-VL and Kimi K2.5 fixtures.
+def demo(
+    run_dir: DemoRunDir = None,
+    as_json: options.Json = False,
+    quiet: options.Quiet = False,
+    verbose: options.Verbose = False,
+) -> None:
+    """Run offload, refs, pack and audit on the bundled fixtures.
 
+    Runs them on the Qwen-VL and Kimi K2.5 fixtures.
     Shows each stage's report, then the audit of both runs; exits with the audit's
     code (0 when ok, 1 on violations).
 
     Examples:
 
+    \b
         mmoffload demo
-
         mmoffload demo --run-dir /tmp/mmoffload-demo --json
     """
-    with render.errors_to_exit():
+    with render.errors_to_exit(as_json):
         fixtures = fixtures_dir()
     root = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="mmoffload-demo-"))
     if not (as_json or quiet):
@@ -52,7 +59,7 @@ def demo(run_dir: DemoRunDir = None, as_json: options.Json = False, quiet: optio
             render.emit_report(report, f"{stage} ({family})", as_json=False)
             render.stdout.print()
 
-    with render.errors_to_exit():
+    with render.errors_to_exit(as_json):
         report = run_demo(root, fixtures=fixtures, on_stage=show)
     if as_json:
         render.emit_report(report, "demo", as_json=True)

@@ -10,42 +10,68 @@ import typer
 
 from mmoffload.errors import UsageError
 from mmoffload.generate import generate_traces
+from mmoffload.io import is_stdio
 from mmoffload_cli import options, render
 
 
 def generate(
     traces: Annotated[
-        Path, typer.Argument(help="JSONL of offloaded episodes or traces.", show_default=False)
+        Path,
+        typer.Argument(
+            metavar="PATH",
+            help="JSONL of offloaded episodes or traces (.gz/.zst too, - for stdin).",
+            show_default=False,
+        ),
     ],
     server: Annotated[
-        str, typer.Option("--server", help="Base URL of the inference server (mmoffload serve).")
+        str,
+        typer.Option("--server", metavar="URL", help="Base URL of the inference server (mmoffload serve)."),
     ],
     output: Annotated[
-        Path, typer.Option("-o", "--output", help="Write the traces with their completions here.")
+        Path,
+        typer.Option(
+            "-o",
+            "--output",
+            metavar="PATH",
+            help="Write the traces with their completions here (- for stdout; .gz/.zst compress).",
+        ),
     ],
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens to sample per prompt.")] = 64,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature.")] = 1.0,
-    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed, for reproducible runs.")] = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", min=1, metavar="N", help="Tokens to sample per prompt.")
+    ] = 64,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.0, metavar="T", help="Sampling temperature.")
+    ] = 1.0,
+    seed: Annotated[
+        int | None, typer.Option("--seed", metavar="N", help="Sampling seed, for reproducible runs.")
+    ] = None,
     sampling_json: Annotated[
         str | None,
-        typer.Option("--sampling-json", help="Further vLLM sampling parameters as a JSON object."),
+        typer.Option(
+            "--sampling-json", metavar="JSON", help="Further vLLM sampling parameters as a JSON object."
+        ),
     ] = None,
     as_json: options.Json = False,
     quiet: options.Quiet = False,
+    verbose: options.Verbose = False,
 ) -> None:
-    """Complete the last prompt of each offloaded trace; write the completion back as a sampled node.
+    """Complete the last prompt of each offloaded trace.
 
-    Every image of the prompt is sent as an mmraw: ref (no pixels, no base64);
+    The completion is written back as a sampled node. Every image of the prompt is sent as an mmraw: ref (no pixels, no base64);
     the new node carries the sampled tokens, mask true and one logprob per token,
     so refs, pack and audit take the output as they take any trace file.
 
     Examples:
 
-        mmoffload generate traces.offloaded.jsonl --server http://127.0.0.1:8000 -o traces.generated.jsonl
-
-        mmoffload generate t.jsonl --server http://host:8000 -o out.jsonl --temperature 0 --max-tokens 16 --json
+    \b
+        mmoffload generate t.jsonl --server http://127.0.0.1:8000 -o out.jsonl
+        mmoffload generate t.jsonl --server URL -o out.jsonl --temperature 0
+        mmoffload generate t.jsonl.gz --server URL -o - | gzip > out.jsonl.gz
     """
-    with render.errors_to_exit():
+    to_stdout = is_stdio(output)
+    with render.errors_to_exit(as_json):
+        if to_stdout and as_json:
+            raise UsageError("Expected one of `-o -` and `--json`: both would write to stdout")
         sampling: dict[str, object] = {}
         if sampling_json is not None:
             try:
@@ -60,4 +86,9 @@ def generate(
         total = traces.stat().st_size if traces.is_file() else None
         with render.progress_bar("generate", total, enabled=not quiet) as advance:
             report = generate_traces(traces, output, server, sampling, advance=advance)
-    render.emit_report(report, "generate", as_json=as_json, quiet=quiet)
+    if to_stdout:
+        # The traces are stdout's: the report goes to stderr.
+        if not quiet:
+            render.stderr.print(render.report_table(report, "generate"))
+    else:
+        render.emit_report(report, "generate", as_json=as_json, quiet=quiet)

@@ -7,14 +7,17 @@ from typing import Annotated
 
 import typer
 
+from mmoffload.errors import UsageError
 from mmoffload.families import Families, resolve_model_dir
 from mmoffload.inspect_html import TokenText, inspect_page
-from mmoffload.io import atomic_write
+from mmoffload.io import is_stdio, open_output
 from mmoffload.show import select
 from mmoffload_cli import options, render
 from mmoffload_cli.show import MicroBatchIndex, Rank, SampleIndex, Step, Target
 
-HtmlOut = Annotated[Path, typer.Option("--html", metavar="OUT.html", help="Write the page here.")]
+HtmlOut = Annotated[
+    Path, typer.Option("--html", metavar="OUT.html", help="Write the page here (- for stdout).")
+]
 
 
 def inspect(
@@ -27,10 +30,11 @@ def inspect(
     model: options.Model = None,
     as_json: options.Json = False,
     quiet: options.Quiet = False,
+    verbose: options.Verbose = False,
 ) -> None:
-    """Write one sample or micro batch as a self-contained HTML page.
+    """Write one sample or micro batch as an HTML page.
 
-    The page shows the token stream (decoded with --model's tokenizer, offline,
+    The page is self-contained. It shows the token stream (decoded with --model's tokenizer, offline,
     else ids) with bands for the loss mask, sequences, padding and image tokens;
     each image as a thumbnail at its span with its file, hash, sizes, grid and
     expected placeholder length; and every problem audit reports, marked where
@@ -39,17 +43,25 @@ def inspect(
 
     Examples:
 
+    \b
         mmoffload inspect RUN --html sample.html
-
-        mmoffload inspect RUN --rank 1 --micro-batch 3 --model /models/Qwen3-VL-8B-Instruct --html mb.html
-
-        mmoffload inspect RUN --sample 0 --html sample.html
+        mmoffload inspect RUN --rank 1 --micro-batch 3 --model DIR --html mb.html
+        mmoffload inspect RUN --sample 0 --html - > sample.html
     """
-    with render.errors_to_exit():
+    to_stdout = is_stdio(html_out)
+    with render.errors_to_exit(as_json):
+        if to_stdout and as_json:
+            raise UsageError("Expected one of `--html -` and `--json`: both would write to stdout")
         families = Families(resolve_model_dir(model) if model is not None else None)
         selected = select(target, step=step, rank=rank, micro_batch=micro_batch, sample=sample)
         document, report = inspect_page(selected, families, TokenText.for_model(families))
-        atomic_write(html_out, document.encode())
-    render.emit_report(report, f"inspect: wrote {html_out}", as_json=as_json, quiet=quiet)
+        with open_output(html_out) as out:
+            out.write(document.encode())
+    if to_stdout:
+        # The page is stdout's: the report goes to stderr.
+        if not quiet:
+            render.stderr.print(render.report_table(report, "inspect: wrote the page to stdout"))
+    else:
+        render.emit_report(report, f"inspect: wrote {html_out}", as_json=as_json, quiet=quiet)
     if not report.ok:
         raise typer.Exit(render.EXIT_PROBLEMS)

@@ -9,14 +9,17 @@ import typer
 
 from mmoffload.assets import default_allowed_roots
 from mmoffload.io import check_writable_dir
-from mmoffload.materialize import MissingImagePolicy, iter_rank_files, materialize_run
+from mmoffload.materialize import MissingImagePolicy, materialize_run
 from mmoffload.remap import Remap
 from mmoffload_cli import options, render
-from mmoffload_cli.options import AllowRoot, Json, Model, Quiet
+from mmoffload_cli.options import AllowRoot, Json, Model, Quiet, Verbose
 
 
 def materialize(
-    run: Annotated[Path, typer.Argument(help="Run directory holding rollouts/step_<N>/rank_<R>.bin.")],
+    run: Annotated[
+        Path,
+        typer.Argument(metavar="RUN", help="Run directory holding rollouts/step_<N>/rank_<R>.bin."),
+    ],
     model: Model = None,
     missing_image_policy: Annotated[
         MissingImagePolicy,
@@ -29,15 +32,23 @@ def materialize(
         Path | None,
         typer.Option(
             "--save",
+            metavar="DIR",
             help="Write each micro batch's tensors to DIR/step_<N>/rank_<R>_mb_<K>.safetensors.",
         ),
     ] = None,
+    save_dummies: Annotated[
+        bool,
+        typer.Option(
+            "--save-dummies", help="Also save the pixels of dummy micro batches (they train nothing)."
+        ),
+    ] = False,
     remap: options.Remap = None,
     allow_root: AllowRoot = None,
     json_output: Json = False,
     quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
-    """Materialize every micro batch of a run exactly as the trainer would.
+    """Materialize every micro batch exactly as the trainer would.
 
     Reads each image its refs name, checks its content hash, decodes it, runs
     the family's processor and checks each grid against its descriptor.
@@ -47,28 +58,40 @@ def materialize(
 
     Examples:
 
-        mmoffload materialize run/ --model /models/Qwen3-VL-8B-Instruct
-
-        mmoffload materialize run/ --missing-image-policy error --json
-
-        mmoffload materialize run/ --model qwen2_5_vl --save run/materialized
-
-        mmoffload materialize run/ --remap s3://rollouts/assets=/data/assets
+    \b
+        mmoffload materialize RUN --model /models/Qwen3-VL-8B-Instruct
+        mmoffload materialize RUN --model Qwen/Qwen3-VL-8B-Instruct --json
+        mmoffload materialize RUN --missing-image-policy error
+        mmoffload materialize RUN --model qwen2_5_vl --save RUN/pixels
+        mmoffload materialize RUN --remap s3://rollouts/assets=/data/assets
     """
-    with render.errors_to_exit("safetensors files already saved stay, each whole; no other file was written"):
+
+    def print_estimate(size: int, micro_batches: int) -> None:
+        if not quiet:
+            render.stderr.print(
+                f"materialize: saving about {size / 1e6:,.1f} MB for {micro_batches:,} micro batches to {save}",
+                markup=False,
+            )
+
+    with (
+        render.errors_to_exit(
+            json_output, "safetensors files already saved stay, each whole; no other file was written"
+        ),
+        render.counting_bar("materialize", None, enabled=not quiet) as advance,
+    ):
         if save is not None:
             check_writable_dir(save, "--save directory")
-        total = sum(path.stat().st_size for _, path in iter_rank_files(run))
-        with render.progress_bar("materialize", total, enabled=not quiet) as advance:
-            report = materialize_run(
-                run,
-                model=model,
-                missing_image_policy=missing_image_policy,
-                save_dir=save,
-                remap=Remap.parse(remap or []),
-                advance=advance,
-                allowed_roots=allow_root or default_allowed_roots(run),
-            )
+        report = materialize_run(
+            run,
+            model=model,
+            missing_image_policy=missing_image_policy,
+            save_dir=save,
+            save_dummies=save_dummies,
+            remap=Remap.parse(remap or []),
+            advance=advance,
+            on_estimate=print_estimate,
+            allowed_roots=allow_root or default_allowed_roots(run),
+        )
     render.emit_report(report, "materialize", as_json=json_output, quiet=quiet)
     if report.images_placeholdered:
         render.stderr.print(

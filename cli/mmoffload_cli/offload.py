@@ -8,14 +8,23 @@ from typing import Annotated
 import typer
 
 from mmoffload.assets import resolve_assets_dir
+from mmoffload.errors import UsageError
+from mmoffload.io import expand_inputs, is_stdio
 from mmoffload.offload import OffloadOptions, offload_files, plan_outputs
 from mmoffload.ray_backend import RayOptions
 from mmoffload_cli import render
-from mmoffload_cli.options import Assets, Json, Output, Quiet, Ray, RayAddress, Workers
+from mmoffload_cli.options import Assets, Json, Output, Quiet, Ray, RayAddress, Verbose, Workers
 
 
 def offload(
-    inputs: Annotated[list[Path], typer.Argument(help="JSONL files (rollouts, traces, chat requests).")],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="PATH",
+            help="JSONL files (rollouts, traces, chat requests; .gz/.zst read too), directories, quoted globs, or - for stdin.",
+            show_default=False,
+        ),
+    ],
     output: Output = None,
     in_place: Annotated[
         bool, typer.Option("--in-place", help="Replace each input with its output, atomically.")
@@ -42,40 +51,53 @@ def offload(
     ] = False,
     rejects: Annotated[
         Path | None,
-        typer.Option("--rejects", help="Rejects file for the whole run (default: <output>.rejects.jsonl)."),
+        typer.Option(
+            "--rejects",
+            metavar="PATH",
+            help="Rejects file for the whole run (default: <output>.rejects.jsonl).",
+        ),
     ] = None,
     workers: Workers = 1,
     ray: Ray = False,
     ray_address: RayAddress = None,
     json_output: Json = False,
     quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
-    """Store every inline image once and point its part at the file:// URI.
+    """Store each inline image once and point its part at its file.
 
     Finds image parts anywhere in each record (OpenAI chat, HF, Responses, raw
     descriptors), stores each data: URL's bytes as assets/<sha256[:32]>.<ext>,
     and rewrites the part in canonical shape. Everything else is kept. Outputs
-    appear only when the whole run succeeded.
+    appear only when the whole run succeeded. Inputs from a directory or a glob
+    are mirrored under -o DIR by relative path; an output named .gz or .zst is
+    written compressed.
 
     Examples:
 
-        mmoffload offload rollouts.jsonl -o offloaded.jsonl --assets run/assets/images
-
-        mmoffload offload a.jsonl b.jsonl -o out/ --workers 8 --skip-bad-lines --json
-
+    \b
+        mmoffload offload rollouts.jsonl -o out.jsonl --assets RUN/assets/images
+        mmoffload offload a.jsonl b.jsonl -o out/ --workers 8 --skip-bad-lines
         mmoffload offload rollouts.jsonl --in-place
-
-        mmoffload offload dumps/*.jsonl -o out/ --assets s3://bucket/run1/images --ray
+        mmoffload offload 'runs/*/results.jsonl.gz' -o out/ --assets DIR
+        cat rollouts.jsonl | mmoffload offload - -o - --assets DIR | head
+        mmoffload offload dumps/*.jsonl -o out/ --assets s3://bkt/run1 --ray
     """
+    to_stdout = output is not None and is_stdio(output)
     with render.errors_to_exit(
-        "no output or rejects file was written; images already stored stay in the asset directory, "
-        "each whole (content addressed)"
+        json_output,
+        on_interrupt="no output or rejects file was written; images already stored stay in the asset "
+        "directory, each whole (content addressed)",
     ):
-        outputs = plan_outputs(inputs, output, in_place)
-        total = sum(path.stat().st_size for path in inputs if path.is_file())
+        if to_stdout and json_output:
+            raise UsageError("Expected one of `-o -` and `--json`: both would write to stdout")
+        expanded = expand_inputs(inputs)
+        outputs = plan_outputs(expanded, output, in_place)
+        # Progress counts decompressed bytes: for a compressed input the size is only a guess.
+        total = sum(item.path.stat().st_size for item in expanded if item.path.is_file())
         with render.progress_bar("offload", total, enabled=not quiet) as advance:
             report = offload_files(
-                inputs,
+                [item.path for item in expanded],
                 outputs,
                 resolve_assets_dir(assets, None),
                 options=OffloadOptions(allow_remote, check_files, adopt_files),
@@ -85,7 +107,12 @@ def offload(
                 ray=RayOptions(address=ray_address) if ray or ray_address else None,
                 advance=advance,
             )
-    render.emit_report(report, "offload", as_json=json_output, quiet=quiet)
+    if to_stdout:
+        # The records are stdout's: the report goes to stderr.
+        if not quiet:
+            render.stderr.print(render.report_table(report, "offload"))
+    else:
+        render.emit_report(report, "offload", as_json=json_output, quiet=quiet)
     if report.rejected_lines:
         render.stderr.print(
             render.shorten(f"{report.rejected_lines} line(s) rejected, see {', '.join(report.rejects)}")

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from mmoffload_cli import verbosity
+
 
 def output_path(value: str) -> Path:
     """Parse an output path, keeping what a trailing ``/`` means: a directory, which must exist.
@@ -24,13 +26,20 @@ def output_path(value: str) -> Path:
 
 Output = Annotated[
     Path | None,
-    typer.Option("-o", "--output", parser=output_path, help="Write the result here (a file, or DIR/)."),
+    typer.Option(
+        "-o",
+        "--output",
+        metavar="PATH",
+        parser=output_path,
+        help="Write the result here (a file, DIR/, or - for stdout).",
+    ),
 ]
 # A string, not a Path: a Path would fold `s3://bucket` into `s3:/bucket`.
 Assets = Annotated[
     str | None,
     typer.Option(
         "--assets",
+        metavar="DIR|URL",
         help="Image asset directory, or an object-store URL such as s3://bucket/prefix "
         "(default: $VF_RENDERER_IMAGE_OFFLOAD_DIR, else RUN/assets/images).",
     ),
@@ -44,23 +53,46 @@ Remap = Annotated[
         "e.g. --remap /mnt/rollout/assets=/data/assets.",
     ),
 ]
-RunDir = Annotated[Path, typer.Option("--run-dir", help="Run directory (RUN/rollouts/step_<N>/...).")]
+RunDir = Annotated[
+    Path, typer.Option("--run-dir", metavar="DIR", help="Run directory (RUN/rollouts/step_<N>/...).")
+]
 Json = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")]
-Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Print nothing but errors (and --json output).")]
+Quiet = Annotated[
+    bool,
+    typer.Option(
+        "-q",
+        "--quiet",
+        callback=verbosity.set_quiet,
+        help="Print nothing but errors (and --json output); silences library warnings too.",
+    ),
+]
+Verbose = Annotated[
+    bool,
+    typer.Option("-v", "--verbose", callback=verbosity.set_verbose, help="Print more detail."),
+]
 Workers = Annotated[
-    int, typer.Option("--workers", min=1, help="Processes for decode, hash and write; output order is kept.")
+    int,
+    typer.Option(
+        "--workers", min=1, metavar="N", help="Processes for decode, hash and write; output order is kept."
+    ),
 ]
 Model = Annotated[
     str | None,
     typer.Option(
         "--model",
-        help="Model directory read offline (preprocessor_config.json, tokenizer files), "
+        metavar="MODEL",
+        help="Model directory, hub id ORG/NAME from the local Hugging Face cache (read offline), "
         "or a bundled config: qwen2_5_vl, qwen3_vl, kimi_k25.",
     ),
 ]
 Expect = Annotated[
     list[str] | None,
-    typer.Option("--expect", help="Assert a figure, NAME=VALUE (repeatable); a failed one exits 1."),
+    typer.Option(
+        "--expect",
+        metavar="NAME<OP>VALUE",
+        help="Assert a figure, e.g. data_uris=0, examples>=1, fill_ratio<0.99 (ops: = == != < <= > >=; "
+        "repeatable); a failed one exits 1.",
+    ),
 ]
 Ray = Annotated[
     bool,
@@ -80,6 +112,7 @@ AllowRoot = Annotated[
     list[Path] | None,
     typer.Option(
         "--allow-root",
+        metavar="DIR",
         help="Directory image refs may point into (repeatable; default: the run's assets/images "
         "and $VF_RENDERER_IMAGE_OFFLOAD_DIR when they exist, else any regular file).",
     ),

@@ -11,20 +11,28 @@ from mmoffload.packing import DEFAULT_PAD_TOKEN_ID, Balance, PackOptions, PackRe
 from mmoffload_cli import options, render
 
 Run = Annotated[Path, typer.Argument(metavar="RUN", help="Run directory to pack.", show_default=False)]
-SeqLen = Annotated[int, typer.Option("--seq-len", min=1, help="Tokens per micro batch (before padding).")]
-PadMultiple = Annotated[
-    int, typer.Option("--pad-multiple", min=1, help="Pad each micro batch to a multiple of this (CP degree).")
+SeqLen = Annotated[
+    int, typer.Option("--seq-len", min=1, metavar="N", help="Tokens per micro batch (before padding).")
 ]
-WorldSize = Annotated[int, typer.Option("--world-size", min=1, help="Number of data ranks.")]
+PadMultiple = Annotated[
+    int,
+    typer.Option(
+        "--pad-multiple", min=1, metavar="N", help="Pad each micro batch to a multiple of this (CP degree)."
+    ),
+]
+WorldSize = Annotated[int, typer.Option("--world-size", min=1, metavar="N", help="Number of data ranks.")]
 AttentionWeight = Annotated[
     float,
     typer.Option(
         "--attention-weight",
         min=0.0,
+        metavar="W",
         help="Balance ranks by tokens + this x sum of squared sequence lengths.",
     ),
 ]
-PadTokenId = Annotated[int, typer.Option("--pad-token-id", min=0, help="Token id written on padding.")]
+PadTokenId = Annotated[
+    int, typer.Option("--pad-token-id", min=0, metavar="ID", help="Token id written on padding.")
+]
 BalanceOption = Annotated[
     Balance,
     typer.Option(
@@ -38,6 +46,7 @@ MaxTruncatedFraction = Annotated[
         "--max-truncated-fraction",
         min=0.0,
         max=1.0,
+        metavar="F",
         help="Exit 1 without writing when truncation would drop more than this fraction of trainable tokens.",
         show_default="no limit",
     ),
@@ -55,25 +64,27 @@ def pack(
     max_truncated_fraction: MaxTruncatedFraction = None,
     as_json: options.Json = False,
     quiet: options.Quiet = False,
+    verbose: options.Verbose = False,
 ) -> None:
-    """Pack RUN/rollouts/step_<N>/train_rollouts.bin into rank_<R>.bin micro batch files.
+    """Pack each step's samples into per-rank micro batch files.
 
-    Images are never split, families never share a micro batch, and every rank gets
-    the same number of micro batches with the same modality at each index; by default
-    the rank files are byte-identical to prime-rl's prepare_batch (pad token id aside).
-    Truncation to --seq-len is reported and warned about on stderr. Exit 0 when
-    written, 1 when --max-truncated-fraction refused the run (nothing written), 2 on
-    bad input.
+    Reads RUN/rollouts/step_<N>/train_rollouts.bin, writes rank_<R>.bin beside it.
+    Images are never split, families never share a micro batch, and every rank
+    gets the same number of micro batches with the same modality at each index;
+    by default the rank files are byte-identical to prime-rl's prepare_batch (pad
+    token id aside). Truncation to --seq-len is reported and warned about on
+    stderr. Exit 0 when written, 1 when --max-truncated-fraction refused the run
+    (nothing written), 2 on bad input.
 
     Examples:
 
+    \b
         mmoffload pack RUN --seq-len 8192
-
-        mmoffload pack RUN --seq-len 16384 --pad-multiple 2 --world-size 8 --json
-
-        mmoffload pack RUN --seq-len 8192 --world-size 8 --balance best --max-truncated-fraction 0.01
+        mmoffload pack RUN --seq-len 16384 --pad-multiple 2 --world-size 8
+        mmoffload pack RUN --seq-len 8192 --world-size 8 --balance best
+        mmoffload pack RUN --seq-len 8192 --max-truncated-fraction 0.01
     """
-    with render.errors_to_exit("no rank file was written (a run's rank files appear all at once)"):
+    with render.errors_to_exit(as_json, "no rank file was written (a run's rank files appear all at once)"):
         report = pack_run(
             run,
             PackOptions(

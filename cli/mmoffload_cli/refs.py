@@ -9,6 +9,7 @@ import typer
 
 from mmoffload.assets import default_allowed_roots
 from mmoffload.families import resolve_model_dir
+from mmoffload.io import expand_inputs
 from mmoffload.remap import Remap
 from mmoffload.traces import RefsOptions, build_refs
 from mmoffload_cli import options, render
@@ -16,20 +17,28 @@ from mmoffload_cli import options, render
 Traces = Annotated[
     list[Path],
     typer.Argument(
-        metavar="TRACES...",
-        help="JSONL files of v1 episodes, bare traces or flat samples (detected per line).",
+        metavar="PATH",
+        help="JSONL files of v1 episodes, bare traces or flat samples (detected per line; "
+        ".gz/.zst too), directories, quoted globs, or - for stdin.",
         show_default=False,
     ),
 ]
 StepSize = Annotated[
     int | None,
-    typer.Option("--step-size", min=1, help="Samples per step (default: all samples in one step)."),
+    typer.Option(
+        "--step-size", min=1, metavar="N", help="Samples per step (default: all samples in one step)."
+    ),
 ]
-FirstStep = Annotated[int, typer.Option("--first-step", min=0, help="Number of the first step written.")]
+FirstStep = Annotated[
+    int, typer.Option("--first-step", min=0, metavar="N", help="Number of the first step written.")
+]
 Temperature = Annotated[
-    float, typer.Option("--temperature", help="Sampling temperature for traces that record none.")
+    float,
+    typer.Option("--temperature", metavar="T", help="Sampling temperature for traces that record none."),
 ]
-EnvName = Annotated[str, typer.Option("--env-name", help="Env name for records without `env.id`.")]
+EnvName = Annotated[
+    str, typer.Option("--env-name", metavar="NAME", help="Env name for records without `env.id`.")
+]
 VerifyHashes = Annotated[
     bool,
     typer.Option(
@@ -46,7 +55,18 @@ SkipInvalid = Annotated[
 ]
 Rejects = Annotated[
     Path | None,
-    typer.Option("--rejects", help="Rejects file for --skip-invalid (default RUN/rollouts/rejects.jsonl)."),
+    typer.Option(
+        "--rejects",
+        metavar="PATH",
+        help="Rejects file for --skip-invalid (default RUN/rollouts/rejects.jsonl).",
+    ),
+]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an earlier run's steps without a warning and remove those this run does not write.",
+    ),
 ]
 
 
@@ -63,29 +83,32 @@ def refs(
     rejects: Rejects = None,
     remap: options.Remap = None,
     allow_root: options.AllowRoot = None,
+    overwrite: Overwrite = False,
     as_json: options.Json = False,
     quiet: options.Quiet = False,
+    verbose: options.Verbose = False,
 ) -> None:
-    """Turn offloaded traces into RUN/rollouts/step_<N>/train_rollouts.bin with mm_refs.
+    """Turn offloaded traces into per-step TrainingBatch files.
 
+    Writes RUN/rollouts/step_<N>/train_rollouts.bin with mm_refs.
     Every branch of a trace becomes one sample; every image is checked against its
     family's placeholder length, its file's content hash and the image tokens.
     Exit 0 on success, 1 when --skip-invalid rejected records, 2 on bad input.
 
     Examples:
 
+    \b
         mmoffload refs offloaded.jsonl --run-dir RUN
-
-        mmoffload refs a.jsonl b.jsonl --run-dir RUN --model qwen3_vl --step-size 256 --json
-
-        mmoffload refs traces.jsonl --run-dir RUN --skip-invalid --rejects bad.jsonl
-
-        mmoffload refs traces.jsonl --run-dir RUN --remap /mnt/rollout/assets=/data/assets
+        mmoffload refs a.jsonl b.jsonl --run-dir RUN --model qwen3_vl --json
+        mmoffload refs 'runs/*/traces.jsonl' --run-dir RUN --step-size 256
+        mmoffload refs traces.jsonl --run-dir RUN --skip-invalid
+        mmoffload refs new.jsonl --run-dir RUN --overwrite
+        mmoffload refs traces.jsonl --run-dir RUN --remap /mnt/a=/data/a
     """
-    with render.errors_to_exit("no step was written (a run's steps appear all at once)"):
+    with render.errors_to_exit(as_json, "no step was written (a run's steps appear all at once)"):
         model_dir = resolve_model_dir(model) if model is not None else None
         report = build_refs(
-            traces,
+            [item.path for item in expand_inputs(traces)],
             run_dir,
             RefsOptions(
                 model_dir=model_dir,
@@ -98,6 +121,7 @@ def refs(
                 rejects_path=rejects,
                 remap=Remap.parse(remap or []),
                 allowed_roots=_tuple(allow_root or default_allowed_roots(run_dir)),
+                overwrite=overwrite,
             ),
         )
     render.emit_report(report, "refs", as_json=as_json, quiet=quiet)

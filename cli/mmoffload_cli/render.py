@@ -16,10 +16,19 @@ import msgspec
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
-from mmoffload.errors import MMOffloadError
+from mmoffload.errors import MMOffloadError, Where, json_path
+from mmoffload_cli import verbosity
 
 # Exit codes as ruff uses them; a signal exits 128 + its number, as shells report it.
 EXIT_OK, EXIT_PROBLEMS, EXIT_CANNOT_RUN = 0, 1, 2
@@ -49,8 +58,20 @@ def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:
     raise Terminated
 
 
+class ErrorReport(msgspec.Struct):
+    """What ``--json`` prints on stdout when a command cannot run (exit 2)."""
+
+    error: str
+    kind: str
+    message: str
+    file: str | None = None
+    line: int | None = None
+    path: str | None = None
+    ok: bool = False
+
+
 @contextlib.contextmanager
-def errors_to_exit(on_interrupt: str = "nothing was written") -> Iterator[None]:
+def errors_to_exit(as_json: bool = False, on_interrupt: str = "nothing was written") -> Iterator[None]:
     """Map every failure to one message on stderr and an exit code: the one error-to-exit map.
 
     A library error or an OS error exits 2; Ctrl-C exits 130 and SIGTERM 143,
@@ -58,6 +79,7 @@ def errors_to_exit(on_interrupt: str = "nothing was written") -> Iterator[None]:
     not written). A traceback only with ``MMOFFLOAD_TRACEBACK`` set.
 
     Args:
+        as_json: also print the error as one JSON object on stdout, so ``jq`` always has a document.
         on_interrupt: what an interrupted run leaves behind, for the user.
     """
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -66,37 +88,58 @@ def errors_to_exit(on_interrupt: str = "nothing was written") -> Iterator[None]:
     try:
         yield
     except MMOffloadError as exc:
-        fail(str(exc), EXIT_CANNOT_RUN)
+        where = exc.where or Where()
+        report = ErrorReport(
+            error=str(exc),
+            kind=type(exc).__name__,
+            message=exc.message,
+            file=where.file,
+            line=where.line,
+            path=json_path(where.path) if where.path is not None else None,
+        )
+        fail(report, EXIT_CANNOT_RUN, as_json)
     except OSError as exc:
-        where = f" - at `{exc.filename}`" if exc.filename else ""
-        fail(f"{exc.strerror or exc}{where}", EXIT_CANNOT_RUN)
+        message = exc.strerror or str(exc)
+        error = f"{message} - at `{exc.filename}`" if exc.filename else message
+        file = str(exc.filename) if exc.filename else None
+        fail(ErrorReport(error, "OSError", message, file=file), EXIT_CANNOT_RUN, as_json)
     except RecursionError:
-        fail("Input nested too deep to process", EXIT_CANNOT_RUN)
+        message = "Input nested too deep to process"
+        fail(ErrorReport(message, "RecursionError", message), EXIT_CANNOT_RUN, as_json)
     except KeyboardInterrupt:
-        fail(f"interrupted (Ctrl-C): {on_interrupt}", EXIT_SIGINT)
+        message = f"interrupted (Ctrl-C): {on_interrupt}"
+        fail(ErrorReport(message, "Interrupted", message), EXIT_SIGINT, as_json)
     except Terminated:
-        fail(f"terminated (SIGTERM): {on_interrupt}", EXIT_SIGTERM)
+        message = f"terminated (SIGTERM): {on_interrupt}"
+        fail(ErrorReport(message, "Terminated", message), EXIT_SIGTERM, as_json)
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
 
 
-def fail(message: str, code: int) -> None:
-    """Print one error line (user text escaped and cut short) and exit with ``code``."""
+def fail(report: ErrorReport, code: int, as_json: bool = False) -> None:
+    """Print one error line (user text escaped and cut short), with ``--json`` also the report; exit."""
     if os.environ.get(TRACEBACK_ENV_VAR):
         traceback.print_exc()
-    stderr.print(f"[bold red]error:[/] {escape(shorten(message))}", markup=True)
+    stderr.print(f"[bold red]error:[/] {escape(shorten(report.error))}", markup=True)
+    if as_json:
+        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
     raise typer.Exit(code) from None
 
 
 def report_table(report: msgspec.Struct, title: str) -> Table:
-    """Render a flat report struct as a two-column figure/value table."""
+    """Render a report struct as a two-column figure/value table (plain lists too with ``-v``)."""
     table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 2))
     table.add_column("figure", style="bold")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")
     for name, value in msgspec.structs.asdict(report).items():
         if isinstance(value, int | float | str | bool) or value is None:
             table.add_row(name, format_value(value))
+        elif isinstance(value, dict) and value and all(isinstance(v, str) for v in value.values()):
+            # Which config each family ran on (`qwen_vl=defaults`): always worth a line.
+            table.add_row(name, Text(", ".join(f"{key}={v}" for key, v in value.items())))
+        elif verbosity.verbose() and isinstance(value, list) and all(isinstance(v, str | int) for v in value):
+            table.add_row(name, Text(", ".join(map(str, value))))
     return table
 
 
@@ -117,6 +160,9 @@ def emit_report(report: msgspec.Struct, title: str, *, as_json: bool, quiet: boo
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
     elif not quiet:
         stdout.print(report_table(report, title))
+    if not quiet:
+        for warning in getattr(report, "warnings", None) or []:
+            stderr.print(f"warning: {warning}", markup=False)
 
 
 @contextlib.contextmanager
@@ -131,3 +177,34 @@ def progress_bar(
     with Progress(*columns, console=stderr, transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+@contextlib.contextmanager
+def counting_bar(
+    description: str, total: int | None, *, enabled: bool = True
+) -> Iterator[Callable[[int, int], None]]:
+    """Yield ``advance(micro_batches, images)``: a bar of micro batches with images and a rate.
+
+    Shown on an interactive stderr only, like ``progress_bar``.
+    """
+    if not (enabled and stderr.is_terminal and not stderr.is_dumb_terminal):
+        yield lambda _batches, _images: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("micro batches, {task.fields[images]:,} images, {task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task(description, total=total, images=0, rate="")
+        counts = {"images": 0}
+
+        def advance(batches: int, images: int) -> None:
+            counts["images"] += images
+            elapsed = bar.tasks[task].elapsed or 0.0
+            rate = f"{counts['images'] / elapsed:,.1f} images/s" if elapsed else ""
+            bar.update(task, advance=batches, images=counts["images"], rate=rate)
+
+        yield advance

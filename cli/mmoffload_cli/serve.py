@@ -17,32 +17,41 @@ def serve(
     model: Annotated[
         Path,
         typer.Option(
-            "--model", help="Model directory vLLM serves (its processor and tokenizer are read offline)."
+            "--model",
+            metavar="DIR",
+            help="Model directory vLLM serves (its processor and tokenizer are read offline).",
         ),
     ],
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=1, max=65535, metavar="PORT", help="Port to listen on.")
+    ] = 8000,
     cache_bytes: Annotated[
-        int, typer.Option("--cache-bytes", min=0, help="Bound of the materialized-image cache, in bytes.")
+        int,
+        typer.Option(
+            "--cache-bytes", min=0, metavar="BYTES", help="Bound of the materialized-image cache, in bytes."
+        ),
     ] = DEFAULT_CACHE_BYTES,
     allow_root: Annotated[
         list[Path] | None,
         typer.Option(
-            "--allow-root", help="Serve only images under this directory (repeatable; default: any)."
+            "--allow-root",
+            metavar="DIR",
+            help="Serve only images under this directory (repeatable; default: any).",
         ),
     ] = None,
 ) -> None:
-    """Serve a model with vLLM; image refs in requests are read, checked and processed here.
+    """Serve a model with vLLM, reading image refs here.
 
-    Every vLLM route is kept (/health, /v1/models, the OpenAI endpoints);
+    Image refs in requests are read, checked and processed here. Every vLLM route is kept (/health, /v1/models, the OpenAI endpoints);
     POST /inference/v1/generate takes features.kwargs_data entries as mmraw: refs.
     A bad ref gets HTTP 400 invalid_mm_image_ref and the engine keeps serving.
     Arguments after `--` go to vLLM unchanged. Needs the `vllm` extra.
 
     Examples:
 
+    \b
         mmoffload serve --model /models/Qwen3-VL-8B-Instruct --port 8000
-
         mmoffload serve --model tiny/ -- --enforce-eager --max-model-len 4096
     """
     with render.errors_to_exit():

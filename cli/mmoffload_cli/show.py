@@ -16,14 +16,24 @@ Target = Annotated[
     Path,
     typer.Argument(metavar="RUN|PATH", help="A run directory, a rank_<R>.bin or a TrainingBatch .bin file."),
 ]
-Step = Annotated[int | None, typer.Option("--step", min=0, help="Step of a run (default: its first).")]
-Rank = Annotated[int | None, typer.Option("--rank", min=0, help="Rank file of the step (default: 0).")]
+Step = Annotated[
+    int | None, typer.Option("--step", min=0, metavar="N", help="Step of a run (default: its first).")
+]
+Rank = Annotated[
+    int | None, typer.Option("--rank", min=0, metavar="R", help="Rank file of the step (default: 0).")
+]
 MicroBatchIndex = Annotated[
-    int | None, typer.Option("--micro-batch", min=0, help="Micro batch in the rank file (default: 0).")
+    int | None,
+    typer.Option("--micro-batch", min=0, metavar="K", help="Micro batch in the rank file (default: 0)."),
 ]
 SampleIndex = Annotated[
     int | None,
-    typer.Option("--sample", min=0, help="Sample in the step's train_rollouts.bin instead of a micro batch."),
+    typer.Option(
+        "--sample",
+        min=0,
+        metavar="I",
+        help="Sample in the step's train_rollouts.bin instead of a micro batch.",
+    ),
 ]
 Full = Annotated[bool, typer.Option("--full", help="Print per-token arrays and tensor bytes whole.")]
 
@@ -36,19 +46,17 @@ def show(
     sample: SampleIndex = None,
     full: Full = False,
 ) -> None:
-    """Print one decoded TrainingSample or MicroBatch as JSON, fields by name.
+    """Print one TrainingSample or MicroBatch as JSON.
 
-    Per-token arrays longer than 16 entries print as their length, first and last
+    Decoded, fields by name. Per-token arrays longer than 16 entries print as their length, first and last
     8 entries unless --full. Exit 2 when the selection does not exist.
 
     Examples:
 
+    \b
         mmoffload show RUN
-
-        mmoffload show RUN --step 0 --rank 1 --micro-batch 2 | jq .record.mm_refs
-
+        mmoffload show RUN --rank 1 --micro-batch 2 | jq .record.mm_refs
         mmoffload show RUN --sample 3 --full
-
         mmoffload show RUN/rollouts/step_0/rank_0.bin --micro-batch 1
     """
     with render.errors_to_exit():

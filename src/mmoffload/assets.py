@@ -149,11 +149,16 @@ def default_allowed_roots(run_dir: Path | None) -> list[Path] | None:
     return roots or None
 
 
-def resolve_assets_dir(explicit: Path | str | None, run_dir: Path | None) -> Path | str:
+def resolve_assets_dir(
+    explicit: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str] | None
+) -> Path | str:
     """Pick the asset store: explicit, else ``$VF_RENDERER_IMAGE_OFFLOAD_DIR``, else RUN's.
 
     An object-store URL (``s3://bucket/prefix``) is kept as a string, a ``file://``
     URL becomes its path, anything else is a directory.
+
+    Raises:
+        UsageError: none is given, the variable is unset and there is no run directory.
     """
     if explicit is None:
         explicit = os.environ.get(ASSETS_ENV_VAR) or None
@@ -162,10 +167,10 @@ def resolve_assets_dir(explicit: Path | str | None, run_dir: Path | None) -> Pat
             return explicit.rstrip("/")
         return uri_to_path(explicit) if explicit.startswith("file:") else Path(explicit)
     if explicit is not None:
-        return explicit
+        return Path(explicit)
     if run_dir is not None:
-        return run_dir / "assets" / "images"
-    raise BadInputError(f"No asset directory: pass one, set ${ASSETS_ENV_VAR}, or give a run directory")
+        return Path(run_dir) / "assets" / "images"
+    raise UsageError(f"No asset directory: pass `--assets DIR` or set ${ASSETS_ENV_VAR}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +189,8 @@ class StoredImage:
 class AssetStore:
     """A directory of content-addressed images, safe for concurrent writers."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root.absolute()
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
         self._syncer: ThreadPoolExecutor | None = None
         self._pending: collections.OrderedDict[Path, Future[None]] = collections.OrderedDict()
         self._directory_synced = True

@@ -21,10 +21,13 @@ Counting rules (the spec is silent on some; docs/audit.md says the same):
 from __future__ import annotations
 
 import contextlib
+import difflib
 import gc
+import operator
 import os
+import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +49,7 @@ from mmoffload.descriptors import DESCRIPTOR_KIND, HASH_PATTERN, descriptor_prob
 from mmoffload.errors import BadInputError, MMOffloadError, PathPart, UsageError, Where, json_path
 from mmoffload.families import Families
 from mmoffload.imageparts import ImageSource, iter_image_sources, source_kind
-from mmoffload.io import decode_json_line, iter_lines, too_deep
+from mmoffload.io import decode_json_line, is_jsonl_name, is_stdio, iter_lines, too_deep
 from mmoffload.remap import Remap
 from mmoffload.spans import span_problems
 
@@ -65,7 +68,6 @@ from mmoffload.wire import (
     TrainingSample,
 )
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _SHOWN_SOURCE_CHARS = 60
 
 
@@ -87,6 +89,16 @@ class Violation(msgspec.Struct):
     path: str | None = None
     image: int | None = None
     position: int | None = None
+
+
+class Expectation(msgspec.Struct):
+    """One ``--expect``: the figure, the comparison, the value asked for, the value found."""
+
+    name: str
+    op: str
+    expected: int | float | bool
+    actual: int | float | bool
+    holds: bool
 
 
 class AuditReport(msgspec.Struct):
@@ -126,13 +138,22 @@ class AuditReport(msgspec.Struct):
     images_dropped: int = 0
     violations: list[Violation] = msgspec.field(default_factory=list)
     ok: bool = True
+    # Each --expect with its verdict; a failed one makes ``ok`` false.
+    expectations: list[Expectation] = msgspec.field(default_factory=list)
+    # With several runs (a directory of runs), the figures above are their sums and
+    # ``runs`` holds each run's own report (its violations are listed above only).
+    run: str | None = None
+    runs: list[AuditReport] = msgspec.field(default_factory=list)
+    # Each family the refs used, with its config (a model directory or "defaults").
+    families: dict[str, str] = msgspec.field(default_factory=dict)
+    warnings: list[str] = msgspec.field(default_factory=list)
 
 
 # Figures an ``--expect`` may name: every scalar field of the report.
 FIGURES: dict[str, type] = {
     name: type(default)
     for name, default in zip(AuditReport.__struct_fields__, AuditReport.__struct_defaults__, strict=False)
-    if isinstance(default, int)
+    if isinstance(default, int | float)
 }
 
 
@@ -145,6 +166,7 @@ class _Group:
 
     training_batches: list[Path] = field(default_factory=list)
     rank_files: list[Path] = field(default_factory=list)
+    run: Path | None = None
 
 
 @dataclass(slots=True)
@@ -153,7 +175,7 @@ class _Plan:
     jsonl: list[Path] = field(default_factory=list)
 
 
-def _plan(paths: Sequence[Path]) -> _Plan:
+def _plan(paths: Sequence[str | os.PathLike[str]]) -> _Plan:
     """Sort inputs into runs, loose binary artifacts and JSONL files.
 
     Raises:
@@ -161,25 +183,21 @@ def _plan(paths: Sequence[Path]) -> _Plan:
     """
     plan = _Plan()
     loose = _Group()
-    for path in paths:
+    for path in map(Path, paths):
         if path.is_dir():
-            run = _Group()
-            for step in rundir.steps(path):
-                batch = rundir.training_batch_path(path, step)
-                if batch.is_file():
-                    run.training_batches.append(batch)
-                run.rank_files.extend(rundir.rank_paths(path, step))
-            if not (run.training_batches or run.rank_files):
+            # A run, else a directory of runs (the demo's root is one): each run found under it.
+            runs = [run for run in (_run_group(d) for d in _run_dirs(path)) if run is not None]
+            if not runs:
                 raise UsageError(
                     "Expected a run directory with rollouts/step_<N>/train_rollouts.bin or rank_<R>.bin, "
-                    "found none",
+                    "or a directory of such runs, found none",
                     Where(file=str(path)),
                 )
-            plan.groups.append(run)
+            plan.groups.extend(runs)
+        elif is_stdio(path) or (path.exists() and is_jsonl_name(path)):
+            plan.jsonl.append(path)
         elif not path.exists():
             raise UsageError("No such file or directory", Where(file=str(path)))
-        elif path.suffix in JSONL_SUFFIXES:
-            plan.jsonl.append(path)
         elif path.suffix == ".bin":
             # The contract's names say what a file holds: rank_<R>.bin is a list of micro batches.
             (loose.rank_files if path.name.startswith("rank_") else loose.training_batches).append(path)
@@ -190,6 +208,24 @@ def _plan(paths: Sequence[Path]) -> _Plan:
     if loose.training_batches or loose.rank_files:
         plan.groups.append(loose)
     return plan
+
+
+def _run_dirs(path: Path) -> list[Path]:
+    """Return ``path`` if it is a run, else every run directory below it, in path order."""
+    if (path / rundir.ROLLOUTS).is_dir():
+        return [path]
+    return sorted(p.parent for p in path.rglob(rundir.ROLLOUTS) if p.is_dir())
+
+
+def _run_group(path: Path) -> _Group | None:
+    """Return a run's artifacts, or None when it has none."""
+    run = _Group(run=path)
+    for step in rundir.steps(path):
+        batch = rundir.training_batch_path(path, step)
+        if batch.is_file():
+            run.training_batches.append(batch)
+        run.rank_files.extend(rundir.rank_paths(path, step))
+    return run if run.training_batches or run.rank_files else None
 
 
 # --- the audit -----------------------------------------------------------------------------------
@@ -614,10 +650,11 @@ def binary_artifacts(paths: Sequence[Path]) -> list[tuple[list[Path], list[Path]
 
 
 def audit(
-    paths: Sequence[Path],
+    paths: Sequence[str | os.PathLike[str]],
     *,
     verify_hashes: bool = False,
-    model_dir: Path | None = None,
+    model_dir: str | os.PathLike[str] | None = None,
+    expect: Sequence[str] = (),
     remap: Remap | None = None,
     ray: RayOptions | None = None,
     allowed_roots: Sequence[Path] | None = None,
@@ -626,34 +663,73 @@ def audit(
 
     Args:
         paths: Run directories (every step's ``train_rollouts.bin`` and ``rank_*.bin``),
-            loose ``.bin`` artifacts (``rank_<R>.bin`` is a rank file, any other a
-            TrainingBatch) and rollout or trace ``.jsonl`` files.
+            directories of runs (each audited on its own, then summed, ``runs`` holding
+            each), loose ``.bin`` artifacts (``rank_<R>.bin`` is a rank file, any other a
+            TrainingBatch) and rollout or trace JSONL files (``-`` for stdin, compressed or not).
         verify_hashes: Also re-hash every referenced file against its refs' hashes.
         model_dir: A model directory whose settings the families use (default: their defaults).
+        expect: Expectations ``NAME<OP>VALUE`` (see ``parse_expectation``), parsed before
+            anything is read and judged at the end.
         remap: URI prefix rewrites applied before each image file is checked (``--remap``).
         ray: audit the JSONL lines as tasks on a Ray cluster (``ray_backend``); same report.
         allowed_roots: Directories refs may point into; a file elsewhere is a violation and
             is never read. None allows any regular file.
 
     Returns:
-        The report; ``ok`` is true when there is no violation.
+        The report; ``ok`` is true when there is no violation and every expectation holds.
 
     Raises:
-        UsageError: a path is missing, unreadable or of an unknown kind, or a run has no artifacts.
+        UsageError: a path is missing, unreadable or of an unknown kind, a run has no
+            artifacts, or an expectation does not parse.
     """
+    expectations = [parse_expectation(text) for text in expect]
     plan = _plan(paths)
-    auditor = _Auditor(Families(model_dir), verify_hashes, remap, allowed_roots)
-    for group in plan.groups:
+    families = Families(model_dir)
+    runs = [group for group in plan.groups if group.run is not None]
+    if len(runs) < 2:
+        report = _audit_groups(plan.groups, plan.jsonl, families, verify_hashes, remap, ray, allowed_roots)
+        report.run = str(runs[0].run) if runs and len(plan.groups) == 1 and not plan.jsonl else None
+    else:
+        per_run = [
+            _audit_groups([group], [], families, verify_hashes, remap, ray, allowed_roots) for group in runs
+        ]
+        for group, run_report in zip(runs, per_run, strict=True):
+            run_report.run = str(group.run)
+        rest = [group for group in plan.groups if group.run is None]
+        others = (
+            [_audit_groups(rest, plan.jsonl, families, verify_hashes, remap, ray, allowed_roots)]
+            if rest or plan.jsonl
+            else []
+        )
+        report = _sum_reports([*per_run, *others])
+        report.runs = [msgspec.structs.replace(r, violations=[]) for r in per_run]
+    report.families = families.configs()
+    report.warnings = families.warnings()
+    _judge(report, expectations)
+    return report
+
+
+def _audit_groups(
+    groups: Sequence[_Group],
+    jsonl: Sequence[Path],
+    families: Families,
+    verify_hashes: bool,
+    remap: Remap | None,
+    ray: RayOptions | None,
+    allowed_roots: Sequence[Path] | None,
+) -> AuditReport:
+    auditor = _Auditor(families, verify_hashes, remap, allowed_roots)
+    for group in groups:
         for path in group.training_batches:
             auditor.training_batch(path, trainer_bound=not group.rank_files)
         for path in group.rank_files:
             auditor.rank_file(path)
-    if ray is not None and plan.jsonl:
+    if ray is not None and jsonl:
         from mmoffload.ray_backend import audit_jsonl_on_ray  # The optional `ray` extra.
 
-        audit_jsonl_on_ray(auditor, plan.jsonl, ray)
+        audit_jsonl_on_ray(auditor, jsonl, ray)
     else:
-        for path in plan.jsonl:
+        for path in jsonl:
             auditor.jsonl(path)
     for step_dir, samples in auditor.samples.items():
         if step_dir in auditor.micro_batches:
@@ -684,51 +760,79 @@ def audit_record(
     return auditor.report
 
 
-# --- expectations (--expect NAME=VALUE) ------------------------------------------------------
+def _sum_reports(reports: Sequence[AuditReport]) -> AuditReport:
+    """Add up counts, and yes/no figures with ``all``; violations are listed in order."""
+    total = AuditReport()
+    for name in FIGURES:
+        values = [getattr(report, name) for report in reports]
+        setattr(total, name, all(values) if FIGURES[name] is bool else sum(values))
+    total.violations = [violation for report in reports for violation in report.violations]
+    return total
 
 
-class Expectation(msgspec.Struct):
-    """One ``--expect``: the figure, the value asked for, the value found."""
+# --- expectations (--expect NAME<OP>VALUE) --------------------------------------------------
 
-    name: str
-    expected: int | bool
-    actual: int | bool
+# Longest first, so that `>=` is not read as `>` followed by `=5`.
+OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    "!=": operator.ne,
+    "==": operator.eq,
+    "=": operator.eq,
+    ">": operator.gt,
+    "<": operator.lt,
+}
+_EXPECTATION = re.compile(r"\s*(\w+)\s*(" + "|".join(map(re.escape, OPERATORS)) + r")\s*(.*?)\s*")
 
-    @property
-    def holds(self) -> bool:
-        return type(self.expected) is type(self.actual) and self.expected == self.actual
 
+def parse_expectation(text: str) -> tuple[str, str, int | float | bool]:
+    """Parse ``NAME<OP>VALUE``: a number for a count or ratio, ``true``/``false`` for a yes/no figure.
 
-def parse_expectation(text: str) -> tuple[str, int | bool]:
-    """Parse ``NAME=VALUE``: a number for a count, ``true``/``false`` for a yes/no figure.
+    ``OP`` is one of ``= == != < <= > >=``; a yes/no figure takes only ``=``, ``==`` or ``!=``.
 
     Raises:
-        UsageError: no ``=``, an unknown figure (the error lists the known ones), or a bad value.
+        UsageError: no operator, an unknown figure (the error suggests the nearest name and
+            lists the known ones), or a bad value.
     """
-    name, sep, raw = text.partition("=")
-    name, raw = name.strip(), raw.strip()
-    if not sep:
-        raise UsageError(f"Expected --expect NAME=VALUE, got `{text}`")
+    match = _EXPECTATION.fullmatch(text)
+    if match is None:
+        raise UsageError(f"Expected --expect NAME<OP>VALUE (OP one of {' '.join(OPERATORS)}), got `{text}`")
+    name, op, raw = match.groups()
     if name not in FIGURES:
-        raise UsageError(f"Unknown figure `{name}` in --expect (known: {', '.join(FIGURES)})")
+        nearest = difflib.get_close_matches(name, FIGURES, n=1)
+        hint = f"; did you mean `{nearest[0]}`?" if nearest else ""
+        raise UsageError(f"Unknown figure `{name}` in --expect{hint} (known: {', '.join(FIGURES)})")
     if FIGURES[name] is bool:
         if raw.lower() not in ("true", "false"):
             raise UsageError(f"Expected true or false for `{name}`, got `{raw}`")
-        return name, raw.lower() == "true"
-    try:
-        return name, int(raw)
-    except ValueError:
-        raise UsageError(f"Expected a whole number for `{name}`, got `{raw}`") from None
+        if op not in ("=", "==", "!="):
+            raise UsageError(f"Expected `=` or `!=` for the yes/no figure `{name}`, got `{op}`")
+        return name, op, raw.lower() == "true"
+    for number in (int, float):
+        with contextlib.suppress(ValueError):
+            return name, op, number(raw)
+    raise UsageError(f"Expected a number for `{name}`, got `{raw}`")
 
 
 def check_expectations(report: AuditReport, texts: Sequence[str]) -> list[Expectation]:
-    """Return each ``NAME=VALUE`` with the report's actual value (parse all before judging any).
+    """Judge each expectation against the report; record them in it and fold them into ``ok``.
+
+    All are parsed before any is judged, so a typo in the last one stops the run early.
 
     Raises:
         UsageError: an expectation does not parse (see ``parse_expectation``).
     """
-    parsed = [parse_expectation(text) for text in texts]
-    return [Expectation(name, value, getattr(report, name)) for name, value in parsed]
+    return _judge(report, [parse_expectation(text) for text in texts])
+
+
+def _judge(report: AuditReport, parsed: Sequence[tuple[str, str, int | float | bool]]) -> list[Expectation]:
+    results = []
+    for name, op, expected in parsed:
+        actual = getattr(report, name)
+        results.append(Expectation(name, op, expected, actual, OPERATORS[op](actual, expected)))
+    report.expectations.extend(results)
+    report.ok = report.ok and all(result.holds for result in results)
+    return results
 
 
 # --- helpers -------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import msgspec
 
 from mmoffload.errors import BadInputError, Where
 from mmoffload.inference_client import Completion, InferenceClient
-from mmoffload.io import atomic_writer, decode_json_line, iter_lines
+from mmoffload.io import decode_json_line, iter_lines, open_output
 
 _ENCODER = msgspec.json.Encoder()
 
@@ -65,7 +65,7 @@ def generate_traces(
     sampling = {**sampling_params, "logprobs": 0}
     report = GenerateReport()
     started = time.perf_counter()
-    with atomic_writer(output) as out:
+    with open_output(output) as out:
         for where, line in iter_lines(traces_path):
             record = decode_json_line(line, where)
             report.records += 1

@@ -1,11 +1,18 @@
 """Image parts in chat JSON (contract.md section 3): find them anywhere, decode and rewrite them.
 
-Five shapes carry an image source ``U``:
+These shapes carry an image source ``U``:
 
 - OpenAI chat ``{"type": "image_url", "image_url": {"url": U, ...}}``, or ``"image_url": U``;
-- HF style ``{"type": "image", "image": U}``;
+- Hugging Face chat templates ``{"type": "image", K: V}`` with ``K`` one of ``image``
+  (a URL, or a datasets object below), ``url`` (a URL), ``path`` (a local path or a
+  URL) or ``base64`` (base64 image bytes, or a data URL);
 - OpenAI Responses ``{"type": "input_image", "image_url": U}``;
-- a raw descriptor carrying ``raw_image_data: U`` (or ``raw_image_uri`` / ``raw_uri``).
+- a raw descriptor carrying ``raw_image_data: U`` (or ``raw_image_uri`` / ``raw_uri``);
+- a Hugging Face datasets image ``{"bytes": B, "path": P}`` (exactly these keys):
+  ``B`` base64 bytes (or a data URL), else ``P`` a local path or URL.
+
+A local path becomes the ``file://`` URI of its absolute path (relative to the
+working directory); base64 bytes become a ``data:`` URL.
 
 ``find_parts`` walks a JSON value read-only and returns each part with the
 container that holds it; ``rewrite_part`` points a part at a new source and
@@ -19,16 +26,33 @@ import binascii
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
-from mmoffload.assets import is_local_file_uri, is_object_uri
+from mmoffload.assets import file_uri, is_local_file_uri, is_object_uri
 from mmoffload.errors import BadInputError, PathPart, Where
 
 SourceKind = Literal["data", "file", "remote"]
-Shape = Literal["openai", "openai_string", "hf", "responses", "descriptor_data", "descriptor_uri"]
+Shape = Literal[
+    "openai",
+    "openai_string",
+    "hf",
+    "responses",
+    "descriptor_data",
+    "descriptor_uri",
+    "hf_datasets",
+    "datasets",
+]
 
 DESCRIPTOR_DATA_KEY = "raw_image_data"
 DESCRIPTOR_URI_KEYS = ("raw_image_uri", "raw_uri")
+# The keys of a Hugging Face chat template's image part that may hold its source, in the order read.
+HF_SOURCE_KEYS = ("image", "url", "path", "base64")
+# A Hugging Face datasets image: its bytes, or the path they were read from.
+DATASETS_KEYS = frozenset(("bytes", "path"))
+# The data URL header given to bare base64 bytes; the stored file's type is sniffed from the bytes.
+_BASE64_HEADER = "data:image/*;base64,"
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
 
 # `data:` + media type + params; the payload follows the first comma.
 _DATA_HEADER = re.compile(r"data:([^;,]*)((?:;[^;,]*)*),", re.IGNORECASE)
@@ -134,10 +158,20 @@ def _match(
             raise _unknown_shape(node, '`image_url` as `{"url": string}` or a string', path, where)
         return "image_url"
     if kind == "image":
-        if not isinstance(node.get("image"), str):
-            raise _unknown_shape(node, "`image` as a URL string", path, where)
-        parts.append(ImagePart(node, "hf", "image", (*path, "image"), node["image"]))
-        return "image"
+        key = next((key for key in HF_SOURCE_KEYS if node.get(key) is not None), None)
+        value = node.get(key) if key is not None else None
+        if key == "image" and isinstance(value, dict) and value.keys() == DATASETS_KEYS:
+            found = _datasets_source(value)
+            if found is None:
+                raise _unknown_shape(node, "`image` with `bytes` or `path` set", path, where)
+            parts.append(ImagePart(node, "hf_datasets", key, (*path, key, found[0]), found[1]))
+            return key
+        if key is None or not isinstance(value, str):
+            expected = "one of `image`, `url`, `path`, `base64` as a string (or `image` as `{bytes, path}`)"
+            raise _unknown_shape(node, expected, path, where)
+        source = _path_source(value) if key == "path" else _base64_source(value) if key == "base64" else value
+        parts.append(ImagePart(node, "hf", key, (*path, key), source))
+        return key
     if kind == "input_image":
         if not isinstance(node.get("image_url"), str):
             raise _unknown_shape(node, "`image_url` as a URL string", path, where)
@@ -155,7 +189,29 @@ def _match(
     for key in DESCRIPTOR_URI_KEYS:
         if isinstance(uri := node.get(key), str):
             parts.append(ImagePart(node, "descriptor_uri", key, (*path, key), uri))
+    if node.keys() == DATASETS_KEYS and (found := _datasets_source(node)) is not None:
+        parts.append(ImagePart(node, "datasets", found[0], (*path, found[0]), found[1]))
+        return found[0]
     return None
+
+
+def _datasets_source(value: dict[str, Any]) -> tuple[str, str] | None:
+    """Return the key and source of a datasets image (bytes first), or None when neither is a string."""
+    if isinstance(value["bytes"], str):
+        return "bytes", _base64_source(value["bytes"])
+    if isinstance(value["path"], str):
+        return "path", _path_source(value["path"])
+    return None
+
+
+def _path_source(path: str) -> str:
+    """A URL stays itself; a local path becomes its absolute ``file://`` URI."""
+    return path if _URL_SCHEME.match(path) else file_uri(Path(path))
+
+
+def _base64_source(data: str) -> str:
+    """A data URL stays itself; bare base64 bytes get a data URL header."""
+    return data if data[:5].lower() == "data:" else _BASE64_HEADER + data
 
 
 def _unknown_shape(
@@ -172,8 +228,9 @@ def rewrite_part(part: ImagePart, uri: str) -> bool:
     """Point ``part`` at ``uri`` and give it its canonical shape; return True if anything changed.
 
     Canonical shapes: OpenAI chat ``{"type": "image_url", "image_url": {"url": ...}}``
-    (sibling keys kept), Responses unchanged, a descriptor with ``raw_image_uri``
-    and no ``raw_image_data``. Key order is kept; a renamed key stays where it was.
+    (sibling keys kept; every Hugging Face chat shape becomes it), Responses unchanged,
+    a descriptor with ``raw_image_uri`` and no ``raw_image_data``, a datasets image
+    ``{"bytes": null, "path": URI}``. Key order is kept; a renamed key stays where it was.
     """
     node = part.container
     if part.shape == "openai":
@@ -183,9 +240,13 @@ def rewrite_part(part: ImagePart, uri: str) -> bool:
     if part.shape == "openai_string":
         node["image_url"] = {"url": uri}
         return True
-    if part.shape == "hf":
-        _replace_items(node, {"type": ("type", "image_url"), "image": ("image_url", {"url": uri})})
+    if part.shape in ("hf", "hf_datasets"):
+        _replace_items(node, {"type": ("type", "image_url"), part.key: ("image_url", {"url": uri})})
         return True
+    if part.shape == "datasets":
+        changed = node["bytes"] is not None or node["path"] != uri
+        _replace_items(node, {"bytes": ("bytes", None), "path": ("path", uri)})
+        return changed
     if part.shape == "descriptor_data":
         # The inline data becomes the URI, in place; stale URIs (and the old synonym) go.
         _replace_items(
@@ -210,7 +271,9 @@ def _replace_items(node: dict[str, Any], changes: dict[str, tuple[str, Any] | No
 
 def needs_reshape(part: ImagePart) -> bool:
     """True when a part is not in its canonical shape (it changes even if its source does not)."""
-    return part.shape in ("openai_string", "hf")
+    if part.shape == "datasets":
+        return part.key == "bytes" or part.container["path"] != part.source
+    return part.shape in ("openai_string", "hf", "hf_datasets")
 
 
 def decode_data_url(url: str, where: Where | None = None) -> bytes:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import io
 import warnings
-
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from mmoffload.assets import env_limit
 from mmoffload.errors import BadInputError, Where
+from mmoffload.extras import require
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 MAX_IMAGE_PIXELS_ENV_VAR = "MMOFFLOAD_MAX_IMAGE_PIXELS"
 # 8192 x 8192: above any screenshot or processor's max_pixels, far below a bomb.
@@ -46,12 +49,13 @@ def open_image(
         BadInputError: the bytes are no image, or declare more pixels than allowed.
     """
     limit = max_image_pixels() if max_pixels is None else max_pixels
+    pil = require("PIL.Image", "Decoding images")  # The `materialize` extra: the light core has no Pillow.
     try:
         with warnings.catch_warnings():
             # Pillow's own bomb warning: the limit here is ours, checked just below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            warnings.simplefilter("ignore", pil.DecompressionBombWarning)
+            image = pil.open(io.BytesIO(data))
+    except (OSError, ValueError, pil.DecompressionBombError) as exc:
         raise BadInputError(f"Expected a decodable image at `{name}`, got: {exc}", where) from exc
     width, height = image.size
     if width * height > limit:

@@ -16,21 +16,22 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
-import safetensors.numpy
-from PIL import Image
 
 from mmoffload import rundir
 from mmoffload.assets import asset_location, read_verified, verify_hash
 from mmoffload.descriptors import descriptor_uri, validate_descriptor
 from mmoffload.errors import BadInputError, IntegrityError, MissingImageError, UsageError, Where
+from mmoffload.extras import require
 from mmoffload.families import Families, Family, ForwardPolicy, Grid, resolve_model_dir
 from mmoffload.families.base import prepared_grid, to_rgb
 from mmoffload.images import open_image
@@ -39,6 +40,9 @@ from mmoffload.packing import check_micro_batch
 from mmoffload.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
 from mmoffload.remap import Remap
 from mmoffload.wire import MicroBatch, read_rank_file
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 WEIGHT_STREAMS = ("rl_weights", "ce_weights", "ref_kl_weights")
 
@@ -69,6 +73,10 @@ class MaterializeStats:
     process_seconds: float = 0.0
 
 
+# Model kwargs with one entry per token, shaped (1, T) as Hugging Face models take them.
+BATCHED_KWARGS = ("input_ids", "position_ids", "mm_token_type_ids")
+
+
 @dataclass(frozen=True)
 class MaterializedMicroBatch:
     """What a trainer needs to run one micro batch.
@@ -78,8 +86,9 @@ class MaterializedMicroBatch:
         policy: the family's forward policy, or None for a text-only micro batch.
         model_kwargs: ``input_ids``, the family's vision kwargs (``pixel_values`` and
             its grid kwarg), ``mm_token_type_ids`` when the policy requires them and
-            ``position_ids`` unless the policy says the model computes its own.
-        loss_mask: per token, after the missing-image policy.
+            ``position_ids`` unless the policy says the model computes its own; the
+            per-token ones shaped ``(1, T)``, ready for ``model(**model_kwargs)``.
+        loss_mask: per token, after the missing-image policy (shape ``(T,)``).
         advantages: per token, after the missing-image policy.
         weights: the weight streams present (``rl_weights``, ``ce_weights``,
             ``ref_kl_weights``), after the missing-image policy.
@@ -318,6 +327,11 @@ class Materializer:
         return prepared
 
     def _finish(self, batch: MaterializedMicroBatch) -> MaterializedMicroBatch:
+        # A Hugging Face model takes per-token kwargs with a batch dimension: one packed row, (1, T).
+        per_token = {
+            name: array[None] for name, array in batch.model_kwargs.items() if name in BATCHED_KWARGS
+        }
+        batch = dataclasses.replace(batch, model_kwargs={**batch.model_kwargs, **per_token})
         if self._to_torch is None:
             return batch
         convert = self._to_torch
@@ -336,11 +350,12 @@ def _decode(data: bytes, uri: str, at: Where) -> Image.Image:
     Raises:
         BadInputError: the bytes do not decode as an image, or declare too many pixels.
     """
+    pil = require("PIL.Image", "Decoding images")
     try:
         with open_image(data, uri, at) as image:
             image.load()
             return to_rgb(image)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, pil.DecompressionBombError) as exc:
         raise BadInputError(f"Expected a decodable image at `{uri}`, got: {exc}", at) from exc
 
 
@@ -350,11 +365,7 @@ def _torch_converter() -> Any:
     Raises:
         UsageError: torch is not installed.
     """
-    try:
-        import torch
-    except ImportError as exc:
-        raise UsageError("Expected torch for tensors: install the `torch` extra (mmoffload[torch])") from exc
-    return torch.from_numpy
+    return require("torch", "Torch tensors (as_torch)").from_numpy
 
 
 class MaterializeReport(msgspec.Struct, kw_only=True):
@@ -381,6 +392,9 @@ class MaterializeReport(msgspec.Struct, kw_only=True):
     decode_seconds: float
     process_seconds: float
     seconds: float
+    # Each family the micro batches used, with its config (a model directory or "defaults").
+    families: dict[str, str] = msgspec.field(default_factory=dict)
+    warnings: list[str] = msgspec.field(default_factory=list)
 
 
 def saved_path(save_dir: Path, step: int, rank_file: Path, index: int) -> Path:
@@ -388,20 +402,65 @@ def saved_path(save_dir: Path, step: int, rank_file: Path, index: int) -> Path:
     return save_dir / f"step_{step}" / f"{rank_file.stem}_mb_{index}.safetensors"
 
 
-def save_micro_batch(path: Path, batch: MaterializedMicroBatch) -> None:
+def save_micro_batch(path: Path, batch: MaterializedMicroBatch, *, pixels: bool = True) -> None:
     """Write a materialized micro batch as one safetensors file, atomically.
 
-    Metadata records the family, the forward policy and the missing URIs (JSON list).
+    Metadata records the family, the forward policy, the missing URIs (JSON list) and
+    whether pixels were left out (``pixels: false``, a dummy micro batch saved without them).
     """
-    metadata = {"family": batch.family or "", "missing_uris": json.dumps(list(batch.missing_uris))}
+    metadata = {
+        "family": batch.family or "",
+        "missing_uris": json.dumps(list(batch.missing_uris)),
+        "pixels": json.dumps(pixels),
+    }
     if batch.policy is not None:
         for name, value in dataclasses.asdict(batch.policy).items():
             metadata[name] = json.dumps(value)
-    tensors = {name: np.ascontiguousarray(array) for name, array in batch.tensors().items()}
-    atomic_write(path, safetensors.numpy.save(tensors, metadata=metadata))
+    tensors = {
+        name: np.ascontiguousarray(array)
+        for name, array in batch.tensors().items()
+        if pixels or name not in PIXEL_KWARGS
+    }
+    atomic_write(path, require("safetensors.numpy", "Saving tensors").save(tensors, metadata=metadata))
 
 
-def iter_rank_files(run_dir: Path) -> Iterator[tuple[int, Path]]:
+# The vision kwargs holding pixels, left out of a dummy micro batch's saved file.
+PIXEL_KWARGS = ("pixel_values",)
+# Bytes per token of the saved token arrays: three int64 kwargs, the bool mask, float32 advantages
+# and up to three float32 weight streams (an upper bound: safetensors headers are small).
+_TOKEN_BYTES = 3 * 8 + 1 + 4 + 3 * 4
+
+
+def _saved_bytes(micro_batch: MicroBatch, families: Families, save_dummies: bool) -> int:
+    """Estimate the bytes ``--save`` writes for a micro batch, from its descriptors' grids."""
+    size = len(micro_batch.input_ids) * _TOKEN_BYTES
+    if micro_batch.mm_refs is None or not (save_dummies or any(micro_batch.loss_mask)):
+        return size
+    for image, ref in enumerate(micro_batch.mm_refs.images):
+        at = Where(image=image)
+        family = families.get(str(ref.item.get("family")), at)
+        grid = family.grid(ref.item.get("payload"), at)
+        # np.zeros is lazily zeroed by the OS: this sizes the array without touching memory.
+        size += family.zero_pixels(grid).nbytes
+    return size
+
+
+def _check_free_space(save_dir: Path, needed: int) -> None:
+    """Refuse to start saving what cannot fit.
+
+    Raises:
+        UsageError: less free space than ``needed`` where ``save_dir`` (or its nearest parent) is.
+    """
+    existing = next(p for p in (save_dir, *save_dir.absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise UsageError(
+            f"Expected room for about {needed:,} bytes of tensors, got {free:,} bytes free",
+            Where(file=str(save_dir)),
+        )
+
+
+def iter_rank_files(run_dir: str | os.PathLike[str]) -> Iterator[tuple[int, Path]]:
     """Yield ``(step, rank file)`` for every rank file of a run, steps and ranks in order."""
     for step in rundir.steps(run_dir):
         for path in rundir.rank_paths(run_dir, step):
@@ -409,14 +468,16 @@ def iter_rank_files(run_dir: Path) -> Iterator[tuple[int, Path]]:
 
 
 def materialize_run(
-    run_dir: Path,
+    run_dir: str | os.PathLike[str],
     *,
-    model: str | Path | None = None,
+    model: str | os.PathLike[str] | None = None,
     missing_image_policy: MissingImagePolicy = MissingImagePolicy.PLACEHOLDER_ZERO_LOSS,
-    save_dir: Path | None = None,
+    save_dir: str | os.PathLike[str] | None = None,
+    save_dummies: bool = False,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     remap: Remap | None = None,
-    advance: Callable[[int], None] | None = None,
+    advance: Callable[[int, int], None] | None = None,
+    on_estimate: Callable[[int, int], None] | None = None,
     allowed_roots: Sequence[Path] | None = None,
 ) -> MaterializeReport:
     """Materialize every micro batch of every rank file of a run, as a trainer would.
@@ -426,17 +487,23 @@ def materialize_run(
         model: a model directory or bundled config name; family defaults when None.
         missing_image_policy: what an absent image file does.
         save_dir: when given, write each micro batch's tensors under it (see ``saved_path``).
+        save_dummies: also save the pixels of dummy micro batches (all-false loss mask),
+            which pack adds so that every rank runs the vision tower and which train nothing.
         cache_bytes: bound of the processed-image cache.
         remap: URI prefix rewrites applied before each image is read (``--remap``).
-        advance: called with each rank file's size in bytes once it is done (progress).
+        advance: called with ``(1, images)`` after each micro batch (progress).
+        on_estimate: called with the estimated bytes to save and the micro batch count
+            before anything is materialized.
         allowed_roots: directories image refs may point into; None allows any regular file.
 
     Raises:
-        UsageError: the run has no rank files, or the model cannot be used.
+        UsageError: the run has no rank files, the model cannot be used, or the estimated
+            size to save exceeds the free space of ``save_dir``.
         BadInputError: a rank file or micro batch breaks the contract.
         IntegrityError: an image disagrees with its ref, or is missing under policy ``error``.
     """
     started = time.perf_counter()
+    require("PIL.Image", "mmoffload materialize")  # Fail before any work, naming the extra.
     families = Families(resolve_model_dir(model) if model is not None else None)
     materializer = Materializer(
         families,
@@ -450,15 +517,26 @@ def materialize_run(
         raise UsageError(
             "Expected rank files `rollouts/step_<N>/rank_<R>.bin`, found none", Where(file=str(run_dir))
         )
+    decoded = [(step, path, read_rank_file(path)) for step, path in rank_files]
+    if save_dir is not None:
+        estimate = sum(
+            _saved_bytes(micro_batch, families, save_dummies)
+            for _, _, batches in decoded
+            for micro_batch in batches
+        )
+        if on_estimate is not None:
+            on_estimate(estimate, sum(len(batches) for _, _, batches in decoded))
+        _check_free_space(Path(save_dir), estimate)
     files_saved = 0
-    for step, path in rank_files:
-        for index, micro_batch in enumerate(read_rank_file(path)):
+    for step, path, batches in decoded:
+        for index, micro_batch in enumerate(batches):
             batch = materializer.materialize(micro_batch, Where(file=str(path), index=index))
             if save_dir is not None:
-                save_micro_batch(saved_path(save_dir, step, path, index), batch)
+                pixels = save_dummies or any(micro_batch.loss_mask)
+                save_micro_batch(saved_path(Path(save_dir), step, path, index), batch, pixels=pixels)
                 files_saved += 1
-        if advance is not None:
-            advance(path.stat().st_size)
+            if advance is not None:
+                advance(1, len(micro_batch.mm_refs.images) if micro_batch.mm_refs else 0)
     return MaterializeReport(
         run_dir=str(run_dir),
         model=str(model) if model is not None else None,
@@ -468,5 +546,7 @@ def materialize_run(
         files_saved=files_saved,
         save_dir=str(save_dir) if save_dir is not None else None,
         seconds=time.perf_counter() - started,
+        families=families.configs(),
+        warnings=families.warnings(),
         **dataclasses.asdict(materializer.stats),
     )

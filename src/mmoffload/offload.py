@@ -22,7 +22,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -42,12 +42,16 @@ from mmoffload.imageparts import (
 )
 from mmoffload.io import (
     TEMP_PREFIX,
+    Input,
     atomic_writer,
     check_distinct,
     check_output_path,
     check_writable_dir,
     decode_json_line,
+    is_stdio,
     iter_lines,
+    open_input,
+    open_output,
     remove_own_temps,
     too_deep,
 )
@@ -66,7 +70,7 @@ BATCH_LINES, BATCH_BYTES = 64, 16 << 20
 
 _LINE_ERRORS = (BadInputError, IntegrityError)
 # Every image part shape needs one of these in the line's text (or a \u escape spelling it).
-_IMAGE_MARKERS = (b"image", b"raw_uri", b"\\u")
+_IMAGE_MARKERS = (b"image", b"raw_uri", b"bytes", b"\\u")
 # A data URL literal is spliced out of a line only when its bytes are exactly its string: no
 # escapes, no spaces, nothing JSON would reject; then the decoded record holds a stand-in instead.
 _LITERAL_START = b'"data:'
@@ -349,7 +353,9 @@ class Offloader:
 
 
 def offload_record(
-    record: Any, assets: Path | str | AssetStore | ObjectStore, options: OffloadOptions | None = None
+    record: Any,
+    assets: str | os.PathLike[str] | AssetStore | ObjectStore,
+    options: OffloadOptions | None = None,
 ) -> RecordCounts:
     """Offload the images of one request body or rollout record, in place.
 
@@ -372,36 +378,52 @@ def offload_record(
     return Offloader(store, options).record(record)
 
 
-def plan_outputs(inputs: list[Path], output: Path | None, in_place: bool) -> list[Path]:
+def plan_outputs(
+    inputs: Sequence[str | os.PathLike[str] | Input], output: str | os.PathLike[str] | None, in_place: bool
+) -> list[Path]:
     """Return the output path of each input.
 
     One input: ``output`` is the file to write (or a directory to write it into).
-    Several inputs: ``output`` is a directory and each output keeps its input's name.
-    ``in_place``: each input is its own output.
+    Several inputs, or inputs from a directory or a glob (see ``expand_inputs``):
+    ``output`` is a directory and each output mirrors its input's relative path.
+    ``output`` ``-`` is stdout for every input, in order. ``in_place``: each input
+    is its own output.
 
     Raises:
         UsageError: neither or both of ``output`` and ``in_place``, an output that is
-            an input (without ``in_place``), or two inputs with the same output.
+            an input (without ``in_place``), stdin rewritten in place, or two inputs
+            with the same output (naming both).
     """
     if not inputs:
         raise UsageError("Expected at least one input file")
     if in_place == (output is not None):
         raise UsageError("Expected exactly one of an output (`-o`) or in-place rewriting (`--in-place`)")
+    items = [item if isinstance(item, Input) else Input(Path(item), Path(Path(item).name)) for item in inputs]
     if in_place:
-        outputs = list(inputs)
-    elif len(inputs) == 1 and not output.is_dir():  # type: ignore[union-attr]
-        outputs = [output]  # type: ignore[list-item]
+        if any(is_stdio(item.path) for item in items):
+            raise UsageError("Expected a file to rewrite in place, got stdin (`-`)")
+        return [item.path for item in items]
+    output = Path(output)  # type: ignore[arg-type]
+    if is_stdio(output):
+        return [output] * len(items)
+    mirrored = len(items) > 1 or items[0].relative != Path(items[0].path.name)
+    if not mirrored and not output.is_dir():
+        outputs = [output]
     else:
-        if output.exists() and not output.is_dir():  # type: ignore[union-attr]
-            raise UsageError(f"Expected a directory as output for {len(inputs)} inputs, got file `{output}`")
-        outputs = [output / path.name for path in inputs]  # type: ignore[operator]
-    resolved = [path.resolve() for path in outputs]
-    if len(set(resolved)) != len(resolved):
-        raise UsageError("Two inputs would write the same output; give inputs with distinct names")
-    if not in_place:
-        for source, target in zip(inputs, resolved, strict=True):
-            if source.resolve() == target:
-                raise UsageError(f"Output `{target}` is the input; use in-place rewriting to replace it")
+        if output.exists() and not output.is_dir():
+            raise UsageError(f"Expected a directory as output for {len(items)} inputs, got file `{output}`")
+        outputs = [output / item.relative for item in items]
+    claimed: dict[Path, Path] = {}
+    for item, target in zip(items, outputs, strict=True):
+        resolved = target.resolve()
+        if resolved in claimed:
+            raise UsageError(
+                f"Inputs `{claimed[resolved]}` and `{item.path}` would both write `{target}`; "
+                "give a directory or a glob so that outputs mirror their relative paths"
+            )
+        claimed[resolved] = item.path
+        if not is_stdio(item.path) and item.path.resolve() == resolved:
+            raise UsageError(f"Output `{resolved}` is the input; use in-place rewriting to replace it")
     return outputs
 
 
@@ -420,13 +442,13 @@ def sweep_stale_temps(directory: Path, older_than: float = STALE_TEMP_SECONDS) -
 
 
 def offload_files(
-    inputs: list[Path],
-    outputs: list[Path],
-    assets: Path | str | AssetStore | ObjectStore,
+    inputs: Sequence[str | os.PathLike[str]],
+    outputs: Sequence[str | os.PathLike[str]],
+    assets: str | os.PathLike[str] | AssetStore | ObjectStore,
     *,
     options: OffloadOptions | None = None,
     skip_bad_lines: bool = False,
-    rejects: Path | None = None,
+    rejects: str | os.PathLike[str] | None = None,
     workers: int = 1,
     ray: RayOptions | None = None,
     advance: Callable[[int], None] = lambda _n: None,
@@ -438,8 +460,10 @@ def offload_files(
     output. Images stored before a failure stay: they are content addressed.
 
     Args:
-        inputs: JSONL files, one record per line; never modified (unless an output is its input).
-        outputs: one path per input (see ``plan_outputs``).
+        inputs: JSONL files, one record per line, ``-`` for stdin, gzip or zstd compressed or
+            not; never modified (unless an output is its input).
+        outputs: one path per input (see ``plan_outputs``); ``-`` is stdout, a name ending
+            in ``.gz`` or ``.zst`` is written compressed.
         assets: the image asset directory or object-store URL, or a store on it.
         options: what to do with ``file://`` and remote sources.
         skip_bad_lines: keep going past bad lines, writing each whole, with its reason,
@@ -459,12 +483,16 @@ def offload_files(
             or an output or asset directory that cannot be written (all checked before any work).
     """
     started = time.perf_counter()
+    if skip_bad_lines and rejects is None and any(is_stdio(target) for target in outputs):
+        raise UsageError("Expected `--rejects PATH` for bad lines when the output is stdout (`-`)")
     options = options or OffloadOptions()
+    inputs, outputs = [Path(path) for path in inputs], [Path(path) for path in outputs]
+    rejects = Path(rejects) if rejects is not None else None
     rejects_paths = [rejects or _default_rejects(target) for target in outputs] if skip_bad_lines else []
     store = open_store(assets)
     _check_paths(inputs, outputs, rejects_paths, store)
     report = OffloadReport(inputs=len(inputs), assets=str(store.root))
-    temp_dirs = {path.parent for path in [*outputs, *rejects_paths]}
+    temp_dirs = {path.parent for path in [*outputs, *rejects_paths] if not is_stdio(path)}
     if isinstance(store, AssetStore):
         store.root.mkdir(parents=True, exist_ok=True)
         report.stale_temps_removed = sweep_stale_temps(store.root)
@@ -496,11 +524,11 @@ def _offload_all(
     with contextlib.ExitStack() as commits, _line_results(store, options, workers, ray) as results:
         reject_files: dict[Path, BinaryIO] = {}
         for source, target in zip(inputs, outputs, strict=True):
-            report.jsonl_bytes_in += _size(source)
-            out = commits.enter_context(atomic_writer(target))
+            out = commits.enter_context(open_output(target))
             rejects_path = rejects or _default_rejects(target)
             for where, line, result in results(iter_lines(source)):
                 advance(len(line))
+                report.jsonl_bytes_in += len(line)
                 if isinstance(result, MMOffloadError):
                     if not skip_bad_lines:
                         raise result
@@ -513,7 +541,7 @@ def _offload_all(
                 out.write(written)
                 report.jsonl_bytes_out += len(written)
                 report.add(counts)
-            report.outputs.append(str(target))
+            report.outputs.append("<stdout>" if is_stdio(target) else str(target))
         report.rejects = [str(path) for path in reject_files]
 
 
@@ -524,10 +552,17 @@ def _default_rejects(target: Path) -> Path:
 def _check_paths(
     inputs: list[Path], outputs: list[Path], rejects: list[Path], store: AssetStore | ObjectStore
 ) -> None:
-    """Refuse, before any work, outputs that would overwrite an input or each other, or cannot be written."""
+    """Refuse, before any work, outputs that would overwrite an input or each other, or cannot be written.
+
+    Stdin and stdout (``-``) are streams: nothing to check, nothing to collide with.
+    """
+    inputs = [path for path in inputs if not is_stdio(path)]
     for path in inputs:
-        _size(path)
-    named = [("output", path) for path in outputs if path not in inputs]
+        if not os.access(path, os.R_OK):
+            # The same message the opener gives, before any work instead of midway.
+            with open_input(path):
+                pass
+    named = [("output", path) for path in outputs if path not in inputs and not is_stdio(path)]
     named += [("rejects file", path) for path in dict.fromkeys(rejects)]
     check_distinct(inputs, named)
     for role, path in named:
@@ -663,10 +698,3 @@ def _reject(where: Where, line: bytes, error: MMOffloadError) -> bytes:
     except UnicodeDecodeError:
         entry = RejectedLine(str(where.file), where.line or 0, str(error), text_base64=text)
     return msgspec.json.encode(entry) + b"\n"
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError as exc:
-        raise UsageError(f"Cannot read input: {exc.strerror}", Where(file=str(path))) from exc

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +184,7 @@ class _Piece:
         return len(self.input_ids)
 
 
-def pack_run(run_dir: Path, options: PackOptions) -> PackReport:
+def pack_run(run_dir: str | os.PathLike[str], options: PackOptions) -> PackReport:
     """Pack every step of a run into ``rank_<R>.bin`` files.
 
     Rank files are written only after their step packed and passed its checks,
@@ -206,6 +207,7 @@ def pack_run(run_dir: Path, options: PackOptions) -> PackReport:
         IntegrityError: a packed micro batch breaks an invariant (a bug, never written).
         UsageError: no steps, or unreadable/unwritable files.
     """
+    run_dir = Path(run_dir)
     steps = [step for step in rundir.steps(run_dir) if rundir.training_batch_path(run_dir, step).is_file()]
     if not steps:
         raise UsageError(

@@ -16,16 +16,18 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from mmoffload.assets import read_verified, uri_to_path
 from mmoffload.descriptors import DESCRIPTOR_KIND, HASH_PATTERN, validate_descriptor, validate_sidecar
 from mmoffload.errors import BadInputError, MMOffloadError, Where
 from mmoffload.families import Families, Family, Grid
 from mmoffload.materialize import _decode
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 REF_PREFIX = "mmraw:"
 MODALITY = "image"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,31 +32,31 @@ def staged_run(run_dir: Path) -> Iterator[Path]:
         yield staged.parent
 
 
-def step_dir(run_dir: Path, step: int) -> Path:
+def step_dir(run_dir: str | os.PathLike[str], step: int) -> Path:
     """Return ``RUN/rollouts/step_<N>``."""
-    return run_dir / ROLLOUTS / f"step_{step}"
+    return Path(run_dir) / ROLLOUTS / f"step_{step}"
 
 
-def training_batch_path(run_dir: Path, step: int) -> Path:
+def training_batch_path(run_dir: str | os.PathLike[str], step: int) -> Path:
     """Return ``RUN/rollouts/step_<N>/train_rollouts.bin``."""
     return step_dir(run_dir, step) / TRAINING_BATCH_FILE
 
 
-def rank_path(run_dir: Path, step: int, rank: int) -> Path:
+def rank_path(run_dir: str | os.PathLike[str], step: int, rank: int) -> Path:
     """Return ``RUN/rollouts/step_<N>/rank_<R>.bin``."""
     return step_dir(run_dir, step) / f"rank_{rank}.bin"
 
 
-def steps(run_dir: Path) -> list[int]:
+def steps(run_dir: str | os.PathLike[str]) -> list[int]:
     """Return the run's step numbers in numeric order."""
-    root = run_dir / ROLLOUTS
+    root = Path(run_dir) / ROLLOUTS
     if not root.is_dir():
         return []
     found = (_STEP.fullmatch(p.name) for p in root.iterdir() if p.is_dir())
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def rank_paths(run_dir: Path, step: int) -> list[Path]:
+def rank_paths(run_dir: str | os.PathLike[str], step: int) -> list[Path]:
     """Return a step's ``rank_<R>.bin`` files in rank order."""
     directory = step_dir(run_dir, step)
     if not directory.is_dir():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -114,12 +115,19 @@ class RefsReport(msgspec.Struct, kw_only=True):
     hashes_verified: bool = True
     steps_written: int = 0
     steps: list[int] = msgspec.field(default_factory=list)
+    # Steps an earlier run had written: rewritten by this one, left as they were, or removed (--overwrite).
+    steps_replaced: list[int] = msgspec.field(default_factory=list)
+    steps_left: list[int] = msgspec.field(default_factory=list)
+    steps_removed: list[int] = msgspec.field(default_factory=list)
     advantages_from_group_reward: int = 0
     samples_without_advantages: int = 0
     rejected_records: int = 0
     rejects_path: str | None = None
     type_ids_cross_checked: bool = True
     samples_type_ids_from_placeholders: int = 0
+    # Each family the samples used, with its config (a model directory or "defaults").
+    families: dict[str, str] = msgspec.field(default_factory=dict)
+    warnings: list[str] = msgspec.field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +145,8 @@ class RefsOptions:
         rejects_path: where rejected records go (default ``RUN/rollouts/rejects.jsonl``).
         remap: URI prefix rewrites applied to every image URI, checked and written rewritten.
         allowed_roots: directories image refs may point into; None allows any regular file.
+        overwrite: replace an earlier run's steps without a warning, and remove its steps
+            this run does not write (else they stay, with a warning).
     """
 
     model_dir: Path | None = None
@@ -149,6 +159,7 @@ class RefsOptions:
     rejects_path: Path | None = None
     remap: Remap = field(default_factory=Remap)
     allowed_roots: tuple[Path, ...] | None = None
+    overwrite: bool = False
 
 
 @dataclass(slots=True)
@@ -192,7 +203,11 @@ class _Context:
     traces_seen: int = 0
 
 
-def build_refs(trace_files: Sequence[Path], run_dir: Path, options: RefsOptions | None = None) -> RefsReport:
+def build_refs(
+    trace_files: Sequence[str | os.PathLike[str]],
+    run_dir: str | os.PathLike[str],
+    options: RefsOptions | None = None,
+) -> RefsReport:
     """Turn offloaded rollout traces into ``RUN/rollouts/step_<N>/train_rollouts.bin`` files.
 
     Every record is read and checked before any step is written, so bad input
@@ -213,6 +228,7 @@ def build_refs(trace_files: Sequence[Path], run_dir: Path, options: RefsOptions 
             run directory or step that cannot be written.
     """
     options = options or RefsOptions()
+    run_dir = Path(run_dir)
     if options.step_size is not None and options.step_size < 1:
         raise UsageError(f"Expected a step size >= 1, got {options.step_size}")
     families = Families(options.model_dir)
@@ -252,8 +268,67 @@ def build_refs(trace_files: Sequence[Path], run_dir: Path, options: RefsOptions 
         {ref.hash for sample in samples if sample.mm_refs for ref in sample.mm_refs.images}
     )
     report.image_files_checked = len(context.checked_files)
+    earlier = [step for step in rundir.steps(run_dir) if _step_files(run_dir, step)]
     _write_steps(samples, run_dir, options, report)
+    report.steps_replaced = sorted(set(earlier) & set(report.steps))
+    leftover = sorted(set(earlier) - set(report.steps))
+    if options.overwrite:
+        _remove_steps(run_dir, leftover)
+        report.steps_removed = leftover
+    else:
+        report.steps_left = leftover
+    report.families = families.configs()
+    report.warnings = families.warnings() + _earlier_steps_warnings(report, options.overwrite)
     return report
+
+
+def _step_files(run_dir: Path, step: int) -> list[Path]:
+    """Return a step's TrainingBatch (when there is one) and rank files."""
+    batch = rundir.training_batch_path(run_dir, step)
+    return ([batch] if batch.is_file() else []) + rundir.rank_paths(run_dir, step)
+
+
+def _remove_steps(run_dir: Path, steps: list[int]) -> None:
+    """Remove the TrainingBatch and rank files of ``steps`` (and each step directory left empty).
+
+    Raises:
+        UsageError: a file cannot be removed.
+    """
+    for step in steps:
+        try:
+            for path in _step_files(run_dir, step):
+                path.unlink()
+            with contextlib.suppress(OSError):
+                rundir.step_dir(run_dir, step).rmdir()  # Kept when it holds anything else.
+        except OSError as exc:
+            raise UsageError(
+                f"Cannot remove step {step} of an earlier run: {exc.strerror or exc}",
+                Where(file=str(rundir.step_dir(run_dir, step))),
+            ) from exc
+
+
+def _earlier_steps_warnings(report: RefsReport, overwrite: bool) -> list[str]:
+    """Say which steps of an earlier run were replaced or left (nothing with ``overwrite``)."""
+    found = []
+    if report.steps_left:
+        found.append(
+            f"{_step_list(report.steps_left)} of an earlier run left in the run directory, "
+            "read by pack, audit and materialize too: --overwrite removes them"
+        )
+    if report.steps_replaced and not overwrite:
+        found.append(
+            f"{_step_list(report.steps_replaced)} of an earlier run replaced (--overwrite says that is meant)"
+        )
+    return found
+
+
+def _step_list(steps: list[int]) -> str:
+    """Name steps for a message: ``step 3``, ``steps 0, 1``, ``steps 0 to 9 (10 steps)``."""
+    if len(steps) == 1:
+        return f"step {steps[0]}"
+    if len(steps) <= 6:
+        return "steps " + ", ".join(map(str, steps))
+    return f"steps {steps[0]} to {steps[-1]} ({len(steps)} steps)"
 
 
 def _line_samples(line: bytes, where: Where, context: _Context) -> list[_Pending]:
@@ -597,9 +672,10 @@ def _sample(
 
 def _check_no_image_tokens(tokens: list[int], where: Where, context: _Context) -> None:
     """With a model given, a sample without images must hold none of its image tokens."""
-    if context.families.model_family is None:
+    model = context.families.model()
+    if model is None:
         return
-    token_types = context.families.get(context.families.model_family).token_types
+    token_types = model.token_types
     image_tokens = [token for token, kind in token_types.items() if kind == IMAGE_TYPE]
     stray = np.flatnonzero(np.isin(np.asarray(tokens, dtype=np.int64), image_tokens))
     if len(stray):

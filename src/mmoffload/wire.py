@@ -7,6 +7,7 @@ by position: never reorder fields, and only ever append new ones with defaults.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -133,7 +134,7 @@ def encode(value: object) -> bytes:
     return ENCODER.encode(value)
 
 
-def read_training_batch(path: Path) -> TrainingBatch:
+def read_training_batch(path: str | os.PathLike[str]) -> TrainingBatch:
     """Read and decode a step's ``train_rollouts.bin``.
 
     Raises:
@@ -143,7 +144,7 @@ def read_training_batch(path: Path) -> TrainingBatch:
     return _read(path, TRAINING_BATCH_DECODER, "TrainingBatch")
 
 
-def read_rank_file(path: Path) -> list[MicroBatch]:
+def read_rank_file(path: str | os.PathLike[str]) -> list[MicroBatch]:
     """Read and decode a ``rank_<R>.bin`` file.
 
     Raises:
@@ -153,7 +154,8 @@ def read_rank_file(path: Path) -> list[MicroBatch]:
     return _read(path, RANK_FILE_DECODER, "list of MicroBatch")
 
 
-def _read(path: Path, decoder: msgspec.msgpack.Decoder[T], what: str) -> T:
+def _read(path: str | os.PathLike[str], decoder: msgspec.msgpack.Decoder[T], what: str) -> T:
+    path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:

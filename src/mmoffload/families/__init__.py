@@ -5,6 +5,8 @@ Adding a family is adding one module and one line here.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from mmoffload.errors import BadInputError, UsageError, Where
@@ -18,6 +20,8 @@ FAMILIES: dict[str, type[Family]] = {
 }
 
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@[\w./-]+)?")
+DEFAULT_CONFIG = "defaults"
 
 __all__ = [
     "FAMILIES",
@@ -28,31 +32,74 @@ __all__ = [
     "Family",
     "ForwardPolicy",
     "Grid",
+    "cached_model_dir",
+    "hub_cache_dir",
     "resolve_model_dir",
 ]
 
 
-def resolve_model_dir(model: str | Path) -> Path:
-    """Return a model directory: a path, or the name of a bundled config (``qwen3_vl``...).
+def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
+    """Return a model directory: a path, a bundled config name (``qwen3_vl``...), or a hub id.
+
+    A hub id ``ORG/NAME`` (optionally ``ORG/NAME@REVISION``) is looked up in the local
+    Hugging Face cache only: nothing is ever downloaded, with or without ``HF_HUB_OFFLINE``.
 
     Raises:
-        UsageError: neither a directory nor a bundled config name.
+        UsageError: none of these, or a hub id that is not in the local cache.
     """
-    bundled = BUNDLED_CONFIGS / str(model)
-    if not Path(model).is_dir() and bundled.is_dir():
+    if Path(model).is_dir():
+        return Path(model)
+    bundled = BUNDLED_CONFIGS / os.fspath(model)
+    if bundled.is_dir():
         return bundled
-    if not Path(model).is_dir():
-        names = ", ".join(sorted(p.name for p in BUNDLED_CONFIGS.iterdir() if p.is_dir()))
-        raise UsageError(f"Expected a model directory or a bundled config ({names}), got `{model}`")
-    return Path(model)
+    if _HUB_ID.fullmatch(os.fspath(model)):
+        return cached_model_dir(os.fspath(model))
+    names = ", ".join(sorted(p.name for p in BUNDLED_CONFIGS.iterdir() if p.is_dir()))
+    raise UsageError(
+        f"Expected a model directory, a hub id ORG/NAME in the local Hugging Face cache or a bundled "
+        f"config ({names}), got `{model}`"
+    )
+
+
+def hub_cache_dir() -> Path:
+    """Return the Hugging Face hub cache, as ``huggingface_hub`` finds it (HF_HUB_CACHE, HF_HOME)."""
+    if cache := os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(cache).expanduser()
+    if home := os.environ.get("HF_HOME"):
+        return Path(home).expanduser() / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "huggingface" / "hub"
+
+
+def cached_model_dir(hub_id: str) -> Path:
+    """Return the snapshot directory of ``ORG/NAME[@REVISION]`` in the local hub cache.
+
+    Reads the cache layout (``models--ORG--NAME/refs/<revision>`` naming a
+    ``snapshots/<commit>``) without importing or calling ``huggingface_hub``.
+
+    Raises:
+        UsageError: the model (or that revision) is not cached.
+    """
+    repo_id, _, revision = hub_id.partition("@")
+    repo = hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+    ref = repo / "refs" / (revision or "main")
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = repo / "snapshots" / commit if commit else None
+    if snapshot is None or not snapshot.is_dir():
+        raise UsageError(
+            f"Model `{hub_id}` is not in the local Hugging Face cache `{hub_cache_dir()}` and nothing is "
+            f"downloaded: fetch it first (`hf download {repo_id}`) or pass its directory"
+        )
+    return snapshot
 
 
 class Families:
     """The families of one run: a model directory configures its own family, defaults the rest."""
 
-    def __init__(self, model_dir: Path | None = None) -> None:
-        self.model_dir = model_dir
+    def __init__(self, model_dir: str | os.PathLike[str] | None = None) -> None:
+        self.model_dir = model_dir = Path(model_dir) if model_dir is not None else None
         self._loaded: dict[str, Family] = {}
+        # Families asked for by the inputs (images, descriptors), for the report.
+        self.used: set[str] = set()
         self.model_family: str | None = None
         if model_dir is not None:
             config = read_json(model_dir / "preprocessor_config.json")
@@ -69,6 +116,30 @@ class Families:
         Raises:
             BadInputError: no family of that name is registered.
         """
+        self.used.add(name)
+        return self._load(name, where)
+
+    def model(self) -> Family | None:
+        """Return the model directory's family, if a model was given (not counted as used by data)."""
+        return self._load(self.model_family) if self.model_family is not None else None
+
+    def configs(self) -> dict[str, str]:
+        """Return each family the inputs used, with the config it ran on: a model directory or defaults."""
+        return {
+            name: str(self.model_dir) if name == self.model_family else DEFAULT_CONFIG
+            for name in sorted(self.used)
+        }
+
+    def warnings(self) -> list[str]:
+        """Return why the given model went unused: its family is not the inputs' family."""
+        if self.model_family is None or self.model_family in self.used or not self.used:
+            return []
+        return [
+            f"Model `{self.model_dir}` is a `{self.model_family}` model, but the inputs' images are "
+            f"{', '.join(f'`{name}`' for name in sorted(self.used))}: it was not used (their defaults were)"
+        ]
+
+    def _load(self, name: str, where: Where | None = None) -> Family:
         if name not in self._loaded:
             if name not in FAMILIES:
                 raise BadInputError(f"Unknown family `{name}` (known: {', '.join(FAMILIES)})", where)

@@ -11,12 +11,15 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from PIL import Image
 
 from mmoffload.errors import BadInputError, UsageError, Where
+from mmoffload.extras import require
+
+if TYPE_CHECKING:  # Pillow is the materialize extra's: the core never decodes pixels.
+    from PIL import Image
 
 Grid = tuple[int, int, int]
 
@@ -251,8 +254,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if "A" in image.getbands() or image.info.get("transparency") is not None:
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+        pil = require("PIL.Image", "Converting images")
+        background = pil.new("RGBA", image.size, (255, 255, 255, 255))
+        return pil.alpha_composite(background, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
 
 

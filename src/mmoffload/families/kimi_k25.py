@@ -9,13 +9,16 @@ same), written straight into the patch layout.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from PIL import Image
 
 from mmoffload.errors import BadInputError
+from mmoffload.extras import require
 from mmoffload.families.base import IMAGE_TYPE, Family, ForwardPolicy, Grid, pair_table, to_rgb, write_levels
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 CHANNELS = 3
 
@@ -92,8 +95,9 @@ class KimiK25(Family):
     def prepare_image(self, image: Image.Image) -> dict[str, np.ndarray]:
         """Resize, pad and cut one image into (h*w, 3, ps*ps) uint8 patches, row-major."""
         image = to_rgb(image)
-        padded = Image.new("RGB", self.padded_size(*image.size), (0, 0, 0))
-        padded.paste(image.resize(self.resized_size(*image.size), Image.Resampling.BICUBIC), (0, 0))
+        pil = require("PIL.Image", "Kimi K2.5 pixels")
+        padded = pil.new("RGB", self.padded_size(*image.size), (0, 0, 0))
+        padded.paste(image.resize(self.resized_size(*image.size), pil.Resampling.BICUBIC), (0, 0))
         ps = self.patch_size
         grid_h, grid_w = padded.height // ps, padded.width // ps
         levels = np.asarray(padded).reshape(grid_h, ps, grid_w, ps, CHANNELS)  # (H, W, C) uint8

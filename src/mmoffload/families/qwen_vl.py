@@ -13,12 +13,12 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from PIL import Image
 
 from mmoffload.errors import BadInputError, UsageError
+from mmoffload.extras import require
 from mmoffload.families.base import (
     IMAGE_TYPE,
     VIDEO_TYPE,
@@ -32,7 +32,13 @@ from mmoffload.families.base import (
     write_levels,
 )
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 MAX_ASPECT_RATIO = 200
+# PIL.Image.Resampling's values (NEAREST 0 ... HAMMING 5) and BICUBIC, known without importing Pillow.
+PIL_RESAMPLE_FILTERS = frozenset(range(6))
+PIL_BICUBIC = 3
 # The processor config used when no model directory is given: Qwen3-VL, as the Family defaults.
 DEFAULT_PROCESSOR_DIR = Path(__file__).parent / "configs" / "qwen3_vl"
 CHANNELS = 3
@@ -95,7 +101,7 @@ def own_pixel_settings(config: dict[str, Any]) -> bool:
         and config.get("image_processor_type", "Qwen2VLImageProcessor") in OWN_PIXEL_PROCESSORS
         and all(config.get(flag, True) is True for flag in ("do_resize", "do_rescale", "do_normalize"))
         and config.get("do_convert_rgb", True) is True
-        and config.get("resample", Image.Resampling.BICUBIC) in set(Image.Resampling)
+        and config.get("resample", PIL_BICUBIC) in PIL_RESAMPLE_FILTERS
         and len(mean) == CHANNELS
         and len(std) == CHANNELS
     )
@@ -133,7 +139,7 @@ class QwenVL(Family):
         self.max_pixels = config.get("max_pixels") or self.setting(size, "longest_edge", 16777216)
         self.min_pixels = self.setting({"min_pixels": self.min_pixels}, "min_pixels", 65536)
         self.max_pixels = self.setting({"max_pixels": self.max_pixels}, "max_pixels", 16777216)
-        self.resample: int = config.get("resample", Image.Resampling.BICUBIC)
+        self.resample: int = config.get("resample", PIL_BICUBIC)
         self.table = pair_table(
             value_table(
                 config.get("rescale_factor", DEFAULT_RESCALE),
@@ -176,11 +182,11 @@ class QwenVL(Family):
             UsageError: the processor cannot be loaded from the model directory.
         """
         # Imported here: transformers takes seconds to import and only the trainer side needs it.
-        from transformers import AutoImageProcessor
+        auto_image_processor = require("transformers", "The Qwen-VL image processor").AutoImageProcessor
 
         directory = self.model_dir or DEFAULT_PROCESSOR_DIR
         try:
-            return AutoImageProcessor.from_pretrained(
+            return auto_image_processor.from_pretrained(
                 str(directory),
                 local_files_only=True,
                 backend=self.processor_backend,
