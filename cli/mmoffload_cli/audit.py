@@ -102,8 +102,13 @@ def audit(
 
 
 def default_roots(inputs: list[Path]) -> list[Path] | None:
-    """Return the asset directories of the runs among ``inputs`` (see ``default_allowed_roots``)."""
-    runs = [path for path in inputs if path.is_dir()] or [None]
+    """Return the asset directories of the runs among ``inputs`` (see ``default_allowed_roots``).
+
+    A directory of runs (the demo's output) contributes each run's asset directory.
+    """
+    directories = [path for path in inputs if path.is_dir()]
+    runs = [*directories, *(child for path in directories for child in path.iterdir() if child.is_dir())]
+    runs = runs or [None]
     roots = [root for run in runs for root in default_allowed_roots(run) or []]
     return list(dict.fromkeys(roots)) or None
 
