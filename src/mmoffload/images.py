@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from mmoffload.assets import env_limit
 from mmoffload.errors import BadInputError, Where
 from mmoffload.extras import require
+from mmoffload.families.base import to_rgb
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -66,3 +67,18 @@ def open_image(
             where,
         )
     return image
+
+
+def decode_rgb(data: bytes, name: str, where: Where | None = None) -> Image.Image:
+    """Decode image bytes to RGB (transparency on white), after the header's pixel check.
+
+    Raises:
+        BadInputError: the bytes do not decode as an image, or declare too many pixels.
+    """
+    pil = require("PIL.Image", "Decoding images")
+    try:
+        with open_image(data, name, where) as image:
+            image.load()
+            return to_rgb(image)
+    except (OSError, ValueError, pil.DecompressionBombError) as exc:
+        raise BadInputError(f"Expected a decodable image at `{name}`, got: {exc}", where) from exc

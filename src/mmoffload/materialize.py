@@ -33,8 +33,8 @@ from mmoffload.descriptors import descriptor_uri, validate_descriptor
 from mmoffload.errors import BadInputError, IntegrityError, MissingImageError, UsageError, Where
 from mmoffload.extras import require
 from mmoffload.families import Families, Family, ForwardPolicy, Grid, resolve_model_dir
-from mmoffload.families.base import prepared_grid, to_rgb
-from mmoffload.images import open_image
+from mmoffload.families.base import prepared_grid
+from mmoffload.images import decode_rgb
 from mmoffload.io import atomic_write
 from mmoffload.packing import check_micro_batch
 from mmoffload.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
@@ -42,7 +42,7 @@ from mmoffload.remap import Remap
 from mmoffload.wire import MicroBatch, read_rank_file
 
 if TYPE_CHECKING:
-    from PIL import Image
+    pass
 
 WEIGHT_STREAMS = ("rl_weights", "ce_weights", "ref_kl_weights")
 
@@ -314,7 +314,7 @@ class Materializer:
         hashed = time.perf_counter()
         verify_hash(data, digest, path, at, show_actual=self.allowed_roots is not None)
         decoding = time.perf_counter()
-        image = _decode(data, uri, at)
+        image = decode_rgb(data, uri, at)
         processing = time.perf_counter()
         prepared = family.prepare_image(image)
         done = time.perf_counter()
@@ -342,21 +342,6 @@ class Materializer:
             advantages=convert(batch.advantages),
             weights={name: convert(array) for name, array in batch.weights.items()},
         )
-
-
-def _decode(data: bytes, uri: str, at: Where) -> Image.Image:
-    """Decode image bytes to RGB.
-
-    Raises:
-        BadInputError: the bytes do not decode as an image, or declare too many pixels.
-    """
-    pil = require("PIL.Image", "Decoding images")
-    try:
-        with open_image(data, uri, at) as image:
-            image.load()
-            return to_rgb(image)
-    except (OSError, ValueError, pil.DecompressionBombError) as exc:
-        raise BadInputError(f"Expected a decodable image at `{uri}`, got: {exc}", at) from exc
 
 
 def _torch_converter() -> Any:

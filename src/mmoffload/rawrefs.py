@@ -24,7 +24,7 @@ from mmoffload.assets import read_verified, uri_to_path
 from mmoffload.descriptors import DESCRIPTOR_KIND, HASH_PATTERN, validate_descriptor, validate_sidecar
 from mmoffload.errors import BadInputError, MMOffloadError, Where
 from mmoffload.families import Families, Family, Grid
-from mmoffload.materialize import _decode
+from mmoffload.images import decode_rgb
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -261,7 +261,7 @@ def load_image(ref: ImageRef, roots: Sequence[Path] | None = None) -> Image.Imag
     except MMOffloadError as exc:
         raise InvalidImageRefError(3, exc.message, ref.index) from exc
     try:
-        return _decode(data, ref.uri, at)
+        return decode_rgb(data, ref.uri, at)
     except BadInputError as exc:
         raise InvalidImageRefError(4, exc.message, ref.index) from exc
 
