@@ -46,6 +46,28 @@ def descriptor(uri: str, grid: list[int], family: str = "qwen_vl") -> dict[str, 
     }
 
 
+# Image placeholder token ids of the fixture families (their published ids).
+IMAGE_TOKEN = {"qwen_vl": 151655, "kimi_k25": 163605}
+
+
+def place_images(
+    tokens: list[int], spans: list[tuple[int, int]], family: str, index: int
+) -> tuple[list[int], list[MMImageRef]]:
+    """Write an image's placeholder tokens over each ``(offset, length)`` span of ``tokens``.
+
+    Returns the token type ids and one ref per span (hashes unique per sample ``index``).
+    """
+    type_ids = [0] * len(tokens)
+    refs = []
+    for number, (offset, length) in enumerate(spans):
+        tokens[offset : offset + length] = [IMAGE_TOKEN[family]] * length
+        type_ids[offset : offset + length] = [1] * length
+        digest = f"{index:016x}{number:016x}"
+        uri = f"file:///assets/{digest}.png"
+        refs.append(MMImageRef(descriptor(uri, [1, 2, 2 * length], family), digest, uri, offset, length))
+    return type_ids, refs
+
+
 def sidecar(images: list[tuple[dict[str, Any], str, int, int]]) -> dict[str, Any]:
     """Return a ``multi_modal_data`` sidecar from (descriptor, hash, offset, length) tuples."""
     return {

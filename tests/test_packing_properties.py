@@ -11,14 +11,12 @@ from mmoffload.packing import PackOptions, pack_batch
 from mmoffload.wire import (
     MICRO_BATCH_PER_TOKEN_FIELDS,
     MicroBatch,
-    MMImageRef,
     MMRefs,
     TrainingBatch,
     TrainingSample,
 )
-from tests.builders import descriptor
+from tests.builders import place_images
 
-IMAGE_TOKEN = {"qwen_vl": 151655, "kimi_k25": 163605}
 PER_TOKEN = MICRO_BATCH_PER_TOKEN_FIELDS
 
 
@@ -37,14 +35,7 @@ def samples(draw: st.DrawFn, index: int) -> TrainingSample:
                 break
             spans.append((position + gap, length))
             position += gap + length
-    type_ids = [0] * n
-    refs = []
-    for number, (offset, length) in enumerate(spans):
-        tokens[offset : offset + length] = [IMAGE_TOKEN[family]] * length
-        type_ids[offset : offset + length] = [1] * length
-        digest = f"{index:016x}{number:016x}"
-        uri = f"file:///assets/{digest}.png"
-        refs.append(MMImageRef(descriptor(uri, [1, 2, 2 * length], family), digest, uri, offset, length))
+    type_ids, refs = place_images(tokens, spans, family, index) if family else ([0] * n, [])
     mask = [True, *draw(st.lists(st.booleans(), min_size=n - 1, max_size=n - 1))]
     floats = st.lists(st.floats(-4, 4, width=32), min_size=n, max_size=n)
     return TrainingSample(

@@ -18,10 +18,8 @@ from hypothesis import strategies as st
 
 from mmoffload.errors import BadInputError
 from mmoffload.packing import PackOptions, pack_batch, partition
-from mmoffload.wire import MicroBatch, MMImageRef, MMRefs, RoutedExperts, TrainingBatch, TrainingSample
-from tests.builders import descriptor
-
-IMAGE_TOKEN = {"qwen_vl": 151655, "kimi_k25": 163605}
+from mmoffload.wire import MicroBatch, MMRefs, RoutedExperts, TrainingBatch, TrainingSample
+from tests.builders import place_images
 
 # --- The reference, from the spec text -------------------------------------------------------
 
@@ -208,14 +206,7 @@ def samples(draw: st.DrawFn, index: int, leading: bool) -> TrainingSample:
                 break
             spans.append((position + gap, length))
             position += gap + length
-    type_ids = [0] * n
-    refs = []
-    for number, (offset, length) in enumerate(spans):
-        tokens[offset : offset + length] = [IMAGE_TOKEN[family]] * length
-        type_ids[offset : offset + length] = [1] * length
-        digest = f"{index:016x}{number:016x}"
-        uri = f"file:///assets/{digest}.png"
-        refs.append(MMImageRef(descriptor(uri, [1, 2, 2 * length], family), digest, uri, offset, length))
+    type_ids, refs = place_images(tokens, spans, family, index) if family else ([0] * n, [])
     floats = st.lists(st.floats(-4, 4, width=32), min_size=n, max_size=n)
     routed = draw(st.booleans()) and draw(st.booleans())
     return TrainingSample(
