@@ -173,3 +173,20 @@ def test_ray_without_the_ray_extra_is_a_usage_error(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "needs the `ray` extra" in result.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_stdout_closed_early_stops_quietly_as_unix_tools_do(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"n": n, "text": "x" * 1000}) + "\n" for n in range(2000)))
+    command = [sys.executable, "-c", "from mmoffload_cli.app import main; main()", "offload", str(source)]
+    process = subprocess.Popen(
+        [*command, "-o", "-", "--assets", str(tmp_path / "assets"), "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.read(100).startswith(b'{"n": 0')  # Lines without images: copied as they are.
+    process.stdout.close()  # As `| head -c 100` does.
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert stderr == b""

@@ -32,7 +32,7 @@ from mmoffload_cli import verbosity
 
 # Exit codes as ruff uses them; a signal exits 128 + its number, as shells report it.
 EXIT_OK, EXIT_PROBLEMS, EXIT_CANNOT_RUN = 0, 1, 2
-EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGPIPE = 128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGPIPE
 TRACEBACK_ENV_VAR = "MMOFFLOAD_TRACEBACK"
 # User text quoted in a message (between backticks) is cut to this many characters; a whole message too.
 QUOTE_CHARS, MESSAGE_CHARS = 200, 2000
@@ -98,6 +98,10 @@ def errors_to_exit(as_json: bool = False, on_interrupt: str = "nothing was writt
             path=json_path(where.path) if where.path is not None else None,
         )
         fail(report, EXIT_CANNOT_RUN, as_json)
+    except BrokenPipeError:
+        # The reader of the output went away (`| head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(EXIT_SIGPIPE) from None
     except OSError as exc:
         message = exc.strerror or str(exc)
         error = f"{message} - at `{exc.filename}`" if exc.filename else message
