@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from mmoffload.errors import BadInputError, IntegrityError, MissingImageError, UsageError, Where
-from mmoffload.io import atomic_write, own_temp_prefix, remove_own_temps, write_errors
+from mmoffload.io import atomic_write, own_temp_prefix, write_errors
 
 if TYPE_CHECKING:
     from mmoffload.objectstore import ObjectStore
@@ -235,14 +235,8 @@ class AssetStore:
         self._syncer = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="mmoffload-sync")
         try:
             yield
-        except BaseException:
-            # A stop between a temporary's creation and its hand-off to a thread leaves it unnamed.
-            try:
-                self._finish()
-            finally:
-                remove_own_temps(self.root)
-            raise
-        self._finish()
+        finally:
+            self._finish()
 
     def _finish(self) -> None:
         assert self._syncer is not None

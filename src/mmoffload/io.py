@@ -121,9 +121,23 @@ def atomic_writer(path: Path) -> Iterator[BinaryIO]:
                 os.unlink(tmp_name)
 
 
+_temp_owner: int | None = None
+
+
 def own_temp_prefix() -> str:
     """Return the name prefix of this process's temporaries (the pid tells a run its own apart)."""
-    return f"{TEMP_PREFIX}{os.getpid()}-"
+    return f"{TEMP_PREFIX}{_temp_owner or os.getpid()}-"
+
+
+def adopt_temp_owner(pid: int) -> None:
+    """Name this process's temporaries as process ``pid``'s: a pool worker's are its run's.
+
+    The run stops its workers with SIGTERM, which kills them at once (a Python
+    handler can be missed by a worker blocked in a lock), then removes every
+    temporary of its own name, the workers' included.
+    """
+    global _temp_owner
+    _temp_owner = pid
 
 
 def remove_own_temps(directory: Path) -> None:

@@ -43,6 +43,7 @@ from mmoffload.imageparts import (
 from mmoffload.io import (
     TEMP_PREFIX,
     Input,
+    adopt_temp_owner,
     atomic_writer,
     check_distinct,
     check_output_path,
@@ -594,7 +595,7 @@ def _line_results(
             )
         return
     context = get_context("spawn" if os.name == "nt" else "forkserver")
-    with context.Pool(workers, initializer=_init_worker, initargs=(store, options)) as pool:
+    with context.Pool(workers, initializer=_init_worker, initargs=(store, options, os.getpid())) as pool:
         yield lambda lines: _parallel(pool, workers, lines)
 
 
@@ -641,12 +642,11 @@ def _batches(lines: Iterable[tuple[Where, bytes]]) -> Iterator[list[tuple[Where,
 _worker: Offloader | None = None
 
 
-def _init_worker(store: AssetStore | ObjectStore, options: OffloadOptions) -> None:
-    """Set up a pool worker: stop signals as the parent expects, then its offloader."""
+def _init_worker(store: AssetStore | ObjectStore, options: OffloadOptions, run_pid: int) -> None:
+    """Set up a pool worker: Ctrl-C left to the parent, temporaries named as the run's, its offloader."""
     # Ctrl-C reaches the whole process group: the parent alone stops the run (and these workers).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The parent stops workers with SIGTERM: exit through every `finally`, removing temporaries.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    adopt_temp_owner(run_pid)
     set_worker(store, options)
 
 
@@ -654,10 +654,6 @@ def set_worker(store: AssetStore | ObjectStore, options: OffloadOptions) -> None
     """Make this process's offloader (a pool worker's, or a Ray worker's)."""
     global _worker
     _worker = Offloader(store, options)
-
-
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def _offload_batch(batch: list[tuple[Where, bytes]]) -> list[Any]:
