@@ -236,15 +236,11 @@ class AssetStore:
         try:
             yield
         finally:
-            self._finish()
-
-    def _finish(self) -> None:
-        assert self._syncer is not None
-        try:
-            self.flush()
-        finally:
-            self._syncer.shutdown()
-            self._syncer = None
+            try:
+                self.flush()
+            finally:
+                self._syncer.shutdown()
+                self._syncer = None
 
     def flush(self) -> None:
         """Wait until every image put so far is durable under its name.

@@ -559,10 +559,8 @@ def _check_paths(
     """
     inputs = [path for path in inputs if not is_stdio(path)]
     for path in inputs:
-        if not os.access(path, os.R_OK):
-            # The same message the opener gives, before any work instead of midway.
-            with open_input(path):
-                pass
+        with open_input(path):  # An unreadable input fails here, before any work.
+            pass
     named = [("output", path) for path in outputs if path not in inputs and not is_stdio(path)]
     named += [("rejects file", path) for path in dict.fromkeys(rejects)]
     check_distinct(inputs, named)
