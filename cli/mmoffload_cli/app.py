@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from typing import Annotated
 
 import typer
-from typer.core import TyperArgument
 
 import mmoffload
 
@@ -21,11 +20,6 @@ import mmoffload
 COMMANDS = ("offload", "refs", "pack", "audit", "demo", "materialize", "show", "inspect", "serve", "generate")
 # `serve` passes the arguments after `--` on to vLLM.
 CONTEXT_SETTINGS = {"serve": {"allow_extra_args": True, "ignore_unknown_options": True}}
-
-# Typer appends the value type (`<list[Path]>`) to an argument's help even when the argument
-# names a metavar that already says it; show the metavar alone.
-_display_type = TyperArgument.display_type_rich
-TyperArgument.display_type_rich = lambda self, ctx: None if self.metavar else _display_type(self, ctx)  # type: ignore[method-assign]
 
 
 def build(commands: Iterable[str] = COMMANDS) -> typer.Typer:

@@ -10,25 +10,19 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 from rich.text import Text
 
 from mmoffload.errors import MMOffloadError, Where, json_path
 from mmoffload_cli import verbosity
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 # Exit codes as ruff uses them; a signal exits 128 + its number, as shells report it.
 EXIT_OK, EXIT_PROBLEMS, EXIT_CANNOT_RUN = 0, 1, 2
@@ -133,6 +127,8 @@ def fail(report: ErrorReport, code: int, as_json: bool = False) -> None:
 
 def report_table(report: msgspec.Struct, title: str) -> Table:
     """Render a report struct as a two-column figure/value table (plain lists too with ``-v``)."""
+    from rich.table import Table  # Here and in the bars: imported only when something is shown.
+
     table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 2))
     table.add_column("figure", style="bold")
     table.add_column("value", justify="right", overflow="fold")
@@ -177,6 +173,8 @@ def progress_bar(
     if not (enabled and stderr.is_terminal and not stderr.is_dumb_terminal):
         yield lambda _n: None
         return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=stderr, transient=True) as bar:
         task = bar.add_task(description, total=total)
@@ -194,6 +192,8 @@ def counting_bar(
     if not (enabled and stderr.is_terminal and not stderr.is_dumb_terminal):
         yield lambda _batches, _images: None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

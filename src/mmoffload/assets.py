@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import os
 import stat
-import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from mmoffload.errors import BadInputError, IntegrityError, MissingImageError, UsageError, Where
-from mmoffload.io import atomic_write, own_temp_prefix, write_errors
+from mmoffload.io import atomic_write
 
 if TYPE_CHECKING:
     from mmoffload.objectstore import ObjectStore
@@ -53,8 +52,8 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".webp", ".gif", ".bmp", ".tiff"})
 # Threads that fsync and rename inside `AssetStore.syncing()`: on ext4, 4-8 concurrent fsyncs
 # cut the wall time of 240 image syncs about 4x against one at a time; more add nothing.
 SYNC_THREADS = 8
-# Images written but not yet synced and renamed, at most (each holds an open file).
-SYNC_PENDING = 64
+# Bytes of images handed to the sync threads and not yet durable, at most: how far parsing runs ahead.
+SYNC_PENDING_BYTES = 64 << 20
 
 
 def content_hash(data: bytes) -> str:
@@ -192,7 +191,9 @@ class AssetStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
         self._syncer: ThreadPoolExecutor | None = None
-        self._pending: collections.OrderedDict[Path, Future[None]] = collections.OrderedDict()
+        # Each image on the sync threads -> its write and its size.
+        self._pending: collections.OrderedDict[Path, tuple[Future[None], int]] = collections.OrderedDict()
+        self._pending_bytes = 0
         self._directory_synced = True
 
     def put(self, data: bytes, where: Where | None = None) -> StoredImage:
@@ -249,8 +250,8 @@ class AssetStore:
             UsageError: an image could not be written, synced or renamed (the first such error,
                 naming the image's path).
         """
-        pending, self._pending = self._pending, collections.OrderedDict()
-        errors = [error for future in pending.values() if (error := future.exception()) is not None]
+        pending, self._pending, self._pending_bytes = self._pending, collections.OrderedDict(), 0
+        errors = [error for future, _ in pending.values() if (error := future.exception()) is not None]
         if errors:
             raise errors[0]
         if self._directory_synced:
@@ -264,46 +265,21 @@ class AssetStore:
             os.close(directory)
 
     def _write_deferred(self, path: Path, data: bytes) -> None:
-        """Write ``data`` to a temporary now; fsync and rename it to ``path`` on a sync thread."""
+        """Leave the atomic write of ``data`` to ``path`` (temporary, fsync, rename) to a sync thread.
+
+        The whole write is the thread's: on ext4 a file created beside running
+        fsyncs waits for their journal commit, so creating it here stalls parsing.
+        """
         assert self._syncer is not None
-        while len(self._pending) >= SYNC_PENDING:
-            _, oldest = self._pending.popitem(last=False)
+        while self._pending and self._pending_bytes + len(data) > SYNC_PENDING_BYTES:
+            _, (oldest, size) = self._pending.popitem(last=False)
+            self._pending_bytes -= size
             oldest.result()
         if self._directory_synced:
             self.root.mkdir(parents=True, exist_ok=True)
             self._directory_synced = False
-        with write_errors(path):
-            fd, tmp_name = tempfile.mkstemp(prefix=own_temp_prefix(), dir=self.root)
-        try:
-            view = memoryview(data)
-            with write_errors(path, fd):
-                while view:
-                    view = view[os.write(fd, view) :]
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp_name)
-            raise
-        self._pending[path] = self._syncer.submit(_sync_and_rename, fd, tmp_name, path)
-
-
-def _sync_and_rename(fd: int, tmp_name: str, path: Path) -> None:
-    """Make a written temporary durable, then give it its name (the only way a name appears)."""
-    try:
-        with write_errors(path, fd):
-            os.fsync(fd)
-            os.fchmod(fd, 0o644)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp_name)
-        raise
-    os.close(fd)
-    try:
-        with write_errors(path):
-            os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+        self._pending[path] = (self._syncer.submit(atomic_write, path, data), len(data))
+        self._pending_bytes += len(data)
 
 
 def open_store(location: Path | str | AssetStore | ObjectStore) -> AssetStore | ObjectStore:

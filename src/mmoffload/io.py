@@ -19,8 +19,8 @@ stdout and compresses an output named ``.gz`` or ``.zst``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
+import functools
 import glob
 import gzip
 import io
@@ -368,9 +368,12 @@ def _exchange(staged: Path, directory: Path) -> None:
     if not directory.exists():
         os.rename(staged, directory)
         return
-    if _renameat2 is not None:
-        if _renameat2(-100, os.fsencode(staged), -100, os.fsencode(directory), 2) == 0:  # AT_FDCWD, EXCHANGE
+    renameat2 = _renameat2()
+    if renameat2 is not None:
+        if renameat2(-100, os.fsencode(staged), -100, os.fsencode(directory), 2) == 0:  # AT_FDCWD, EXCHANGE
             return
+        import ctypes
+
         if ctypes.get_errno() not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(directory))
     old = staged.with_name(f"{staged.name}.old")
@@ -393,16 +396,17 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _load_renameat2() -> Any:
+@functools.cache
+def _renameat2() -> Any:
+    """libc's ``renameat2``, or None; loaded on first use: ctypes is a share of every command's start-up."""
+    import ctypes
+
     try:
         function = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):
         return None
     function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
     return function
-
-
-_renameat2 = _load_renameat2()
 
 
 def is_stdio(path: str | os.PathLike[str]) -> bool:

@@ -24,7 +24,6 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -592,7 +591,9 @@ def _line_results(
                 (where, line, _offload_line(offloader, where, line)) for where, line in lines
             )
         return
-    context = get_context("spawn" if os.name == "nt" else "forkserver")
+    import multiprocessing  # Only here: a share of one worker's start-up otherwise.
+
+    context = multiprocessing.get_context("spawn" if os.name == "nt" else "forkserver")
     with context.Pool(workers, initializer=_init_worker, initargs=(store, options, os.getpid())) as pool:
         yield lambda lines: _parallel(pool, workers, lines)
 
