@@ -49,7 +49,7 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
 # URL schemes read as object-store assets (docs/scale.md); ``http(s)`` stays a remote source.
 OBJECT_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".webp", ".gif", ".bmp", ".tiff"})
-# Threads that fsync and rename inside `AssetStore.syncing()`: on ext4, 4-8 concurrent fsyncs
+# Threads that write, fsync and rename images inside `AssetStore.syncing()`: on ext4, 4-8 concurrent fsyncs
 # cut the wall time of 240 image syncs about 4x against one at a time; more add nothing.
 SYNC_THREADS = 8
 # Bytes of images handed to the sync threads and not yet durable, at most: how far parsing runs ahead.
@@ -267,8 +267,8 @@ class AssetStore:
     def _write_deferred(self, path: Path, data: bytes) -> None:
         """Leave the atomic write of ``data`` to ``path`` (temporary, fsync, rename) to a sync thread.
 
-        The whole write is the thread's: on ext4 a file created beside running
-        fsyncs waits for their journal commit, so creating it here stalls parsing.
+        The thread runs the same ``atomic_write`` as an image put outside ``syncing()``,
+        so there is one way an image gets its name.
         """
         assert self._syncer is not None
         while self._pending and self._pending_bytes + len(data) > SYNC_PENDING_BYTES:
