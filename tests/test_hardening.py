@@ -31,7 +31,7 @@ from mmoffload.io import STAGING_PREFIX
 from mmoffload.offload import offload_files
 from mmoffload.packing import PackOptions, pack_run
 from mmoffload.traces import RefsOptions, build_refs
-from mmoffload_cli import render
+from mmoffload_cli import sink
 from mmoffload_cli.app import app
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -397,7 +397,7 @@ def test_rich_markup_in_user_data_prints_as_it_is(
         expected = [MARKUP[url], "rollouts[step=3].jsonl"]
     if command == "audit":
         # The violations table goes through Rich: wide enough that no cell folds.
-        monkeypatch.setattr(render.stdout, "width", 1000)
+        monkeypatch.setattr(sink.stdout, "width", 1000)
         before = snapshot(source)
         result = runner.invoke(app, ["audit", str(source)])
         assert (result.exit_code == 1 and result.exception is None) or isinstance(

@@ -299,11 +299,21 @@ def test_ranks_follow_karmarkar_karp_with_prime_rl_tie_breaks() -> None:
     assert report.dummies == 0
 
 
+def test_swapped_micro_batches_keep_their_places_as_prime_rl_does() -> None:
+    # packing.md 5, step 4: a swap puts the incoming item at the outgoing one's position and
+    # nothing re-sorts, so rank 0 trains [15], [7], [6] in that order, as prime-rl's packer does.
+    samples = [text_sample(n, first=100 * k) for k, n in enumerate((15, 10, 10, 8, 7, 6), start=1)]
+    ranks, _ = pack(samples, seq_len=15, world_size=2, pad_multiple=1)
+
+    assert [[mb.sequence_lengths for mb in rank] for rank in ranks][0] == [[15], [7], [6]]
+
+
 def test_balance_best_keeps_a_lighter_busiest_rank_when_there_is_one() -> None:
     weights = [4, 2, 4, 3, 1, 6, 4, 7, 2]  # total 33 over 3 ranks of 3
     exact = partition(weights, 3)
     best = partition(weights, 3, "best")
 
     assert exact == [[0, 1, 5], [3, 4, 7], [2, 6, 8]]  # loads 12, 11, 10
-    assert best == [[1, 7, 8], [4, 5, 6], [0, 2, 3]]  # loads 11, 11, 11
+    # Greedy deals [7, 3, 8], [5, 6, 4], [0, 2, 1]; one swap (3 <-> 1) keeps each in its place.
+    assert best == [[7, 1, 8], [5, 6, 4], [0, 2, 3]]  # loads 11, 11, 11
     assert partition([5, 5, 4, 4], 2, "best") == partition([5, 5, 4, 4], 2)  # ties go to the exact one

@@ -103,7 +103,7 @@ def ref_bins(pieces: list[RefPiece], seq_len: int, world_size: int, b: float) ->
 
 
 def ref_partition(w: list[float], world_size: int) -> list[list[int]]:
-    """Section 5: Karmarkar-Karp over chunks of W, then swap refinement, items ascending."""
+    """Section 5: Karmarkar-Karp over chunks of W, items ascending, then swaps in place (no re-sort)."""
     pairs = sorted((w[i], i) for i in range(len(w)))
     states = []
     for start in range(0, len(pairs), world_size):
@@ -133,7 +133,7 @@ def ref_partition(w: list[float], world_size: int) -> list[list[int]]:
                         if score < best_score:
                             best_score, best = score, (left, right, a, c, new)
         if best is None:
-            return [sorted(part) for part in parts]
+            return parts
         left, right, a, c, loads = best
         parts[left][a], parts[right][c] = parts[right][c], parts[left][a]
 

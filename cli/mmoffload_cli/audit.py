@@ -17,7 +17,7 @@ from mmoffload.families import resolve_model_dir
 from mmoffload.io import expand_inputs
 from mmoffload.ray_backend import RayOptions
 from mmoffload.remap import Remap
-from mmoffload_cli import options, render
+from mmoffload_cli import options, sink
 
 SHOWN_VIOLATIONS = 10
 
@@ -76,7 +76,7 @@ def audit(
         mmoffload audit RUN --verify-hashes --remap /mnt/a=/data/a
         mmoffload audit dumps/*.jsonl --ray --ray-address ray://head:10001
     """
-    with render.errors_to_exit(as_json):
+    with sink.errors_to_exit(as_json):
         model_dir = resolve_model_dir(model) if model is not None else None
         paths = [item.path for item in expand_inputs(inputs, directories=False)]
         report = audit_paths(
@@ -93,12 +93,12 @@ def audit(
             from mmoffload.io import atomic_write
 
             atomic_write(html_out, audit_page(paths, report).encode())
-    render.emit_report(report, "audit", as_json=as_json, quiet=quiet)
+    sink.emit_report(report, "audit", as_json=as_json, quiet=quiet)
     if not (as_json or quiet):
-        render.stdout.print(violations_table(report, None if verbose else SHOWN_VIOLATIONS))
+        sink.stdout.print(violations_table(report, None if verbose else SHOWN_VIOLATIONS))
     print_failed([e for e in report.expectations if not e.holds])
     if not report.ok:
-        raise typer.Exit(render.EXIT_PROBLEMS)
+        raise typer.Exit(sink.EXIT_PROBLEMS)
 
 
 def default_roots(inputs: list[Path]) -> list[Path] | None:
@@ -124,9 +124,9 @@ def violations_table(report: AuditReport, shown: int | None = SHOWN_VIOLATIONS) 
         table.add_row(
             violation.kind,
             short_path(violation.file),
-            render.format_value(violation.index) if violation.index is not None else "",
+            sink.format_value(violation.index) if violation.index is not None else "",
             str(violation.image) if violation.image is not None else "",
-            render.shorten(violation.reason + (f" at `{violation.path}`" if violation.path else "")),
+            sink.shorten(violation.reason + (f" at `{violation.path}`" if violation.path else "")),
         )
     if shown is not None and (more := len(report.violations) - shown) > 0:
         table.caption = f"and {more:,} more (-v or --json lists them all)"
@@ -143,8 +143,8 @@ def short_path(file: str, keep: int = 3) -> str:
 def print_failed(failed: Sequence[Expectation]) -> None:
     """Print each failed expectation with the figure's actual value, on stderr."""
     for expectation in failed:
-        render.stderr.print(
-            f"expectation failed: {expectation.name}{expectation.op}{render.format_value(expectation.expected)}, "
-            f"actual {render.format_value(expectation.actual)}",
+        sink.stderr.print(
+            f"expectation failed: {expectation.name}{expectation.op}{sink.format_value(expectation.expected)}, "
+            f"actual {sink.format_value(expectation.actual)}",
             markup=False,
         )

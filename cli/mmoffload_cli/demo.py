@@ -11,7 +11,7 @@ import typer
 
 from mmoffload.audit import AuditReport
 from mmoffload.demo import fixtures_dir, run_demo
-from mmoffload_cli import options, render
+from mmoffload_cli import options, sink
 from mmoffload_cli.audit import violations_table
 
 DemoRunDir = Annotated[
@@ -43,25 +43,25 @@ def demo(
         mmoffload demo
         mmoffload demo --run-dir /tmp/mmoffload-demo --json
     """
-    with render.errors_to_exit(as_json):
+    with sink.errors_to_exit(as_json):
         fixtures = fixtures_dir()
     root = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="mmoffload-demo-"))
     if not (as_json or quiet):
-        render.stderr.print(f"demo: run directories under {root}", markup=False)
+        sink.stderr.print(f"demo: run directories under {root}", markup=False)
 
     def show(family: str, stage: str, report: msgspec.Struct) -> None:
         if as_json or quiet:
             return
         if isinstance(report, AuditReport):
-            render.emit_report(report, "audit (all runs)", as_json=False)
-            render.stdout.print(violations_table(report))
+            sink.emit_report(report, "audit (all runs)", as_json=False)
+            sink.stdout.print(violations_table(report))
         else:
-            render.emit_report(report, f"{stage} ({family})", as_json=False)
-            render.stdout.print()
+            sink.emit_report(report, f"{stage} ({family})", as_json=False)
+            sink.stdout.print()
 
-    with render.errors_to_exit(as_json):
+    with sink.errors_to_exit(as_json):
         report = run_demo(root, fixtures=fixtures, on_stage=show)
     if as_json:
-        render.emit_report(report, "demo", as_json=True)
+        sink.emit_report(report, "demo", as_json=True)
     if not report.audit.ok:
-        raise typer.Exit(render.EXIT_PROBLEMS)
+        raise typer.Exit(sink.EXIT_PROBLEMS)

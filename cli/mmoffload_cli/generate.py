@@ -11,7 +11,7 @@ import typer
 from mmoffload.errors import UsageError
 from mmoffload.generate import generate_traces
 from mmoffload.io import is_stdio
-from mmoffload_cli import options, render
+from mmoffload_cli import options, sink
 
 
 def generate(
@@ -69,7 +69,7 @@ def generate(
         mmoffload generate t.jsonl.gz --server URL -o - | gzip > out.jsonl.gz
     """
     to_stdout = is_stdio(output)
-    with render.errors_to_exit(as_json):
+    with sink.errors_to_exit(as_json):
         if to_stdout and as_json:
             raise UsageError("Expected one of `-o -` and `--json`: both would write to stdout")
         sampling: dict[str, object] = {}
@@ -84,11 +84,11 @@ def generate(
         if seed is not None:
             sampling["seed"] = seed
         total = traces.stat().st_size if traces.is_file() else None
-        with render.progress_bar("generate", total, enabled=not quiet) as advance:
+        with sink.progress_bar("generate", total, enabled=not quiet) as advance:
             report = generate_traces(traces, output, server, sampling, advance=advance)
     if to_stdout:
         # The traces are stdout's: the report goes to stderr.
         if not quiet:
-            render.stderr.print(render.report_table(report, "generate"))
+            sink.stderr.print(sink.report_table(report, "generate"))
     else:
-        render.emit_report(report, "generate", as_json=as_json, quiet=quiet)
+        sink.emit_report(report, "generate", as_json=as_json, quiet=quiet)

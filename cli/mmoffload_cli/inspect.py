@@ -12,7 +12,7 @@ from mmoffload.families import Families, resolve_model_dir
 from mmoffload.inspect_html import TokenText, inspect_page
 from mmoffload.io import is_stdio, open_output
 from mmoffload.show import select
-from mmoffload_cli import options, render
+from mmoffload_cli import options, sink
 from mmoffload_cli.show import MicroBatchIndex, Rank, SampleIndex, Step, Target
 
 HtmlOut = Annotated[
@@ -49,7 +49,7 @@ def inspect(
         mmoffload inspect RUN --sample 0 --html - > sample.html
     """
     to_stdout = is_stdio(html_out)
-    with render.errors_to_exit(as_json):
+    with sink.errors_to_exit(as_json):
         if to_stdout and as_json:
             raise UsageError("Expected one of `--html -` and `--json`: both would write to stdout")
         families = Families(resolve_model_dir(model) if model is not None else None)
@@ -60,8 +60,8 @@ def inspect(
     if to_stdout:
         # The page is stdout's: the report goes to stderr.
         if not quiet:
-            render.stderr.print(render.report_table(report, "inspect: wrote the page to stdout"))
+            sink.stderr.print(sink.report_table(report, "inspect: wrote the page to stdout"))
     else:
-        render.emit_report(report, f"inspect: wrote {html_out}", as_json=as_json, quiet=quiet)
+        sink.emit_report(report, f"inspect: wrote {html_out}", as_json=as_json, quiet=quiet)
     if not report.ok:
-        raise typer.Exit(render.EXIT_PROBLEMS)
+        raise typer.Exit(sink.EXIT_PROBLEMS)

@@ -11,7 +11,7 @@ from mmoffload.assets import default_allowed_roots
 from mmoffload.io import check_writable_dir
 from mmoffload.materialize import MissingImagePolicy, materialize_run
 from mmoffload.remap import Remap
-from mmoffload_cli import options, render
+from mmoffload_cli import options, sink
 from mmoffload_cli.options import AllowRoot, Json, Model, Quiet, Verbose
 
 
@@ -68,16 +68,16 @@ def materialize(
 
     def print_estimate(size: int, micro_batches: int) -> None:
         if not quiet:
-            render.stderr.print(
+            sink.stderr.print(
                 f"materialize: saving about {size / 1e6:,.1f} MB for {micro_batches:,} micro batches to {save}",
                 markup=False,
             )
 
     with (
-        render.errors_to_exit(
+        sink.errors_to_exit(
             json_output, "safetensors files already saved stay, each whole; no other file was written"
         ),
-        render.counting_bar("materialize", None, enabled=not quiet) as advance,
+        sink.counting_bar("materialize", None, enabled=not quiet) as advance,
     ):
         if save is not None:
             check_writable_dir(save, "--save directory")
@@ -92,10 +92,10 @@ def materialize(
             on_estimate=print_estimate,
             allowed_roots=allow_root or default_allowed_roots(run),
         )
-    render.emit_report(report, "materialize", as_json=json_output, quiet=quiet)
+    sink.emit_report(report, "materialize", as_json=json_output, quiet=quiet)
     if report.images_placeholdered:
-        render.stderr.print(
+        sink.stderr.print(
             f"{report.images_placeholdered} missing image(s) placeholdered: "
             f"{report.micro_batches_zero_loss} micro batch(es) train nothing"
         )
-        raise typer.Exit(render.EXIT_PROBLEMS)
+        raise typer.Exit(sink.EXIT_PROBLEMS)

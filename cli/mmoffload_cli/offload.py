@@ -12,7 +12,7 @@ from mmoffload.errors import UsageError
 from mmoffload.io import expand_inputs, is_stdio
 from mmoffload.offload import OffloadOptions, offload_files, plan_outputs
 from mmoffload.ray_backend import RayOptions
-from mmoffload_cli import render
+from mmoffload_cli import sink
 from mmoffload_cli.options import Assets, Json, Output, Quiet, Ray, RayAddress, Verbose, Workers
 
 
@@ -84,7 +84,7 @@ def offload(
         mmoffload offload dumps/*.jsonl -o out/ --assets s3://bkt/run1 --ray
     """
     to_stdout = output is not None and is_stdio(output)
-    with render.errors_to_exit(
+    with sink.errors_to_exit(
         json_output,
         on_interrupt="no output or rejects file was written; images already stored stay in the asset "
         "directory, each whole (content addressed)",
@@ -95,7 +95,7 @@ def offload(
         outputs = plan_outputs(expanded, output, in_place)
         # Progress counts decompressed bytes: for a compressed input the size is only a guess.
         total = sum(item.path.stat().st_size for item in expanded if item.path.is_file())
-        with render.progress_bar("offload", total, enabled=not quiet) as advance:
+        with sink.progress_bar("offload", total, enabled=not quiet) as advance:
             report = offload_files(
                 [item.path for item in expanded],
                 outputs,
@@ -110,11 +110,11 @@ def offload(
     if to_stdout:
         # The records are stdout's: the report goes to stderr.
         if not quiet:
-            render.stderr.print(render.report_table(report, "offload"))
+            sink.stderr.print(sink.report_table(report, "offload"))
     else:
-        render.emit_report(report, "offload", as_json=json_output, quiet=quiet)
+        sink.emit_report(report, "offload", as_json=json_output, quiet=quiet)
     if report.rejected_lines:
-        render.stderr.print(
-            render.shorten(f"{report.rejected_lines} line(s) rejected, see {', '.join(report.rejects)}")
+        sink.stderr.print(
+            sink.shorten(f"{report.rejected_lines} line(s) rejected, see {', '.join(report.rejects)}")
         )
-        raise typer.Exit(render.EXIT_PROBLEMS)
+        raise typer.Exit(sink.EXIT_PROBLEMS)

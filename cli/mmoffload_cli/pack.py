@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mmoffload.packing import DEFAULT_PAD_TOKEN_ID, Balance, PackOptions, PackReport, pack_run
-from mmoffload_cli import options, render
+from mmoffload_cli import options, sink
 
 Run = Annotated[Path, typer.Argument(metavar="RUN", help="Run directory to pack.", show_default=False)]
 SeqLen = Annotated[
@@ -84,7 +84,7 @@ def pack(
         mmoffload pack RUN --seq-len 8192 --world-size 8 --balance best
         mmoffload pack RUN --seq-len 8192 --max-truncated-fraction 0.01
     """
-    with render.errors_to_exit(as_json, "no rank file was written (a run's rank files appear all at once)"):
+    with sink.errors_to_exit(as_json, "no rank file was written (a run's rank files appear all at once)"):
         report = pack_run(
             run,
             PackOptions(
@@ -97,17 +97,17 @@ def pack(
                 max_truncated_fraction=max_truncated_fraction,
             ),
         )
-    render.emit_report(report, "pack", as_json=as_json, quiet=quiet)
+    sink.emit_report(report, "pack", as_json=as_json, quiet=quiet)
     if report.any_dropped and not quiet:
-        render.stderr.print(f"warning: {truncation_summary(report)}", markup=False)
+        sink.stderr.print(f"warning: {truncation_summary(report)}", markup=False)
     if not report.written:
-        render.stderr.print(
+        sink.stderr.print(
             f"error: nothing written: truncation would drop {report.trainable_fraction_dropped:.1%} of the "
             f"trainable tokens, more than --max-truncated-fraction {max_truncated_fraction} "
             "(raise --seq-len)",
             markup=False,
         )
-        raise typer.Exit(render.EXIT_PROBLEMS)
+        raise typer.Exit(sink.EXIT_PROBLEMS)
 
 
 def truncation_summary(report: PackReport) -> str:

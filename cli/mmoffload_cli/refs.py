@@ -12,7 +12,7 @@ from mmoffload.families import resolve_model_dir
 from mmoffload.io import expand_inputs
 from mmoffload.remap import Remap
 from mmoffload.traces import RefsOptions, build_refs
-from mmoffload_cli import options, render
+from mmoffload_cli import options, sink
 
 Traces = Annotated[
     list[Path],
@@ -105,7 +105,7 @@ def refs(
         mmoffload refs new.jsonl --run-dir RUN --overwrite
         mmoffload refs traces.jsonl --run-dir RUN --remap /mnt/a=/data/a
     """
-    with render.errors_to_exit(as_json, "no step was written (a run's steps appear all at once)"):
+    with sink.errors_to_exit(as_json, "no step was written (a run's steps appear all at once)"):
         model_dir = resolve_model_dir(model) if model is not None else None
         report = build_refs(
             [item.path for item in expand_inputs(traces)],
@@ -124,16 +124,16 @@ def refs(
                 overwrite=overwrite,
             ),
         )
-    render.emit_report(report, "refs", as_json=as_json, quiet=quiet)
+    sink.emit_report(report, "refs", as_json=as_json, quiet=quiet)
     if not report.type_ids_cross_checked and not quiet:
-        render.stderr.print(
+        sink.stderr.print(
             "warning: no token-type map for some family: image type ids were derived from the "
             "placeholders and not cross-checked against the tokens"
         )
     if report.rejected_records:
         if not quiet:
-            render.stderr.print(f"{report.rejected_records:,} record(s) rejected, see {report.rejects_path}")
-        raise typer.Exit(render.EXIT_PROBLEMS)
+            sink.stderr.print(f"{report.rejected_records:,} record(s) rejected, see {report.rejects_path}")
+        raise typer.Exit(sink.EXIT_PROBLEMS)
 
 
 def _tuple(roots: list[Path] | None) -> tuple[Path, ...] | None:

@@ -9,7 +9,7 @@ import typer
 
 from mmoffload.errors import UsageError
 from mmoffload.pixel_cache import DEFAULT_CACHE_BYTES
-from mmoffload_cli import render
+from mmoffload_cli import sink
 
 
 def serve(
@@ -54,7 +54,7 @@ def serve(
         mmoffload serve --model /models/Qwen3-VL-8B-Instruct --port 8000
         mmoffload serve --model tiny/ -- --enforce-eager --max-model-len 4096
     """
-    with render.errors_to_exit():
+    with sink.errors_to_exit():
         if not (model / "config.json").is_file():
             raise UsageError(f"Expected a model directory with `config.json`, got `{model}`")
         try:

@@ -10,7 +10,7 @@ import msgspec
 import typer
 
 from mmoffload.show import named, select
-from mmoffload_cli import render
+from mmoffload_cli import sink
 
 Target = Annotated[
     Path,
@@ -59,7 +59,7 @@ def show(
         mmoffload show RUN --sample 3 --full
         mmoffload show RUN/rollouts/step_0/rank_0.bin --micro-batch 1
     """
-    with render.errors_to_exit():
+    with sink.errors_to_exit():
         selected = select(target, step=step, rank=rank, micro_batch=micro_batch, sample=sample)
         document = named(selected, full=full)
     sys.stdout.write(pretty_json(document) + "\n")

@@ -550,7 +550,9 @@ def partition(weights: Sequence[float], world_size: int, balance: Balance = "pri
         balance: which partition to return.
 
     Returns:
-        The item indices of each rank, ascending.
+        The item indices of each rank in section 5's order: ascending after Karmarkar-Karp
+        (or in dealing order for the greedy partition), then changed in place by the swaps,
+        never re-sorted (prime-rl's ``_refine_by_swapping`` does not sort either).
     """
     if len(weights) % world_size:
         raise UsageError(f"Expected a multiple of {world_size} items to partition, got {len(weights)}")
@@ -561,7 +563,7 @@ def partition(weights: Sequence[float], world_size: int, balance: Balance = "pri
         greedy = _refine(weights, _greedy(weights, world_size))
         if _score(weights, greedy) < _score(weights, ranks):
             ranks = greedy
-    return [sorted(items) for items in ranks]
+    return ranks
 
 
 class _KKState:
