@@ -305,7 +305,7 @@ def test_swapped_micro_batches_keep_their_places_as_prime_rl_does() -> None:
     samples = [text_sample(n, first=100 * k) for k, n in enumerate((15, 10, 10, 8, 7, 6), start=1)]
     ranks, _ = pack(samples, seq_len=15, world_size=2, pad_multiple=1)
 
-    assert [[mb.sequence_lengths for mb in rank] for rank in ranks][0] == [[15], [7], [6]]
+    assert [mb.sequence_lengths for mb in ranks[0]] == [[15], [7], [6]]
 
 
 def test_balance_best_keeps_a_lighter_busiest_rank_when_there_is_one() -> None:
