@@ -8,9 +8,16 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from mmoffload.audit import FIGURES, AuditReport, Violation, audit, check_expectations, parse_expectation
+from mmoffload.audit import (
+    FIGURES,
+    AuditReport,
+    Violation,
+    audit,
+    check_expectations,
+    parse_expectation,
+)
+from mmoffload.contract.wire import EncodedTensor, MMImageRef, MMRefs, TrainingSample
 from mmoffload.errors import UsageError
-from mmoffload.wire import EncodedTensor, MMImageRef, MMRefs, TrainingSample
 from tests.builders import (
     QWEN_IMAGE_PAD,
     data_url,

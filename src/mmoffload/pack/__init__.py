@@ -1,0 +1,35 @@
+"""`mmoffload pack`: a run's ``TrainingBatch`` files to per-rank micro batches (prime-rl's packer, byte for byte)."""
+
+from mmoffload.pack.stage import (
+    BALANCES,
+    DEFAULT_PAD_TOKEN_ID,
+    STREAM_FILL,
+    STREAM_PAD,
+    WEIGHT_STREAMS,
+    Balance,
+    PackOptions,
+    PackReport,
+    StepPackReport,
+    TruncationFigures,
+    check_micro_batch,
+    pack_batch,
+    pack_run,
+    partition,
+)
+
+__all__ = [
+    "BALANCES",
+    "DEFAULT_PAD_TOKEN_ID",
+    "STREAM_FILL",
+    "STREAM_PAD",
+    "WEIGHT_STREAMS",
+    "Balance",
+    "PackOptions",
+    "PackReport",
+    "StepPackReport",
+    "TruncationFigures",
+    "check_micro_batch",
+    "pack_batch",
+    "pack_run",
+    "partition",
+]

@@ -1,0 +1,15 @@
+"""`mmoffload refs`: offloaded traces to a run's ``TrainingBatch`` files, every ref checked."""
+
+from mmoffload.refs.stage import (
+    GROUP_KEYS,
+    RefsOptions,
+    RefsReport,
+    build_refs,
+)
+
+__all__ = [
+    "GROUP_KEYS",
+    "RefsOptions",
+    "RefsReport",
+    "build_refs",
+]
