@@ -6,15 +6,12 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mmoffload.contract import rundir
 from mmoffload.contract.descriptors import DESCRIPTOR_KIND
 from mmoffload.errors import PathPart, UsageError, Where
 from mmoffload.io.inputs import is_jsonl_name, is_stdio
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(slots=True)

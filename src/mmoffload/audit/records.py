@@ -8,17 +8,11 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mmoffload.audit.report import AuditReport
 from mmoffload.contract.addresses import content_hash
 from mmoffload.contract.descriptors import HASH_PATTERN, descriptor_uri
-from mmoffload.errors import MMOffloadError, UsageError, Where
-from mmoffload.store.read import read_verified
-
-if TYPE_CHECKING:
-    pass
-
 from mmoffload.contract.wire import (
     MICRO_BATCH_PER_TOKEN_FIELDS,
     MICRO_BATCH_TOTAL_FIELDS,
@@ -27,6 +21,8 @@ from mmoffload.contract.wire import (
     MMRefs,
     TrainingSample,
 )
+from mmoffload.errors import MMOffloadError, UsageError, Where
+from mmoffload.store.read import read_verified
 
 
 @dataclass(slots=True)

@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from mmoffload.errors import BadInputError, Where
-
-if TYPE_CHECKING:
-    pass
-
 
 HASH_HEX_DIGITS = 32
 

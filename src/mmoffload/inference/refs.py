@@ -291,15 +291,11 @@ def check_placeholder(ref: ImageRef, token_ids: Sequence[int]) -> None:
         InvalidImageRefError: a wrong length, a span past the prompt, or a non-image token in it.
     """
     try:
-        expected = ref.family.placeholder_length(ref.grid)
+        problem = ref.family.placeholder_problem(ref.grid, ref.length)
     except BadInputError as exc:
         raise InvalidImageRefError(6, exc.message, ref.index) from exc
-    if ref.length != expected:
-        raise InvalidImageRefError(
-            6,
-            f"Expected placeholder length {expected} for grid {list(ref.grid)}, got {ref.length}",
-            ref.index,
-        )
+    if problem:
+        raise InvalidImageRefError(6, problem, ref.index)
     end = ref.offset + ref.length
     if end > len(token_ids):
         raise InvalidImageRefError(

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -24,9 +24,6 @@ from mmoffload.families.pixel_cache import PixelCache
 from mmoffload.store.images import decode_rgb
 from mmoffload.store.read import read_verified, verify_hash
 from mmoffload.store.remap import Remap
-
-if TYPE_CHECKING:
-    pass
 
 
 class MissingImagePolicy(enum.StrEnum):
@@ -268,13 +265,8 @@ class Materializer:
                 )
             previous_end = ref.offset + ref.length
             grid = family.grid(descriptor["payload"], at)
-            expected_length = family.placeholder_length(grid)
-            if ref.length != expected_length:
-                raise BadInputError(
-                    f"Expected placeholder length {expected_length} for grid {list(grid)} of family "
-                    f"`{family.name}`, got {ref.length}",
-                    at,
-                )
+            if problem := family.placeholder_problem(grid, ref.length):
+                raise BadInputError(problem, at)
             grids.append(grid)
         return family, grids
 

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import msgspec
 
 from mmoffload.errors import MMOffloadError, Where
 from mmoffload.offload.records import RecordCounts, line_ending
-
-if TYPE_CHECKING:
-    pass
-
 
 REJECTS_SUFFIX = ".rejects.jsonl"
 

@@ -7,15 +7,11 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mmoffload.contract.addresses import content_hash, file_uri
 from mmoffload.errors import BadInputError, IntegrityError, MissingImageError, Where
 from mmoffload.limits import MAX_IMAGE_BYTES_ENV_VAR, max_image_bytes
 from mmoffload.store.backend import asset_size, read_asset
-
-if TYPE_CHECKING:
-    pass
 
 
 def read_verified(
