@@ -22,12 +22,11 @@ from mmoffload.audit.records import (
     micro_batch_record,
     packed_sequences,
     read_artifact,
-    ref_problems,
     sample_record,
 )
 from mmoffload.audit.report import FIGURES, AuditReport, Violation
 from mmoffload.contract.addresses import asset_location, is_local_file_uri, is_object_uri
-from mmoffload.contract.checks import length_problems
+from mmoffload.contract.checks import length_problems, ref_problems
 from mmoffload.contract.descriptors import DESCRIPTOR_KIND, descriptor_problems
 from mmoffload.contract.imageparts import ImageSource, iter_image_sources, source_kind
 from mmoffload.contract.spans import span_problems

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from mmoffload.contract.addresses import asset_location
-from mmoffload.contract.checks import check_micro_batch
-from mmoffload.contract.descriptors import descriptor_uri, validate_descriptor
+from mmoffload.contract.checks import check_micro_batch, ref_problems
+from mmoffload.contract.descriptors import validate_descriptor
 from mmoffload.contract.wire import WEIGHT_STREAMS, MicroBatch
 from mmoffload.errors import BadInputError, IntegrityError, MissingImageError, Where
 from mmoffload.extras import require
@@ -251,18 +251,8 @@ class Materializer:
         previous_end = 0
         for index, (ref, descriptor) in enumerate(zip(refs, descriptors, strict=True)):
             at = where.at(image=index)
-            if descriptor_uri(descriptor) != ref.uri:
-                raise BadInputError(
-                    f"Expected the ref's URI to be its descriptor's `{descriptor_uri(descriptor)}`, "
-                    f"got `{ref.uri}`",
-                    at,
-                )
-            if ref.offset < previous_end:
-                raise BadInputError(
-                    f"Expected refs in token order without overlap, got offset {ref.offset} before "
-                    f"the previous end {previous_end}",
-                    at,
-                )
+            if problems := ref_problems(descriptor, ref.hash, ref.uri, ref.offset, previous_end):
+                raise BadInputError(problems[0], at)
             previous_end = ref.offset + ref.length
             grid = family.grid(descriptor["payload"], at)
             if problem := family.placeholder_problem(grid, ref.length):
