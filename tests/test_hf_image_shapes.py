@@ -1,10 +1,12 @@
 """Hugging Face chat-template image parts and datasets images are offloaded like the OpenAI shapes."""
 
 import base64
+import io
 from pathlib import Path
 
 import msgspec
 import pytest
+from PIL import Image
 
 from mmoffload.audit import audit
 from mmoffload.contract.addresses import content_hash, file_uri
@@ -53,13 +55,15 @@ def test_every_chat_template_shape_becomes_the_openai_part_of_the_stored_file(tm
         assert (counts.image_parts, counts.records_rewritten, counts.reshaped) == (1, 1, 1)
 
 
-def test_a_datasets_image_column_is_offloaded_in_its_own_shape(tmp_path, image_path):
+def test_a_datasets_image_column_is_offloaded_in_its_own_shape_with_a_plain_path(tmp_path, image_path):
     record = {"image": {"bytes": B64, "path": "photo.png"}, "question": "what is it?"}
     offload_record(record, tmp_path / "assets")
 
-    uri = record["image"]["path"]
-    assert record == {"image": {"bytes": None, "path": uri}, "question": "what is it?"}
-    assert uri.startswith("file://") and content_hash(PNG)[:32] in uri
+    path = record["image"]["path"]
+    assert record == {"image": {"bytes": None, "path": path}, "question": "what is it?"}
+    assert path == str(tmp_path / "assets" / f"{content_hash(PNG)}.png")
+    # What datasets and verl do with it: open the path itself.
+    assert Image.open(path).size == Image.open(io.BytesIO(PNG)).size
     # Its own output: nothing to change.
     assert offload_record(record, tmp_path / "assets").records_rewritten == 0
 
@@ -69,7 +73,7 @@ def test_a_datasets_image_with_a_relative_path_points_at_its_absolute_file(tmp_p
     record = {"image": {"bytes": None, "path": "photo.png"}}
     counts = offload_record(record, tmp_path / "assets")
 
-    assert record == {"image": {"bytes": None, "path": file_uri(image_path)}}
+    assert record == {"image": {"bytes": None, "path": str(image_path)}}
     assert (counts.already_file, counts.reshaped) == (1, 1)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mmoffload.contract.addresses import file_uri, is_local_file_uri, is_object_uri
+from mmoffload.contract.addresses import file_uri, is_local_file_uri, is_object_uri, uri_to_path
 from mmoffload.errors import BadInputError, PathPart, Where
 
 SourceKind = Literal["data", "file", "remote"]
@@ -199,6 +199,8 @@ def _datasets_source(value: dict[str, Any]) -> tuple[str, str] | None:
     """Return the key and source of a datasets image (bytes first), or None when neither is a string."""
     if isinstance(value["bytes"], str):
         return "bytes", _base64_source(value["bytes"])
+    if isinstance(value["bytes"], bytes) and value["bytes"]:  # Arrow rows (Parquet) hold raw bytes.
+        return "bytes", _BASE64_HEADER + binascii.b2a_base64(value["bytes"], newline=False).decode()
     if isinstance(value["path"], str):
         return "path", _path_source(value["path"])
     return None
@@ -224,15 +226,37 @@ def _unknown_shape(
     )
 
 
-def rewrite_part(part: ImagePart, uri: str) -> bool:
+def plain_path(uri: str) -> str:
+    """Return what a datasets image's ``path`` holds for ``uri``: a local file's path, else the URL.
+
+    datasets, ``PIL.Image.open`` and verl's ``process_image`` open a filesystem path (or an
+    fsspec URL), never a ``file://`` URI.
+    """
+    return str(uri_to_path(uri)) if is_local_file_uri(uri) else uri
+
+
+def rewrite_part(part: ImagePart, uri: str, *, reshape: bool = True) -> bool:
     """Point ``part`` at ``uri`` and give it its canonical shape; return True if anything changed.
 
     Canonical shapes: OpenAI chat ``{"type": "image_url", "image_url": {"url": ...}}``
     (sibling keys kept; every Hugging Face chat shape becomes it), Responses unchanged,
     a descriptor with ``raw_image_uri`` and no ``raw_image_data``, a datasets image
-    ``{"bytes": null, "path": URI}``. Key order is kept; a renamed key stays where it was.
+    ``{"bytes": null, "path": PATH}`` (``plain_path``). Key order is kept; a renamed key stays
+    where it was. With ``reshape`` False no key is added, renamed or dropped (a table's schema
+    stays): only the source's value changes.
     """
     node = part.container
+    if not reshape and part.shape not in ("datasets", "hf_datasets"):
+        target = node[part.key] if part.shape == "openai" else node
+        key = "url" if part.shape == "openai" else part.key
+        value = plain_path(uri) if part.key == "path" else uri
+        changed = target[key] != value
+        target[key] = value
+        return changed
+    if part.shape == "hf_datasets" and not reshape:
+        changed = node[part.key] != (image := {"bytes": None, "path": plain_path(uri)})
+        node[part.key] = image
+        return changed
     if part.shape == "openai":
         changed = node["image_url"]["url"] != uri
         node["image_url"]["url"] = uri
@@ -244,8 +268,9 @@ def rewrite_part(part: ImagePart, uri: str) -> bool:
         _replace_items(node, {"type": ("type", "image_url"), part.key: ("image_url", {"url": uri})})
         return True
     if part.shape == "datasets":
-        changed = node["bytes"] is not None or node["path"] != uri
-        _replace_items(node, {"bytes": ("bytes", None), "path": ("path", uri)})
+        path = plain_path(uri)
+        changed = node["bytes"] is not None or node["path"] != path
+        _replace_items(node, {"bytes": ("bytes", None), "path": ("path", path)})
         return changed
     if part.shape == "descriptor_data":
         # The inline data becomes the URI, in place; stale URIs (and the old synonym) go.
@@ -272,7 +297,7 @@ def _replace_items(node: dict[str, Any], changes: dict[str, tuple[str, Any] | No
 def needs_reshape(part: ImagePart) -> bool:
     """True when a part is not in its canonical shape (it changes even if its source does not)."""
     if part.shape == "datasets":
-        return part.key == "bytes" or part.container["path"] != part.source
+        return part.key == "bytes" or part.container["path"] != plain_path(part.source)
     return part.shape in ("openai_string", "hf", "hf_datasets")
 
 

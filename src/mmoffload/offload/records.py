@@ -117,11 +117,12 @@ class Offloader:
         # The stand-ins of the line being offloaded.
         self._stand_ins: dict[str, _DataUrl] = {}
 
-    def record(self, record: Any, where: Where | None = None) -> RecordCounts:
+    def record(self, record: Any, where: Where | None = None, *, reshape: bool = True) -> RecordCounts:
         """Offload every image part of ``record`` in place and return what was done.
 
         Every image it stores is durable under its name when it returns (or, inside
-        the store's ``syncing()`` block, when that block ends).
+        the store's ``syncing()`` block, when that block ends). With ``reshape`` False
+        only sources change, no key (a table row keeps its schema; see ``rewrite_part``).
 
         Raises:
             BadInputError: an undecodable data URL, bytes that are no image, a remote
@@ -129,7 +130,7 @@ class Offloader:
             IntegrityError: a ``file://`` source that does not exist (when checked or adopted).
         """
         with self.store.syncing():
-            return self._record(record, where or Where())
+            return self._record(record, where or Where(), reshape)
 
     def line(self, line: bytes, where: Where) -> tuple[bytes, RecordCounts]:
         """Offload one JSONL line; a line that needs no change comes back as the same bytes.
@@ -230,15 +231,15 @@ class Offloader:
             self._cache_bytes -= len(evicted.text)
         return data_url
 
-    def _record(self, record: Any, where: Where) -> RecordCounts:
+    def _record(self, record: Any, where: Where, reshape: bool = True) -> RecordCounts:
         counts = RecordCounts(records=1)
         changed = False
         for part in find_parts(record, where):
             counts.image_parts += 1
             uri = self._resolve(part, where.at(path=part.path), counts)
-            if needs_reshape(part):
+            if reshape and needs_reshape(part):
                 counts.reshaped += 1
-            changed |= rewrite_part(part, uri)
+            changed |= rewrite_part(part, uri, reshape=reshape)
         counts.records_rewritten = int(changed)
         return counts
 
@@ -285,6 +286,16 @@ class Offloader:
             return uri
         counts.adopted += 1
         return self._put(read_verified(path, None, where), where, counts).uri
+
+    def image(self, data: bytes, where: Where, counts: RecordCounts) -> str:
+        """Store one image's bytes (a table's image cell) and return its URI, counted as offloaded.
+
+        Raises:
+            BadInputError: the bytes are no image format.
+        """
+        counts.image_parts += 1
+        counts.offloaded += 1
+        return self._put(data, where, counts).uri
 
     def _put(self, data: bytes, where: Where, counts: RecordCounts) -> StoredImage | StoredObject:
         stored = self.store.put(data, where)
