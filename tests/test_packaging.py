@@ -44,7 +44,7 @@ def test_a_quiet_offload_imports_nothing_it_does_not_use(tmp_path: Path) -> None
     # Start-up is a measured share of an offload (scripts/bench_offload.py): pydantic (Typer 0.29+),
     # numpy, the trainer side, object storage, progress bars and worker pools stay out of the way.
     unused = ("pydantic", "numpy", "PIL", "transformers", "fsspec", "rich.progress", "rich.table")
-    unused += ("multiprocessing", "ctypes")
+    unused += ("multiprocessing", "ctypes", "pyarrow")
     source = tmp_path / "in.jsonl"
     source.write_text('{"messages": []}\n')
     code = (

@@ -10,6 +10,7 @@ import typer
 from mmoffload.errors import UsageError
 from mmoffload.io.inputs import expand_inputs, is_stdio
 from mmoffload.offload import OffloadOptions, offload_files, plan_outputs
+from mmoffload.offload.stage import InputFormat
 from mmoffload.runners.ray import RayOptions
 from mmoffload.store.local import resolve_assets_dir
 from mmoffload_cli import sink
@@ -21,7 +22,8 @@ def offload(
         list[Path],
         typer.Argument(
             metavar="PATH",
-            help="JSONL files (rollouts, traces, chat requests; .gz/.zst read too), directories, quoted globs, or - for stdin.",
+            help="JSONL files (rollouts, traces, chat requests; .gz/.zst read too), Parquet files, "
+            "directories, quoted globs, or - for stdin.",
             show_default=False,
         ),
     ],
@@ -57,6 +59,14 @@ def offload(
             help="Rejects file for the whole run (default: <output>.rejects.jsonl).",
         ),
     ] = None,
+    input_format: Annotated[
+        InputFormat,
+        typer.Option(
+            "--format",
+            help="Input format: auto (Parquet by its .parquet name or magic bytes, else JSONL), jsonl, "
+            "parquet (needs the `parquet` extra; written as Parquet).",
+        ),
+    ] = "auto",
     workers: Workers = 1,
     ray: Ray = False,
     ray_address: RayAddress = None,
@@ -68,7 +78,10 @@ def offload(
 
     Finds image parts anywhere in each record (OpenAI chat, HF, Responses, raw
     descriptors), stores each data: URL's bytes as assets/<sha256[:32]>.<ext>,
-    and rewrites the part in canonical shape. Everything else is kept. Outputs
+    and rewrites the part in canonical shape. Everything else is kept. Parquet
+    (datasets, verl) goes out as Parquet: image columns ({bytes, path} structs,
+    lists of them, binary, data: URLs, chat columns) point at the stored files'
+    paths, every other column and the schema's metadata unchanged. Outputs
     appear only when the whole run succeeded. Inputs from a directory or a glob
     are mirrored under -o DIR by relative path; an output named .gz or .zst is
     written compressed.
@@ -79,6 +92,7 @@ def offload(
         mmoffload offload rollouts.jsonl -o out.jsonl --assets RUN/assets/images
         mmoffload offload a.jsonl b.jsonl -o out/ --workers 8 --skip-bad-lines
         mmoffload offload rollouts.jsonl --in-place
+        mmoffload offload train.parquet -o train.offloaded.parquet --assets RUN/assets/images
         mmoffload offload 'runs/*/results.jsonl.gz' -o out/ --assets DIR
         cat rollouts.jsonl | mmoffload offload - -o - --assets DIR | head
         mmoffload offload dumps/*.jsonl -o out/ --assets s3://bkt/run1 --ray
@@ -106,6 +120,7 @@ def offload(
                 workers=workers,
                 ray=RayOptions(address=ray_address) if ray or ray_address else None,
                 advance=advance,
+                input_format=input_format,
             )
     if to_stdout:
         # The records are stdout's: the report goes to stderr.

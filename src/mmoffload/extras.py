@@ -17,6 +17,7 @@ EXTRAS: dict[str, str] = {
     "safetensors": "materialize",
     "transformers": "materialize",
     "torch": "torch",
+    "pyarrow": "parquet",
 }
 
 

@@ -37,6 +37,12 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 COMPRESSION_SUFFIXES = (".gz", ".zst")
 
 
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+PARQUET_MAGIC = b"PAR1"
+
+
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -67,6 +73,19 @@ def is_jsonl_name(path: str | os.PathLike[str]) -> bool:
     for suffix in COMPRESSION_SUFFIXES:
         name = name.removesuffix(suffix)
     return name.endswith(JSONL_SUFFIXES)
+
+
+def is_parquet(path: str | os.PathLike[str]) -> bool:
+    """Whether an input is Parquet: by its name (``.parquet``, ``.pq``), else by its magic bytes."""
+    if is_stdio(path):
+        return False
+    if Path(path).suffix.lower() in PARQUET_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == PARQUET_MAGIC
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -167,10 +186,15 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]], *, directories: bool 
         if is_stdio(raw) or path.is_file() or (path.is_dir() and not directories):
             found.append(Input(path, Path(path.name or STDIO)))
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and is_jsonl_name(p))
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and (is_jsonl_name(p) or p.suffix in PARQUET_SUFFIXES)
+            )
             if not files:
                 raise UsageError(
-                    "Expected JSONL files (.jsonl, .ndjson, .gz, .zst) in the directory, found none",
+                    "Expected JSONL or Parquet files (.jsonl, .ndjson, .gz, .zst, .parquet) in the directory, "
+                    "found none",
                     Where(file=str(path)),
                 )
             found.extend(Input(p, p.relative_to(path)) for p in files)

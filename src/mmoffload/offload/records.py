@@ -287,6 +287,17 @@ class Offloader:
         counts.adopted += 1
         return self._put(read_verified(path, None, where), where, counts).uri
 
+    def data_url(self, text: str, where: Where, counts: RecordCounts) -> str:
+        """Store one ``data:`` URL's image (a table's string cell) and return its URI, counted as offloaded.
+
+        Raises:
+            BadInputError: an undecodable data URL, or bytes that are no image.
+        """
+        counts.image_parts += 1
+        counts.offloaded += 1
+        encoded = text.encode()
+        return self._store_data_url(self._lookup(encoded, 0, len(encoded)), where, counts).uri
+
     def image(self, data: bytes, where: Where, counts: RecordCounts) -> str:
         """Store one image's bytes (a table's image cell) and return its URI, counted as offloaded.
 

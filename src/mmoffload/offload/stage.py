@@ -22,10 +22,10 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from mmoffload.errors import MMOffloadError, UsageError
-from mmoffload.io.inputs import Input, is_stdio, iter_lines, open_input
+from mmoffload.io.inputs import Input, is_parquet, is_stdio, iter_lines, open_input
 from mmoffload.io.outputs import (
     TEMP_PREFIX,
     atomic_writer,
@@ -44,6 +44,9 @@ from mmoffload.store.local import AssetStore
 if TYPE_CHECKING:
     from mmoffload.runners.ray import RayOptions
     from mmoffload.store.objects import ObjectStore
+
+
+InputFormat = Literal["auto", "jsonl", "parquet"]
 
 
 # An image write takes milliseconds; a temp this old in the asset directory is a killed run's.
@@ -124,6 +127,7 @@ def offload_files(
     workers: int = 1,
     ray: RayOptions | None = None,
     advance: Callable[[int], None] = lambda _n: None,
+    input_format: InputFormat = "auto",
 ) -> OffloadReport:
     """Offload every image in JSONL ``inputs`` into ``assets``, writing ``outputs``.
 
@@ -144,6 +148,9 @@ def offload_files(
         workers: processes for decode, hash and write; output order is kept.
         ray: run the per-line work as tasks on a Ray cluster instead (``ray_backend``).
         advance: called with the byte count of each line processed (progress).
+        input_format: ``auto`` tells Parquet by its name or magic bytes; ``jsonl`` or ``parquet``
+            says. A Parquet input is written as Parquet, one row group at a time, in this process
+            (``workers`` and ``ray`` apply to JSONL; bad rows stop the run).
 
     Returns:
         The run's figures.
@@ -170,7 +177,19 @@ def offload_files(
         report.stale_temps_removed = sweep_stale_temps(store.root)
         temp_dirs.add(store.root)
     try:
-        _offload_all(inputs, outputs, store, options, skip_bad_lines, rejects, workers, ray, advance, report)
+        _offload_all(
+            inputs,
+            outputs,
+            store,
+            options,
+            skip_bad_lines,
+            rejects,
+            workers,
+            ray,
+            advance,
+            report,
+            input_format,
+        )
     except BaseException:
         # A stop (Ctrl-C, SIGTERM) can land just as a temporary is made; none may stay behind.
         for directory in temp_dirs:
@@ -191,6 +210,7 @@ def _offload_all(
     ray: RayOptions | None,
     advance: Callable[[int], None],
     report: OffloadReport,
+    input_format: InputFormat = "auto",
 ) -> None:
     """Stream every input through the offloader into its output, committing all outputs at the end."""
     task = OffloadTask(store, options)
@@ -199,6 +219,9 @@ def _offload_all(
     with contextlib.ExitStack() as commits, store.syncing(), line_runner(task, workers, ray) as results:
         reject_files: dict[Path, BinaryIO] = {}
         for source, target in zip(inputs, outputs, strict=True):
+            if input_format == "parquet" or (input_format == "auto" and is_parquet(source)):
+                _offload_parquet(source, target, task, commits, advance, report)
+                continue
             out = commits.enter_context(open_output(target))
             rejects_path = rejects or default_rejects(target)
             for where, line, result in results(iter_lines(source)):
@@ -218,6 +241,29 @@ def _offload_all(
                 report.add(counts)
             report.outputs.append("<stdout>" if is_stdio(target) else str(target))
         report.rejects = [str(path) for path in reject_files]
+
+
+def _offload_parquet(
+    source: Path,
+    target: Path,
+    task: OffloadTask,
+    commits: contextlib.ExitStack,
+    advance: Callable[[int], None],
+    report: OffloadReport,
+) -> None:
+    """Offload one Parquet input into its output (committed with the others at the end)."""
+    if is_stdio(source):
+        raise UsageError("Expected a Parquet file, got stdin (`-`): Parquet is read by its footer")
+    # Only a Parquet run imports pyarrow (the `parquet` extra).
+    from mmoffload.offload.parquet import offload_parquet
+
+    out = (
+        commits.enter_context(open_output(target))
+        if is_stdio(target)
+        else commits.enter_context(atomic_writer(target))
+    )
+    report.add(offload_parquet(source, out, task.offloader(), advance))
+    report.outputs.append("<stdout>" if is_stdio(target) else str(target))
 
 
 def _check_paths(
