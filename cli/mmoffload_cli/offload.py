@@ -10,11 +10,10 @@ import typer
 from mmoffload.errors import UsageError
 from mmoffload.io.inputs import expand_inputs, is_stdio
 from mmoffload.offload import OffloadOptions, offload_files, plan_outputs
-from mmoffload.offload.stage import InputFormat
 from mmoffload.runners.ray import RayOptions
 from mmoffload.store.local import resolve_assets_dir
 from mmoffload_cli import sink
-from mmoffload_cli.options import Assets, Json, Output, Quiet, Ray, RayAddress, Verbose, Workers
+from mmoffload_cli.options import Assets, Format, Json, Output, Quiet, Ray, RayAddress, Verbose, Workers
 
 
 def offload(
@@ -59,14 +58,7 @@ def offload(
             help="Rejects file for the whole run (default: <output>.rejects.jsonl).",
         ),
     ] = None,
-    input_format: Annotated[
-        InputFormat,
-        typer.Option(
-            "--format",
-            help="Input format: auto (Parquet by its .parquet name or magic bytes, else JSONL), jsonl, "
-            "parquet (needs the `parquet` extra; written as Parquet).",
-        ),
-    ] = "auto",
+    input_format: Format = "auto",
     workers: Workers = 1,
     ray: Ray = False,
     ray_address: RayAddress = None,
@@ -92,7 +84,7 @@ def offload(
         mmoffload offload rollouts.jsonl -o out.jsonl --assets RUN/assets/images
         mmoffload offload a.jsonl b.jsonl -o out/ --workers 8 --skip-bad-lines
         mmoffload offload rollouts.jsonl --in-place
-        mmoffload offload train.parquet -o train.offloaded.parquet --assets RUN/assets/images
+        mmoffload offload train.parquet -o out.parquet --assets RUN/assets/images
         mmoffload offload 'runs/*/results.jsonl.gz' -o out/ --assets DIR
         cat rollouts.jsonl | mmoffload offload - -o - --assets DIR | head
         mmoffload offload dumps/*.jsonl -o out/ --assets s3://bkt/run1 --ray

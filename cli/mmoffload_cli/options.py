@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from mmoffload.io.inputs import InputFormat
 from mmoffload_cli import verbosity
 
 
@@ -55,6 +56,14 @@ Remap = Annotated[
 ]
 RunDir = Annotated[
     Path, typer.Option("--run-dir", metavar="DIR", help="Run directory (RUN/rollouts/step_<N>/...).")
+]
+Format = Annotated[
+    InputFormat,
+    typer.Option(
+        "--format",
+        help="Input format: auto (Parquet by its .parquet name or magic bytes, else JSONL), jsonl, "
+        "parquet (needs the `parquet` extra; written as Parquet).",
+    ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")]
 Quiet = Annotated[

@@ -8,6 +8,7 @@ media type). Refs carry ``file://`` URIs, or object-store URLs where asked.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -35,6 +36,14 @@ OBJECT_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "os
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".webp", ".gif", ".bmp", ".tiff"})
 
 
+# The media type of each sniffed format, for data URLs made from stored bytes.
+MEDIA_TYPES = {".jpg": "image/jpeg", **{ext: f"image/{ext[1:]}" for ext in IMAGE_EXTENSIONS if ext != ".jpg"}}
+
+
+# A stored image's name: 32 hex digits of its content hash and a sniffed extension.
+_STORED_NAME = re.compile(rf"([0-9a-f]{{{HASH_HEX_DIGITS}}})(\.[a-z]+)")
+
+
 def content_hash(data: bytes) -> str:
     """Return the image's ``mm_hash``: 32 lowercase hex digits of SHA-256."""
     return hashlib.sha256(data).hexdigest()[:HASH_HEX_DIGITS]
@@ -48,6 +57,12 @@ def sniff_extension(data: bytes) -> str | None:
         if data.startswith(magic):
             return extension
     return None
+
+
+def stored_hash(location: str) -> str | None:
+    """Return the content hash a stored image's name (``<h32>.<ext>``) gives, or None for another name."""
+    match = _STORED_NAME.fullmatch(location.rpartition("/")[2])
+    return match.group(1) if match and match.group(2) in IMAGE_EXTENSIONS else None
 
 
 def file_uri(path: Path) -> str:

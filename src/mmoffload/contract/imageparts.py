@@ -283,6 +283,24 @@ def rewrite_part(part: ImagePart, uri: str, *, reshape: bool = True) -> bool:
     return changed
 
 
+def inline_part(part: ImagePart, data: bytes, url: str, *, reshape: bool = True) -> None:
+    """Point ``part`` back at its image inline: the reverse of ``rewrite_part``.
+
+    ``url`` is the image's ``data:`` URL and ``data`` its bytes. A descriptor's
+    ``raw_image_uri`` becomes ``raw_image_data`` and a datasets image ``{"bytes": URL,
+    "path": null}``; every other shape keeps its keys. With ``reshape`` False no key is
+    renamed and a datasets image gets its raw ``bytes`` (a table row keeps its schema).
+    """
+    node = part.container
+    if part.shape in ("datasets", "hf_datasets"):
+        image = node if part.shape == "datasets" else node[part.key]
+        image["bytes"], image["path"] = (url if reshape else data), None
+    elif part.shape == "descriptor_uri" and reshape:
+        _replace_items(node, {part.key: (DESCRIPTOR_DATA_KEY, url)})
+    else:
+        rewrite_part(part, url, reshape=False)
+
+
 def _replace_items(node: dict[str, Any], changes: dict[str, tuple[str, Any] | None]) -> None:
     """Rename/replace keys of ``node`` in place, keeping order (None in ``changes`` drops a key)."""
     items = list(node.items())

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import msgspec
 
@@ -73,6 +73,14 @@ def is_jsonl_name(path: str | os.PathLike[str]) -> bool:
     for suffix in COMPRESSION_SUFFIXES:
         name = name.removesuffix(suffix)
     return name.endswith(JSONL_SUFFIXES)
+
+
+InputFormat = Literal["auto", "jsonl", "parquet"]
+
+
+def reads_parquet(path: str | os.PathLike[str], input_format: InputFormat = "auto") -> bool:
+    """Whether an input is read as Parquet: said by ``input_format``, else told by ``is_parquet``."""
+    return input_format == "parquet" or (input_format == "auto" and is_parquet(path))
 
 
 def is_parquet(path: str | os.PathLike[str]) -> bool:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mmoffload.errors import UsageError, Where
-from mmoffload.io.inputs import is_stdio, zstandard_module
+from mmoffload.io.inputs import Input, is_stdio, zstandard_module
 
 TEMP_PREFIX = ".mmoffload-tmp-"
 
@@ -272,3 +272,52 @@ def open_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
                 yield compressed  # type: ignore[misc]
         else:
             yield raw
+
+
+def plan_outputs(
+    inputs: Sequence[str | os.PathLike[str] | Input], output: str | os.PathLike[str] | None, in_place: bool
+) -> list[Path]:
+    """Return the output path of each input.
+
+    One input: ``output`` is the file to write (or a directory to write it into).
+    Several inputs, or inputs from a directory or a glob (see ``expand_inputs``):
+    ``output`` is a directory and each output mirrors its input's relative path.
+    ``output`` ``-`` is stdout for every input, in order. ``in_place``: each input
+    is its own output.
+
+    Raises:
+        UsageError: neither or both of ``output`` and ``in_place``, an output that is
+            an input (without ``in_place``), stdin rewritten in place, or two inputs
+            with the same output (naming both).
+    """
+    if not inputs:
+        raise UsageError("Expected at least one input file")
+    if in_place == (output is not None):
+        raise UsageError("Expected exactly one of an output (`-o`) or in-place rewriting (`--in-place`)")
+    items = [item if isinstance(item, Input) else Input(Path(item), Path(Path(item).name)) for item in inputs]
+    if in_place:
+        if any(is_stdio(item.path) for item in items):
+            raise UsageError("Expected a file to rewrite in place, got stdin (`-`)")
+        return [item.path for item in items]
+    output = Path(output)  # type: ignore[arg-type]
+    if is_stdio(output):
+        return [output] * len(items)
+    mirrored = len(items) > 1 or items[0].relative != Path(items[0].path.name)
+    if not mirrored and not output.is_dir():
+        outputs = [output]
+    else:
+        if output.exists() and not output.is_dir():
+            raise UsageError(f"Expected a directory as output for {len(items)} inputs, got file `{output}`")
+        outputs = [output / item.relative for item in items]
+    claimed: dict[Path, Path] = {}
+    for item, target in zip(items, outputs, strict=True):
+        resolved = target.resolve()
+        if resolved in claimed:
+            raise UsageError(
+                f"Inputs `{claimed[resolved]}` and `{item.path}` would both write `{target}`; "
+                "give a directory or a glob so that outputs mirror their relative paths"
+            )
+        claimed[resolved] = item.path
+        if not is_stdio(item.path) and item.path.resolve() == resolved:
+            raise UsageError(f"Output `{resolved}` is the input; use in-place rewriting to replace it")
+    return outputs

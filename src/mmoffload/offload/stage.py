@@ -22,17 +22,18 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO
 
 from mmoffload.errors import MMOffloadError, UsageError
-from mmoffload.io.inputs import Input, is_parquet, is_stdio, iter_lines, open_input
-from mmoffload.io.outputs import (
+from mmoffload.io.inputs import InputFormat, is_stdio, iter_lines, open_input, reads_parquet
+from mmoffload.io.outputs import (  # noqa: F401 - plan_outputs: offload's public name too
     TEMP_PREFIX,
     atomic_writer,
     check_distinct,
     check_output_path,
     check_writable_dir,
     open_output,
+    plan_outputs,
     remove_own_temps,
 )
 from mmoffload.offload.records import OffloadOptions, OffloadTask
@@ -46,60 +47,8 @@ if TYPE_CHECKING:
     from mmoffload.store.objects import ObjectStore
 
 
-InputFormat = Literal["auto", "jsonl", "parquet"]
-
-
 # An image write takes milliseconds; a temp this old in the asset directory is a killed run's.
 STALE_TEMP_SECONDS = 3600
-
-
-def plan_outputs(
-    inputs: Sequence[str | os.PathLike[str] | Input], output: str | os.PathLike[str] | None, in_place: bool
-) -> list[Path]:
-    """Return the output path of each input.
-
-    One input: ``output`` is the file to write (or a directory to write it into).
-    Several inputs, or inputs from a directory or a glob (see ``expand_inputs``):
-    ``output`` is a directory and each output mirrors its input's relative path.
-    ``output`` ``-`` is stdout for every input, in order. ``in_place``: each input
-    is its own output.
-
-    Raises:
-        UsageError: neither or both of ``output`` and ``in_place``, an output that is
-            an input (without ``in_place``), stdin rewritten in place, or two inputs
-            with the same output (naming both).
-    """
-    if not inputs:
-        raise UsageError("Expected at least one input file")
-    if in_place == (output is not None):
-        raise UsageError("Expected exactly one of an output (`-o`) or in-place rewriting (`--in-place`)")
-    items = [item if isinstance(item, Input) else Input(Path(item), Path(Path(item).name)) for item in inputs]
-    if in_place:
-        if any(is_stdio(item.path) for item in items):
-            raise UsageError("Expected a file to rewrite in place, got stdin (`-`)")
-        return [item.path for item in items]
-    output = Path(output)  # type: ignore[arg-type]
-    if is_stdio(output):
-        return [output] * len(items)
-    mirrored = len(items) > 1 or items[0].relative != Path(items[0].path.name)
-    if not mirrored and not output.is_dir():
-        outputs = [output]
-    else:
-        if output.exists() and not output.is_dir():
-            raise UsageError(f"Expected a directory as output for {len(items)} inputs, got file `{output}`")
-        outputs = [output / item.relative for item in items]
-    claimed: dict[Path, Path] = {}
-    for item, target in zip(items, outputs, strict=True):
-        resolved = target.resolve()
-        if resolved in claimed:
-            raise UsageError(
-                f"Inputs `{claimed[resolved]}` and `{item.path}` would both write `{target}`; "
-                "give a directory or a glob so that outputs mirror their relative paths"
-            )
-        claimed[resolved] = item.path
-        if not is_stdio(item.path) and item.path.resolve() == resolved:
-            raise UsageError(f"Output `{resolved}` is the input; use in-place rewriting to replace it")
-    return outputs
 
 
 def sweep_stale_temps(directory: Path, older_than: float = STALE_TEMP_SECONDS) -> int:
@@ -219,7 +168,7 @@ def _offload_all(
     with contextlib.ExitStack() as commits, store.syncing(), line_runner(task, workers, ray) as results:
         reject_files: dict[Path, BinaryIO] = {}
         for source, target in zip(inputs, outputs, strict=True):
-            if input_format == "parquet" or (input_format == "auto" and is_parquet(source)):
+            if reads_parquet(source, input_format):
                 _offload_parquet(source, target, task, commits, advance, report)
                 continue
             out = commits.enter_context(open_output(target))
