@@ -4,7 +4,7 @@
 ``mmoffload render`` command's stage (docs/render.md).
 """
 
-from mmoffload.render.episode import Renderer, RenderCounts, render_rollout
+from mmoffload.render.episode import RenderCounts, Renderer, render_rollout
 from mmoffload.render.stage import RenderOptions, RenderReport, load_tokenizer, render_files
 
 __all__ = [

@@ -75,7 +75,11 @@ class Renderer:
         self.family = family
         self.template = ChatTemplate(tokenizer, family, families.model_dir)
         self.images = ImageReader(family, allowed_roots)
-        self.offloader = Offloader(open_store(Path(assets) if isinstance(assets, os.PathLike) else assets)) if assets is not None else None
+        self.offloader = (
+            Offloader(open_store(Path(assets) if isinstance(assets, os.PathLike) else assets))
+            if assets is not None
+            else None
+        )
         self.env_name = env_name
 
     def rollout(self, record: Any, where: Where | None = None) -> tuple[dict[str, Any], RenderCounts]:
@@ -91,7 +95,9 @@ class Renderer:
         counts = RenderCounts(rollouts=1, messages=len(found))
         if self.offloader is not None:
             counts.images_offloaded = self.offloader.record(record, where).offloaded
-        messages = [chat_message(i, path, message, sampled, where) for i, (path, message, sampled) in enumerate(found)]
+        messages = [
+            chat_message(i, path, message, sampled, where) for i, (path, message, sampled) in enumerate(found)
+        ]
         segments = self.template.segments(messages, where)
         stream = _Stream()
         for message, segment in zip(messages, segments, strict=True):
@@ -100,7 +106,9 @@ class Renderer:
         counts.tokens = stream.position
         return self._episode(record, stream.nodes), counts
 
-    def _node(self, message: ChatMessage, segment: Segment, start: int, where: Where, counts: RenderCounts) -> dict[str, Any]:
+    def _node(
+        self, message: ChatMessage, segment: Segment, start: int, where: Where, counts: RenderCounts
+    ) -> dict[str, Any]:
         """Return a message's node: tokens with images expanded, mask, logprobs and sidecar."""
         at = where.at(path=message.path)
         images = [self.images.read(part.source, at.at(path=(*message.path, "content", *part.path), image=i))
@@ -108,10 +116,16 @@ class Renderer:
         tokens, offsets = self._expand(segment.token_ids, images, message, at)
         header = segment.header
         mask = [False] * len(tokens)
-        node: dict[str, Any] = {"parent": message.index - 1 if message.index else None, "message": message.message}
+        node: dict[str, Any] = {
+            "parent": message.index - 1 if message.index else None,
+            "message": message.message,
+        }
         if message.sampled:
             counts.sampled_nodes += 1
-            end = next((i + 1 for i in range(header, len(tokens)) if tokens[i] in self.template.end_of_turn), len(tokens))
+            end = next(
+                (i + 1 for i in range(header, len(tokens)) if tokens[i] in self.template.end_of_turn),
+                len(tokens),
+            )
             mask[header:end] = [True] * (end - header)
             counts.trainable_tokens += end - header
             logprobs = matched_logprobs(message.logprobs, tokens[header:end], self.template.tokenizer)
@@ -144,7 +158,9 @@ class Renderer:
                 where.at(image=min(len(positions), len(images)) if images else None),
             )
         if self.template.video_tokens.intersection(tokens):
-            raise BadInputError(f"Expected no video placeholder in message {message.index} (videos are not supported)", where)
+            raise BadInputError(
+                f"Expected no video placeholder in message {message.index} (videos are not supported)", where
+            )
         out: list[int] = []
         offsets: list[int] = []
         previous = 0

@@ -93,7 +93,8 @@ class ImageReader:
             raise BadInputError(
                 f"Family `{self.family.name}` cannot lay out image `{source[:120]}`: {exc.message}", where
             ) from exc
-        rendered = RenderedImage(source, expected or content_hash(data), grid, self.family.placeholder_length(grid))
+        rendered = RenderedImage(
+            source, expected or content_hash(data), grid, self.family.placeholder_length(grid)
+        )
         self._seen[source] = rendered
         return rendered
-

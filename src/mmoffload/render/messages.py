@@ -93,7 +93,9 @@ def _role(message: Any) -> object:
     return message.get("role") if isinstance(message, dict) else None
 
 
-def fill_images_column(record: dict[str, Any], messages: list[tuple[tuple[PathPart, ...], dict[str, Any], bool]], where: Where) -> None:
+def fill_images_column(
+    record: dict[str, Any], messages: list[tuple[tuple[PathPart, ...], dict[str, Any], bool]], where: Where
+) -> None:
     """Give each bare ``{"type": "image"}`` part the next image of the ``images`` column, in place.
 
     Entries are paths (relative to the working directory), URLs (``file://``, ``data:``) or
@@ -123,13 +125,15 @@ def fill_images_column(record: dict[str, Any], messages: list[tuple[tuple[PathPa
         part.update(_column_part(column[number], where.at(path=(IMAGES_COLUMN, number), image=number)))
     if len(column) > len(bare):
         raise BadInputError(
-            f"Expected one `{{\"type\": \"image\"}}` placeholder per image of the `images` column "
+            f'Expected one `{{"type": "image"}}` placeholder per image of the `images` column '
             f"({len(column)}), got {len(bare)}",
             where.at(path=(IMAGES_COLUMN, len(bare)), image=len(bare)),
         )
 
 
-def _content_parts(message: dict[str, Any], path: tuple[PathPart, ...]) -> list[tuple[tuple[PathPart, ...], dict[str, Any]]]:
+def _content_parts(
+    message: dict[str, Any], path: tuple[PathPart, ...]
+) -> list[tuple[tuple[PathPart, ...], dict[str, Any]]]:
     content = message.get("content")
     if not isinstance(content, list):
         return []

@@ -14,8 +14,15 @@ import msgspec
 from mmoffload.errors import UsageError
 from mmoffload.extras import require
 from mmoffload.families import Families
-from mmoffload.io import check_distinct, check_output_path, decode_json_line, is_stdio, iter_lines, open_output
-from mmoffload.render.episode import Renderer, RenderCounts
+from mmoffload.io import (
+    check_distinct,
+    check_output_path,
+    decode_json_line,
+    is_stdio,
+    iter_lines,
+    open_output,
+)
+from mmoffload.render.episode import RenderCounts, Renderer
 
 
 class RenderReport(RenderCounts):

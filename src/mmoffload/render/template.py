@@ -37,7 +37,9 @@ class Segment:
 class ChatTemplate:
     """A tokenizer and its chat template, with the family's image and end-of-turn tokens."""
 
-    def __init__(self, tokenizer: Any, family: Family, model_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, tokenizer: Any, family: Family, model_dir: str | os.PathLike[str] | None = None
+    ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise UsageError(f"The tokenizer has no chat template: {FIX_TEMPLATE}")
         self.tokenizer = tokenizer
@@ -63,14 +65,16 @@ class ChatTemplate:
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=generation_prompt
             )
-        except Exception as exc:  # noqa: BLE001 - templates raise anything (jinja, their own raise_exception)
+        except Exception as exc:  # Templates raise anything: jinja's errors, their own raise_exception.
             raise BadInputError(
                 f"The chat template cannot render message {len(messages) - 1}: "
                 f"{type(exc).__name__}: {str(exc)[:200]} ({FIX_TEMPLATE})",
                 where,
             ) from exc
         if not isinstance(text, str):
-            raise BadInputError(f"Expected the chat template to render text, got `{type(text).__name__}`", where)
+            raise BadInputError(
+                f"Expected the chat template to render text, got `{type(text).__name__}`", where
+            )
         return text
 
     def segments(self, messages: list[ChatMessage], where: Where) -> list[Segment]:
@@ -102,12 +106,14 @@ class ChatTemplate:
             headers.append(message.sampled)
         return self._tokenize(pieces, headers, whole, messages, where)
 
-    def _message_end(self, dicts: list[dict[str, Any]], index: int, whole: str, start: int, where: Where) -> int:
+    def _message_end(
+        self, dicts: list[dict[str, Any]], index: int, whole: str, start: int, where: Where
+    ) -> int:
         """Return where message ``index`` ends in the whole text: its render's common prefix with it."""
         if index == len(dicts) - 1:
             return len(whole)
         text = self.apply(dicts[: index + 1], False, where)
-        end = len(os.path.commonprefix([text, whole]))
+        end = _common_prefix(text, whole)
         if end < start:
             raise BadInputError(
                 f"The chat template does not render turn by turn: message {index} changes the text "
@@ -122,7 +128,7 @@ class ChatTemplate:
         encoded = self.tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
         segments: list[Segment] = []
         cursor = 0
-        for message, header in zip(messages, headers, strict=True):
+        for header in headers:
             head = encoded[cursor] if header else []
             cursor += int(header)
             segments.append(Segment([*head, *encoded[cursor]], len(head)))
@@ -139,10 +145,26 @@ class ChatTemplate:
         return segments
 
 
+def _common_prefix(a: str, b: str) -> int:
+    """Return the length of the longest common prefix of two strings."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n  # a[:low] == b[:low] and a[:high] != b[:high]
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 def _first_difference(joined: list[int], expected: list[int], segments: list[Segment]) -> int:
     """Return the index of the message in whose tokens ``joined`` first differs from ``expected``."""
     position = next(
-        (i for i, (a, b) in enumerate(zip(joined, expected, strict=False)) if a != b), min(len(joined), len(expected))
+        (i for i, (a, b) in enumerate(zip(joined, expected, strict=False)) if a != b),
+        min(len(joined), len(expected)),
     )
     start = 0
     for index, segment in enumerate(segments):

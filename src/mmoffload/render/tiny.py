@@ -113,7 +113,11 @@ TINY_MODELS: dict[str, tuple[dict[str, int], str, str]] = {
 
 def byte_chars() -> list[str]:
     """Return the character GPT-2's byte-level alphabet gives each byte value, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars: dict[int, int] = {byte: byte for byte in printable}
     extra = 0
     for byte in range(256):
@@ -139,7 +143,9 @@ def write_tiny_model(out_dir: str | Path, config: str) -> Path:
     transformers = require("transformers", "Building a tiny tokenizer")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(BUNDLED_CONFIGS / config / "preprocessor_config.json", out_dir / "preprocessor_config.json")
+    shutil.copyfile(
+        BUNDLED_CONFIGS / config / "preprocessor_config.json", out_dir / "preprocessor_config.json"
+    )
     vocab = {char: byte for byte, char in enumerate(byte_chars())} | tokens
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
