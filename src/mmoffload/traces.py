@@ -125,6 +125,8 @@ class RefsReport(msgspec.Struct, kw_only=True):
     rejects_path: str | None = None
     type_ids_cross_checked: bool = True
     samples_type_ids_from_placeholders: int = 0
+    # Sampled nodes that recorded no `logprobs` (null or absent): 0.0 placed on their trainable tokens.
+    sampled_nodes_without_logprobs: int = 0
     # Each family the samples used, with its config (a model directory or "defaults").
     families: dict[str, str] = msgspec.field(default_factory=dict)
     warnings: list[str] = msgspec.field(default_factory=list)
@@ -279,6 +281,11 @@ def build_refs(
         report.steps_left = leftover
     report.families = families.configs()
     report.warnings = families.warnings() + _earlier_steps_warnings(report, options.overwrite)
+    if report.sampled_nodes_without_logprobs:
+        report.warnings.append(
+            f"{report.sampled_nodes_without_logprobs} sampled node(s) recorded no logprobs: 0.0 placed on "
+            "their trainable tokens (an importance ratio against them is not the sampler's)"
+        )
     return report
 
 
@@ -472,7 +479,11 @@ def _node_part(node: _Node, start: int, where: Where, context: _Context) -> _Par
         raise _mm_kwargs_error(where)
     n = len(node.token_ids)
     mask = _mask(node.mask, n, _under(where, "mask")) if node.mask is not None else [False] * n
-    logprobs = _expand_logprobs(mask, node.logprobs or [], _under(where, "logprobs"))
+    if node.logprobs is None and True in mask:
+        # A sampled node that says it has none (render drops logprobs that are not the rendered
+        # tokens'): 0.0 on its trainable tokens, counted and warned about, never an error.
+        context.report.sampled_nodes_without_logprobs += 1
+    logprobs = _expand_logprobs(mask, node.logprobs or [], _under(where, "logprobs"), node.logprobs is None)
     advantages = _advantages(node.advantages, n, _under(where, "advantages"))
     sidecar_where = _under(where, "multi_modal_data")
     images = _sidecar_images(node.multi_modal_data, start + n, sidecar_where, context)
@@ -495,9 +506,11 @@ def _mask(values: list[bool | int], n: int, where: Where) -> list[bool]:
     return list(map(bool, values))
 
 
-def _expand_logprobs(mask: list[bool], given: list[float], where: Where) -> list[float]:
-    """Place one logprob per true mask entry on its token, 0.0 elsewhere."""
+def _expand_logprobs(mask: list[bool], given: list[float], where: Where, none: bool = False) -> list[float]:
+    """Place one logprob per true mask entry on its token, 0.0 elsewhere (everywhere when ``none``)."""
     trainable = mask.count(True)
+    if none:
+        return [0.0] * len(mask)
     if len(given) != trainable:
         raise BadInputError(
             f"Expected one logprob per true mask entry ({trainable}), got {len(given)}", where
