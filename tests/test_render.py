@@ -154,3 +154,171 @@ def test_trl_images_column_fills_placeholders_in_order(models: dict[str, Path], 
     assert [item["raw_image_uri"] for item in items] == [first.as_uri(), second.as_uri()]
     assert [item["payload"] for item in items] == [{"image_grid_thw": [[1, 16, 16]]}, {"image_grid_thw": [[1, 12, 24]]}]
     assert (counts.images, counts.sampled_nodes) == (2, 2)
+
+
+def multi_turn(paths: list[Path]) -> dict[str, Any]:
+    """A rollout of several turns: one image per user or tool turn, tool calls in OpenAI shape."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "You browse."}]
+    for turn, path in enumerate(paths):
+        image = {"type": "image_url", "image_url": {"url": path.as_uri()}}
+        if turn == 0:
+            messages.append({"role": "user", "content": [{"type": "text", "text": "Go."}, image]})
+        else:
+            messages.append({"role": "tool", "tool_call_id": f"c{turn}", "content": [image]})
+        call = {"id": f"c{turn + 1}", "type": "function", "function": {"name": "click", "arguments": '{"x": 1}'}}
+        messages.append({"role": "assistant", "content": f"Step {turn}.", "tool_calls": [call]})
+    return {"messages": messages}
+
+
+def hf_expansion(model_dir: Path, messages: list[dict[str, Any]], sizes: list[tuple[int, int]]) -> list[int]:
+    """The Hugging Face rendering of a prompt: template, tokenizer, then each pad expanded to its
+    grid as the model's own image processor lays it out."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    tokenizer = load_tokenizer(model_dir)
+    as_hf = [
+        {**m, "content": [{"type": "image"} if "image_url" in p else p for p in m["content"]]}
+        if isinstance(m["content"], list) else m
+        for m in json.loads(json.dumps(messages))
+    ]  # fmt: skip
+    for message in as_hf:
+        for call in message.get("tool_calls", []):
+            call["function"] = {**call["function"], "arguments": json.loads(call["function"]["arguments"])}
+    text = tokenizer.apply_chat_template(as_hf, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    grids = [processor(images=[Image.new("RGB", size)])["image_grid_thw"][0] for size in sizes]
+    lengths = iter(int(grid.prod()) // processor.merge_size**2 for grid in grids)
+    return [t for token in ids for t in ([token] * next(lengths) if token == QWEN_PAD else [token])]
+
+
+@pytest.mark.parametrize("config", ["qwen3_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_every_turns_prompt_equals_the_hf_processors_expansion(
+    models: dict[str, Path], tmp_path: Path, config: str, count: int
+) -> None:
+    sizes = [(200, 120), (64, 300), (1280, 720)][:count]
+    paths = []
+    for number, size in enumerate(sizes):
+        paths.append(tmp_path / f"{number}.png")
+        paths[-1].write_bytes(image_bytes(*size, seed=number))
+    record = multi_turn(paths)
+    episode = renderer(models[config]).rollout(json.loads(json.dumps(record)))[0]
+    for index, node in enumerate(nodes(episode)):
+        if not node["sampled"]:
+            continue
+        header = node["mask"].index(True)
+        before = [t for earlier in nodes(episode)[:index] for t in earlier["token_ids"]]
+        shown = [size for size, _ in zip(sizes, range(index // 2), strict=False)]
+        assert before + node["token_ids"][:header] == hf_expansion(models[config], record["messages"][:index], shown)
+
+
+def with_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    record = chat([])
+    record["messages"][2]["logprobs"] = {"content": entries}
+    return record
+
+
+def test_recorded_logprobs_are_kept_when_they_are_the_rendered_tokens(models: dict[str, Path]) -> None:
+    # "A box." and the end-of-turn token, as vLLM writes token ids, then as text.
+    as_ids = [{"token": f"token_id:{t}", "logprob": -0.5} for t in [*b"A box.", QWEN_IM_END]]
+    as_text = [{"token": t, "logprob": -0.25} for t in [*"A box.", "<|im_end|>"]]
+    for entries, value in ((as_ids, -0.5), (as_text, -0.25)):
+        episode, counts = renderer(models["qwen3_vl"]).rollout(with_logprobs(entries))
+        assert nodes(episode)[2]["logprobs"] == [value] * 7
+        assert (counts.logprobs_kept, counts.sampled_nodes_without_logprobs) == (7, 0)
+
+
+def test_logprobs_of_other_tokens_are_dropped_and_counted(models: dict[str, Path]) -> None:
+    retokenized = [{"token": "A box.", "logprob": -0.5}, {"token": "<|im_end|>", "logprob": -0.1}]
+    episode, counts = renderer(models["qwen3_vl"]).rollout(with_logprobs(retokenized))
+    assert "logprobs" not in nodes(episode)[2]
+    assert (counts.logprobs_kept, counts.sampled_nodes_without_logprobs) == (0, 1)
+
+
+def test_mask_is_true_on_the_reply_and_end_of_turn_only(models: dict[str, Path]) -> None:
+    node = nodes(renderer(models["qwen3_vl"]).rollout(chat([]))[0])[2]
+    # <|im_start|>assistant\n is the prompt's; "A box.<|im_end|>" sampled; the trailing \n is template text.
+    assert node["token_ids"] == [151644, *b"assistant\n", *b"A box.", QWEN_IM_END, 10]
+    assert node["mask"] == [False] * 11 + [True] * 7 + [False]
+
+
+def test_render_rollout_gives_an_episode_refs_takes(models: dict[str, Path], tmp_path: Path) -> None:
+    record = chat([{"type": "image_url", "image_url": {"url": data_url(image_bytes())}}], example_id=3, reward=1.0)
+    episode = render_rollout(record, load_tokenizer(models["kimi_k25"]), Families(models["kimi_k25"]), assets=tmp_path)
+    sidecar = nodes(episode)[1]["multi_modal_data"]
+    stored = AssetStore(tmp_path).put(image_bytes())
+    assert sidecar["mm_items"]["image"][0]["raw_image_uri"] == stored.uri
+    assert sidecar["mm_hashes"]["image"] == [stored.hash]
+    assert sidecar["mm_items"]["image"][0]["vllm_modality"] == "vision_chunk"
+    assert tokens(episode).count(KIMI_PAD) == 1
+    assert (episode["example_id"], episode["reward"]) == (3, 1.0)
+
+
+def run_cli(*args: str) -> Any:
+    return CliRunner().invoke(app, ["render", *args])
+
+
+def test_placeholder_without_an_image_exits_2_naming_file_line_message_and_image(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    path = tmp_path / "one.png"
+    path.write_bytes(image_bytes())
+    record = {**chat([{"type": "image"}, {"type": "image"}]), "images": [str(path)]}
+    source = write_jsonl(tmp_path / "r.jsonl", [chat([]), record])
+    result = run_cli(str(source), "--model", str(models["qwen3_vl"]), "-o", str(tmp_path / "out.jsonl"))
+    assert result.exit_code == 2
+    assert "r.jsonl:2` `$.messages[1].content[2]` image 1" in result.stderr
+    assert "Expected an image for placeholder 1 (message 1)" in result.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_image_without_a_placeholder_exits_2(models: dict[str, Path], tmp_path: Path) -> None:
+    path = tmp_path / "one.png"
+    path.write_bytes(image_bytes())
+    source = write_jsonl(tmp_path / "r.jsonl", [{**chat([]), "images": [str(path)]}])
+    result = run_cli(str(source), "--model", str(models["qwen3_vl"]), "-o", str(tmp_path / "out.jsonl"))
+    assert result.exit_code == 2
+    assert "`$.images[0]` image 0" in result.stderr and "placeholder per image" in result.stderr
+
+
+def test_inline_image_without_assets_says_offload_first(models: dict[str, Path], tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "r.jsonl", [chat([{"type": "image_url", "image_url": {"url": data_url(image_bytes())}}])])
+    result = run_cli(str(source), "--model", str(models["qwen3_vl"]), "-o", str(tmp_path / "out.jsonl"))
+    assert result.exit_code == 2
+    assert "`$.messages[1].content[1].image_url.url` image 0" in result.stderr
+    assert "offload first" in result.stderr
+
+
+def test_a_part_the_template_cannot_render_exits_2(models: dict[str, Path], tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "r.jsonl", [chat([{"type": "input_audio", "input_audio": {}}])])
+    result = run_cli(str(source), "--model", str(models["kimi_k25"]), "-o", str(tmp_path / "out.jsonl"), "--json")
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)
+    assert "type `input_audio`" in error["message"] and "$.messages[1].content[1]" in error["error"]
+
+
+def test_a_model_without_a_tokenizer_says_pass_one(tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "r.jsonl", [chat([])])
+    result = run_cli(str(source), "--model", str(FIXTURES / "models" / "qwen3_vl"), "-o", str(tmp_path / "o.jsonl"))
+    assert result.exit_code == 2
+    assert "pass --model with a tokenizer" in result.stderr
+
+
+def test_an_image_the_family_cannot_lay_out_exits_2(models: dict[str, Path], tmp_path: Path) -> None:
+    sliver = tmp_path / "sliver.png"
+    sliver.write_bytes(image_bytes(1000, 4))
+    source = write_jsonl(tmp_path / "r.jsonl", [chat([{"type": "image_url", "image_url": {"url": sliver.as_uri()}}])])
+    with pytest.raises(BadInputError, match=r"cannot lay out .* aspect ratio <= 200") as caught:
+        render_files([source], tmp_path / "o.jsonl", models["qwen3_vl"])
+    assert (caught.value.where.line, caught.value.where.image) == (1, 0)
+
+
+def test_a_stored_image_whose_content_is_not_its_name_is_an_integrity_error(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    stored = AssetStore(tmp_path / "assets").put(image_bytes())
+    stored.path.write_bytes(image_bytes(seed=9))
+    with pytest.raises(IntegrityError):
+        renderer(models["qwen3_vl"]).rollout(chat([{"type": "image_url", "image_url": {"url": stored.uri}}]))
