@@ -64,7 +64,10 @@ def test_fixture_rollouts_render_to_the_fixture_traces_token_for_token(
 ) -> None:
     out = tmp_path / "episodes.jsonl"
     report = render_files(
-        [FIXTURES / "rollouts" / "mini_browse.jsonl"], out, models[config], RenderOptions(assets=tmp_path / "a")
+        [FIXTURES / "rollouts" / "mini_browse.jsonl"],
+        out,
+        models[config],
+        RenderOptions(assets=tmp_path / "a"),
     )
     assert (report.rollouts, report.images, report.images_read, report.sampled_nodes) == (4, 12, 9, 12)
     expected = [json.loads(line) for line in (FIXTURES / "traces" / f"{family}.jsonl").open()]
@@ -78,12 +81,18 @@ def test_fixture_rollouts_render_to_the_fixture_traces_token_for_token(
         assert ours["env"] == {"id": "mini-browse"}
 
 
-def test_patch_14_model_expands_a_1280x720_image_to_1196_pads(models: dict[str, Path], tmp_path: Path) -> None:
+def test_patch_14_model_expands_a_1280x720_image_to_1196_pads(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
     screenshot = (FIXTURES / "images" / "start_page.png").as_uri()
-    episode, _ = renderer(models["qwen2_5_vl"]).rollout(chat([{"type": "image_url", "image_url": {"url": screenshot}}]))
+    episode, _ = renderer(models["qwen2_5_vl"]).rollout(
+        chat([{"type": "image_url", "image_url": {"url": screenshot}}])
+    )
     sidecar = nodes(episode)[1]["multi_modal_data"]
     assert sidecar["mm_items"]["image"][0]["payload"] == {"image_grid_thw": [[1, 52, 92]]}
-    assert sidecar["mm_placeholders"]["image"] == [{"offset": sidecar["mm_placeholders"]["image"][0]["offset"], "length": 1196}]
+    assert sidecar["mm_placeholders"]["image"] == [
+        {"offset": sidecar["mm_placeholders"]["image"][0]["offset"], "length": 1196}
+    ]
     assert tokens(episode).count(QWEN_PAD) == 1196
 
 
@@ -109,13 +118,19 @@ def image_shapes(tmp_path: Path) -> dict[str, tuple[dict[str, Any], list[Any] | 
     }
 
 
-def test_every_image_part_shape_renders_the_same_tokens_and_hash(models: dict[str, Path], tmp_path: Path) -> None:
+def test_every_image_part_shape_renders_the_same_tokens_and_hash(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
     rendered = {}
     for name, (part, column) in image_shapes(tmp_path).items():
         record = chat([part]) if column is None else {**chat([part]), "images": column}
         episode, _ = renderer(models["qwen3_vl"], tmp_path / "assets").rollout(record)
         sidecar = nodes(episode)[1]["multi_modal_data"]
-        rendered[name] = (tokens(episode), sidecar["mm_hashes"]["image"], sidecar["mm_items"]["image"][0]["payload"])
+        rendered[name] = (
+            tokens(episode),
+            sidecar["mm_hashes"]["image"],
+            sidecar["mm_items"]["image"][0]["payload"],
+        )
     baseline = rendered["openai data URL"]
     assert baseline[2] == {"image_grid_thw": [[1, 14, 20]]}  # 96x64 scaled up to 320x224 (min_pixels 65,536)
     assert {name: value == baseline for name, value in rendered.items()} == dict.fromkeys(rendered, True)
@@ -152,7 +167,10 @@ def test_trl_images_column_fills_placeholders_in_order(models: dict[str, Path], 
     episode, counts = renderer(models["qwen3_vl"]).rollout(record)
     items = [nodes(episode)[i]["multi_modal_data"]["mm_items"]["image"][0] for i in (0, 2)]
     assert [item["raw_image_uri"] for item in items] == [first.as_uri(), second.as_uri()]
-    assert [item["payload"] for item in items] == [{"image_grid_thw": [[1, 16, 16]]}, {"image_grid_thw": [[1, 12, 24]]}]
+    assert [item["payload"] for item in items] == [
+        {"image_grid_thw": [[1, 16, 16]]},
+        {"image_grid_thw": [[1, 12, 24]]},
+    ]
     assert (counts.images, counts.sampled_nodes) == (2, 2)
 
 
@@ -165,7 +183,11 @@ def multi_turn(paths: list[Path]) -> dict[str, Any]:
             messages.append({"role": "user", "content": [{"type": "text", "text": "Go."}, image]})
         else:
             messages.append({"role": "tool", "tool_call_id": f"c{turn}", "content": [image]})
-        call = {"id": f"c{turn + 1}", "type": "function", "function": {"name": "click", "arguments": '{"x": 1}'}}
+        call = {
+            "id": f"c{turn + 1}",
+            "type": "function",
+            "function": {"name": "click", "arguments": '{"x": 1}'},
+        }
         messages.append({"role": "assistant", "content": f"Step {turn}.", "tool_calls": [call]})
     return {"messages": messages}
 
@@ -211,7 +233,9 @@ def test_every_turns_prompt_equals_the_hf_processors_expansion(
         header = node["mask"].index(True)
         before = [t for earlier in nodes(episode)[:index] for t in earlier["token_ids"]]
         shown = [size for size, _ in zip(sizes, range(index // 2), strict=False)]
-        assert before + node["token_ids"][:header] == hf_expansion(models[config], record["messages"][:index], shown)
+        assert before + node["token_ids"][:header] == hf_expansion(
+            models[config], record["messages"][:index], shown
+        )
 
 
 def with_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -245,8 +269,12 @@ def test_mask_is_true_on_the_reply_and_end_of_turn_only(models: dict[str, Path])
 
 
 def test_render_rollout_gives_an_episode_refs_takes(models: dict[str, Path], tmp_path: Path) -> None:
-    record = chat([{"type": "image_url", "image_url": {"url": data_url(image_bytes())}}], example_id=3, reward=1.0)
-    episode = render_rollout(record, load_tokenizer(models["kimi_k25"]), Families(models["kimi_k25"]), assets=tmp_path)
+    record = chat(
+        [{"type": "image_url", "image_url": {"url": data_url(image_bytes())}}], example_id=3, reward=1.0
+    )
+    episode = render_rollout(
+        record, load_tokenizer(models["kimi_k25"]), Families(models["kimi_k25"]), assets=tmp_path
+    )
     sidecar = nodes(episode)[1]["multi_modal_data"]
     stored = AssetStore(tmp_path).put(image_bytes())
     assert sidecar["mm_items"]["image"][0]["raw_image_uri"] == stored.uri
@@ -284,7 +312,9 @@ def test_an_image_without_a_placeholder_exits_2(models: dict[str, Path], tmp_pat
 
 
 def test_inline_image_without_assets_says_offload_first(models: dict[str, Path], tmp_path: Path) -> None:
-    source = write_jsonl(tmp_path / "r.jsonl", [chat([{"type": "image_url", "image_url": {"url": data_url(image_bytes())}}])])
+    source = write_jsonl(
+        tmp_path / "r.jsonl", [chat([{"type": "image_url", "image_url": {"url": data_url(image_bytes())}}])]
+    )
     result = run_cli(str(source), "--model", str(models["qwen3_vl"]), "-o", str(tmp_path / "out.jsonl"))
     assert result.exit_code == 2
     assert "`$.messages[1].content[1].image_url.url` image 0" in result.stderr
@@ -293,7 +323,9 @@ def test_inline_image_without_assets_says_offload_first(models: dict[str, Path],
 
 def test_a_part_the_template_cannot_render_exits_2(models: dict[str, Path], tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "r.jsonl", [chat([{"type": "input_audio", "input_audio": {}}])])
-    result = run_cli(str(source), "--model", str(models["kimi_k25"]), "-o", str(tmp_path / "out.jsonl"), "--json")
+    result = run_cli(
+        str(source), "--model", str(models["kimi_k25"]), "-o", str(tmp_path / "out.jsonl"), "--json"
+    )
     assert result.exit_code == 2
     error = json.loads(result.stdout)
     assert "type `input_audio`" in error["message"] and "$.messages[1].content[1]" in error["error"]
@@ -301,7 +333,9 @@ def test_a_part_the_template_cannot_render_exits_2(models: dict[str, Path], tmp_
 
 def test_a_model_without_a_tokenizer_says_pass_one(tmp_path: Path) -> None:
     source = write_jsonl(tmp_path / "r.jsonl", [chat([])])
-    result = run_cli(str(source), "--model", str(FIXTURES / "models" / "qwen3_vl"), "-o", str(tmp_path / "o.jsonl"))
+    result = run_cli(
+        str(source), "--model", str(FIXTURES / "models" / "qwen3_vl"), "-o", str(tmp_path / "o.jsonl")
+    )
     assert result.exit_code == 2
     assert "pass --model with a tokenizer" in result.stderr
 
@@ -309,7 +343,9 @@ def test_a_model_without_a_tokenizer_says_pass_one(tmp_path: Path) -> None:
 def test_an_image_the_family_cannot_lay_out_exits_2(models: dict[str, Path], tmp_path: Path) -> None:
     sliver = tmp_path / "sliver.png"
     sliver.write_bytes(image_bytes(1000, 4))
-    source = write_jsonl(tmp_path / "r.jsonl", [chat([{"type": "image_url", "image_url": {"url": sliver.as_uri()}}])])
+    source = write_jsonl(
+        tmp_path / "r.jsonl", [chat([{"type": "image_url", "image_url": {"url": sliver.as_uri()}}])]
+    )
     with pytest.raises(BadInputError, match=r"cannot lay out .* aspect ratio <= 200") as caught:
         render_files([source], tmp_path / "o.jsonl", models["qwen3_vl"])
     assert (caught.value.where.line, caught.value.where.image) == (1, 0)
@@ -322,3 +358,37 @@ def test_a_stored_image_whose_content_is_not_its_name_is_an_integrity_error(
     stored.path.write_bytes(image_bytes(seed=9))
     with pytest.raises(IntegrityError):
         renderer(models["qwen3_vl"]).rollout(chat([{"type": "image_url", "image_url": {"url": stored.uri}}]))
+
+
+@pytest.mark.parametrize("config", ["qwen3_vl", "qwen2_5_vl", "kimi_k25"])
+def test_render_refs_pack_audit_passes_with_zero_violations(
+    models: dict[str, Path], tmp_path: Path, config: str
+) -> None:
+    shapes = image_shapes(tmp_path)
+    extra = [
+        {
+            **chat([shapes["trl datasets"][0]]),
+            "images": shapes["trl datasets"][1],
+            "example_id": 9,
+            "reward": 1.0,
+        },
+        {**chat([shapes["responses"][0]]), "example_id": 9, "reward": 0.0},
+    ]
+    rollouts = (FIXTURES / "rollouts" / "mini_browse.jsonl").read_text() + "".join(
+        json.dumps(r) + "\n" for r in extra
+    )
+    (tmp_path / "results.jsonl").write_text(rollouts)
+    run, episodes = tmp_path / "run", str(tmp_path / "episodes.jsonl")
+    model = str(models[config])
+    steps = [
+        ["render", str(tmp_path / "results.jsonl"), "--model", model, "-o", episodes, "--assets", str(run / "assets" / "images")],
+        ["refs", episodes, "--run-dir", str(run), "--model", model],
+        ["pack", str(run), "--seq-len", "8192"],
+        ["audit", str(run), "--verify-hashes", "--expect", "examples=6", "--expect", "missing_files=0",
+         "--expect", "data_uris=0", "--json"],
+    ]  # fmt: skip
+    for args in steps:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, (args[0], result.output)
+    report = json.loads(result.stdout)
+    assert (report["ok"], report["violations"]) == (True, [])

@@ -38,6 +38,7 @@ class RenderCounts(msgspec.Struct):
     trainable_tokens: int = 0
     images: int = 0
     images_offloaded: int = 0
+    images_adopted: int = 0
     logprobs_kept: int = 0
     sampled_nodes_without_logprobs: int = 0
 
@@ -74,12 +75,13 @@ class Renderer:
         families.get(family.name)  # Counted as used: every image of a rendered rollout is its.
         self.family = family
         self.template = ChatTemplate(tokenizer, family, families.model_dir)
-        self.images = ImageReader(family, allowed_roots)
-        self.offloader = (
-            Offloader(open_store(Path(assets) if isinstance(assets, os.PathLike) else assets))
+        store = (
+            open_store(Path(assets) if isinstance(assets, os.PathLike) else assets)
             if assets is not None
             else None
         )
+        self.offloader = Offloader(store) if store is not None else None
+        self.images = ImageReader(family, allowed_roots, store)
         self.env_name = env_name
 
     def rollout(self, record: Any, where: Where | None = None) -> tuple[dict[str, Any], RenderCounts]:

@@ -11,14 +11,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mmoffload.assets import asset_location, content_hash, read_verified
+from mmoffload.assets import AssetStore, asset_location, content_hash, read_verified
 from mmoffload.descriptors import DESCRIPTOR_KIND
 from mmoffload.errors import BadInputError, Where
 from mmoffload.families import Family, Grid
 from mmoffload.imageparts import describe_source, source_kind
 from mmoffload.images import open_image
+
+if TYPE_CHECKING:
+    from mmoffload.objectstore import ObjectStore
 
 # A stored file's name: the content hash (h32) and the extension.
 _HASH_NAME = re.compile(r"[0-9a-f]{32}")
@@ -48,13 +51,25 @@ class RenderedImage:
 
 
 class ImageReader:
-    """Reads each stored image once per run: its bytes (hash checked) and its header's size."""
+    """Reads each image file once per run: its bytes (hash checked) and its header's size.
 
-    def __init__(self, family: Family, allowed_roots: tuple[Path, ...] | None = None) -> None:
+    A file named by its content hash (an offloaded image) is used where it is; any other
+    file (a dataset's ``images`` column, say) is copied into the store when there is one,
+    so every ref of the run points into the asset directory ``refs`` allows.
+    """
+
+    def __init__(
+        self,
+        family: Family,
+        allowed_roots: tuple[Path, ...] | None = None,
+        store: AssetStore | ObjectStore | None = None,
+    ) -> None:
         self.family = family
         self.allowed_roots = allowed_roots
+        self.store = store
         self._seen: dict[str, RenderedImage] = {}
         self.files_read = 0
+        self.files_adopted = 0
 
     def read(self, source: str, where: Where) -> RenderedImage:
         """Return the rendered image of a source (a stored file's URI).
@@ -93,8 +108,11 @@ class ImageReader:
             raise BadInputError(
                 f"Family `{self.family.name}` cannot lay out image `{source[:120]}`: {exc.message}", where
             ) from exc
-        rendered = RenderedImage(
-            source, expected or content_hash(data), grid, self.family.placeholder_length(grid)
-        )
+        uri, digest = source, expected or content_hash(data)
+        if expected is None and self.store is not None:
+            stored = self.store.put(data, where)
+            uri, digest = stored.uri, stored.hash
+            self.files_adopted += 1
+        rendered = RenderedImage(uri, digest, grid, self.family.placeholder_length(grid))
         self._seen[source] = rendered
         return rendered

@@ -128,6 +128,7 @@ def render_files(
                 out.write(encoder.encode(episode) + b"\n")
                 advance(len(line))
     report.images_read = renderer.images.files_read
+    report.images_adopted = renderer.images.files_adopted
     report.families = families.configs()
     report.warnings = families.warnings()
     report.seconds = round(time.perf_counter() - started, 3)
