@@ -104,3 +104,11 @@ def test_the_smoke_script_passes_on_the_fixtures() -> None:
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.rstrip().endswith("smoke: ok")
+
+
+def test_the_demo_chat_rollout_path_renders_both_families_and_audits_clean(demo_report: DemoReport) -> None:
+    assert [run.family for run in demo_report.chat_runs] == ["qwen_vl", "kimi_k25"]
+    assert [(run.render.rollouts, run.render.images) for run in demo_report.chat_runs] == [(4, 12), (4, 12)]
+    assert demo_report.chat_audit is not None and demo_report.chat_audit.ok, demo_report.chat_audit
+    assert (demo_report.chat_audit.examples, demo_report.chat_audit.descriptors) == (8, 24)
+    assert demo_report.ok
