@@ -392,3 +392,23 @@ def test_render_refs_pack_audit_passes_with_zero_violations(
         assert result.exit_code == 0, (args[0], result.output)
     report = json.loads(result.stdout)
     assert (report["ok"], report["violations"]) == (True, [])
+
+
+def test_a_token_across_a_message_boundary_is_an_error_naming_the_message(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    from tokenizers import Tokenizer, models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    # "a" + "b" is one token "ab", and this template writes messages back to back.
+    vocab = {"a": 0, "b": 1, "ab": 2, "<|media_pad|>": 163605, "<|im_end|>": 163586}
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[("a", "b")])),
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|media_pad|>"],
+    )
+    fast.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    record = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    with pytest.raises(BadInputError, match="a token spans the end of message 0") as caught:
+        Renderer(fast, Families(models["kimi_k25"])).rollout(record)
+    assert caught.value.where.path == ("messages", 0)

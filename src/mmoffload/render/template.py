@@ -13,6 +13,7 @@ tokens: a token across a message boundary is an error, never a silent shift.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -54,6 +55,14 @@ class ChatTemplate:
         self.image_token = next(i for name, i in named.items() if family.typed_tokens[name] == IMAGE_TYPE)
         self.video_tokens = {i for name, i in named.items() if family.typed_tokens[name] == VIDEO_TYPE}
         self.end_of_turn = end_of_turn_ids(tokenizer, model_dir)
+        # Added tokens that split text on their own (no stripping of the spaces beside them): a
+        # boundary next to one cannot fall inside a token, so the whole text need not be re-tokenized.
+        added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+        self.splitting = tuple(
+            str(token)
+            for token in added
+            if not (getattr(token, "lstrip", False) or getattr(token, "rstrip", False))
+        )
 
     def apply(self, messages: list[dict[str, Any]], generation_prompt: bool, where: Where) -> str:
         """Render messages to text with the template.
@@ -133,6 +142,11 @@ class ChatTemplate:
             cursor += int(header)
             segments.append(Segment([*head, *encoded[cursor]], len(head)))
             cursor += 1
+        if all(
+            self._split_at_special(before, after)
+            for before, after in itertools.pairwise(filter(None, pieces))
+        ):
+            return segments
         joined = [token for segment in segments for token in segment.token_ids]
         expected = self.tokenizer(whole, add_special_tokens=False)["input_ids"]
         if joined != expected:
@@ -143,6 +157,10 @@ class ChatTemplate:
                 where.at(path=messages[at].path),
             )
         return segments
+
+    def _split_at_special(self, before: str, after: str) -> bool:
+        """True when the boundary between two non-empty pieces lies next to a splitting added token."""
+        return before.endswith(self.splitting) or after.startswith(self.splitting)
 
 
 def _common_prefix(a: str, b: str) -> int:
