@@ -95,11 +95,11 @@ class ChatTemplate:
         """
         dicts = [message.template for message in messages]
         whole = self.apply(dicts, False, where.at(path=messages[-1].path))
-        pieces: list[str] = []
-        headers: list[bool] = []
+        texts: list[tuple[str, str]] = []  # each message's role header (sampled ones) and body
         end = 0
         for index, message in enumerate(messages):
             at = where.at(path=message.path)
+            header_end = end
             if message.sampled:
                 prompt = self.apply(dicts[:index], True, at) if index else ""
                 if not whole.startswith(prompt) or len(prompt) < end:
@@ -109,11 +109,11 @@ class ChatTemplate:
                         f"({FIX_TEMPLATE})",
                         at,
                     )
-                pieces.append(whole[end : len(prompt)])
-                end = len(prompt)
-            pieces.append(whole[end : (end := self._message_end(dicts, index, whole, end, at))])
-            headers.append(message.sampled)
-        return self._tokenize(pieces, headers, whole, messages, where)
+                header_end = len(prompt)
+            message_end = self._message_end(dicts, index, whole, header_end, at)
+            texts.append((whole[end:header_end], whole[header_end:message_end]))
+            end = message_end
+        return self._tokenize(texts, messages, where)
 
     def _message_end(
         self, dicts: list[dict[str, Any]], index: int, whole: str, start: int, where: Where
@@ -132,30 +132,36 @@ class ChatTemplate:
         return end
 
     def _tokenize(
-        self, pieces: list[str], headers: list[bool], whole: str, messages: list[ChatMessage], where: Where
+        self, texts: list[tuple[str, str]], messages: list[ChatMessage], where: Where
     ) -> list[Segment]:
-        encoded = self.tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
-        segments: list[Segment] = []
-        cursor = 0
-        for header in headers:
-            head = encoded[cursor] if header else []
-            cursor += int(header)
-            segments.append(Segment([*head, *encoded[cursor]], len(head)))
-            cursor += 1
-        if all(
-            self._split_at_special(before, after)
-            for before, after in itertools.pairwise(filter(None, pieces))
-        ):
-            return segments
-        joined = [token for segment in segments for token in segment.token_ids]
-        expected = self.tokenizer(whole, add_special_tokens=False)["input_ids"]
-        if joined != expected:
-            at = _first_difference(joined, expected, segments)
-            raise BadInputError(
-                f"Expected the messages' tokens to join to the conversation's, but a token spans the end "
-                f"of message {at} (the template puts no special token between them)",
-                where.at(path=messages[at].path),
-            )
+        """Tokenize each message's header and body on their own (as vLLM tokenizes each turn's prompt).
+
+        A header and its body are tokenized apart because the model generated the body after
+        the header's last token. Between messages, a boundary next to a splitting special
+        token cannot fall inside a token; any other boundary is checked: the two texts
+        tokenized together must give the same tokens as apart.
+        """
+        encoded = self.tokenizer([text for pair in texts for text in pair], add_special_tokens=False)[
+            "input_ids"
+        ]
+        segments = [
+            Segment([*encoded[2 * i], *encoded[2 * i + 1]], len(encoded[2 * i])) for i in range(len(texts))
+        ]
+        whole = [(index, "".join(pair)) for index, pair in enumerate(texts) if any(pair)]
+        for (index, before), (_, after) in itertools.pairwise(whole):
+            if self._split_at_special(before, after):
+                continue
+            together = self.tokenizer(before + after, add_special_tokens=False)["input_ids"]
+            if (
+                together
+                != self.tokenizer(before, add_special_tokens=False)["input_ids"]
+                + self.tokenizer(after, add_special_tokens=False)["input_ids"]
+            ):
+                raise BadInputError(
+                    f"Expected the messages' tokens to join to the conversation's, but a token spans the "
+                    f"end of message {index} (the template puts no special token between them)",
+                    where.at(path=messages[index].path),
+                )
         return segments
 
     def _split_at_special(self, before: str, after: str) -> bool:
@@ -176,20 +182,6 @@ def _common_prefix(a: str, b: str) -> int:
         else:
             high = middle
     return low
-
-
-def _first_difference(joined: list[int], expected: list[int], segments: list[Segment]) -> int:
-    """Return the index of the message in whose tokens ``joined`` first differs from ``expected``."""
-    position = next(
-        (i for i, (a, b) in enumerate(zip(joined, expected, strict=False)) if a != b),
-        min(len(joined), len(expected)),
-    )
-    start = 0
-    for index, segment in enumerate(segments):
-        start += len(segment.token_ids)
-        if position < start:
-            return index
-    return len(segments) - 1
 
 
 def end_of_turn_ids(tokenizer: Any, model_dir: str | os.PathLike[str] | None) -> frozenset[int]:
