@@ -82,14 +82,16 @@ def test_mmoffload_demo_prints_one_json_report_and_exits_0(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     report = msgspec.json.decode(result.stdout, type=DemoReport)
     assert report.audit.ok and report.root == str(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kimi_k25", "qwen_vl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat", "kimi_k25", "qwen_vl"]
+    assert sorted(p.name for p in (tmp_path / "chat").iterdir()) == ["kimi_k25", "models", "qwen_vl"]
 
 
 def test_mmoffload_demo_shows_each_stage_and_ends_with_the_audit(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "--run-dir", str(tmp_path)])
 
     assert result.exit_code == 0, result.output
-    for title in ("offload (qwen_vl)", "refs (qwen_vl)", "pack (kimi_k25)", "audit (all runs)"):
+    titles = ("offload (qwen_vl)", "refs (qwen_vl)", "pack (kimi_k25)", "audit (all runs)", "render (kimi_k25)")
+    for title in (*titles, "audit (chat-rollout runs)"):
         assert title in result.stdout
     assert result.stdout.rstrip().endswith("audit: ok, no violations")
 

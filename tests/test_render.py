@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from mmoffload.assets import AssetStore
 from mmoffload.errors import BadInputError, IntegrityError
 from mmoffload.families import Families
 from mmoffload.render import Renderer, RenderOptions, load_tokenizer, render_files, render_rollout
 from mmoffload.render.tiny import write_tiny_model
+from mmoffload.store.local import AssetStore
 from mmoffload_cli.app import app
 from tests.builders import data_url, image_bytes
 
@@ -397,7 +397,8 @@ def test_render_refs_pack_audit_passes_with_zero_violations(
 def test_a_token_across_a_message_boundary_is_an_error_naming_the_message(
     models: dict[str, Path], tmp_path: Path
 ) -> None:
-    from tokenizers import Tokenizer, models as tokenizer_models
+    from tokenizers import Tokenizer
+    from tokenizers import models as tokenizer_models
     from transformers import PreTrainedTokenizerFast
 
     # "a" + "b" is one token "ab", and this template writes messages back to back.

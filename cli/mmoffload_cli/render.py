@@ -8,11 +8,11 @@ from typing import Annotated
 
 import typer
 
-from mmoffload.assets import ASSETS_ENV_VAR, resolve_assets_dir
 from mmoffload.errors import UsageError
 from mmoffload.families import resolve_model_dir
-from mmoffload.io import expand_inputs, is_stdio
+from mmoffload.io.inputs import expand_inputs, is_stdio
 from mmoffload.render import RenderOptions, render_files
+from mmoffload.store.local import ASSETS_ENV_VAR, resolve_assets_dir
 from mmoffload_cli import options, sink
 
 Rollouts = Annotated[

@@ -13,7 +13,6 @@ from typing import Any
 
 import msgspec
 
-from mmoffload.assets import AssetStore, open_store
 from mmoffload.errors import BadInputError, UsageError, Where
 from mmoffload.families import Families
 from mmoffload.offload import Offloader
@@ -21,6 +20,8 @@ from mmoffload.render.images import ImageReader, RenderedImage
 from mmoffload.render.logprobs import matched_logprobs
 from mmoffload.render.messages import ChatMessage, chat_message, conversation, fill_images_column
 from mmoffload.render.template import ChatTemplate, Segment
+from mmoffload.store.backend import open_store
+from mmoffload.store.local import AssetStore
 
 # Rollout fields carried onto the episode as they are (group keys, rewards, metadata).
 CARRIED = ("id", "example_id", "task", "group", "reward", "rewards", "metrics", "info", "answer",

@@ -13,15 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmoffload.assets import AssetStore, asset_location, content_hash, read_verified
-from mmoffload.descriptors import DESCRIPTOR_KIND
+from mmoffload.contract.addresses import asset_location, content_hash
+from mmoffload.contract.descriptors import DESCRIPTOR_KIND
+from mmoffload.contract.imageparts import describe_source, source_kind
 from mmoffload.errors import BadInputError, Where
 from mmoffload.families import Family, Grid
-from mmoffload.imageparts import describe_source, source_kind
-from mmoffload.images import open_image
+from mmoffload.store.images import open_image
+from mmoffload.store.local import AssetStore
+from mmoffload.store.read import read_verified
 
 if TYPE_CHECKING:
-    from mmoffload.objectstore import ObjectStore
+    from mmoffload.store.objects import ObjectStore
 
 # A stored file's name: the content hash (h32) and the extension.
 _HASH_NAME = re.compile(r"[0-9a-f]{32}")

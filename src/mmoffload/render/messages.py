@@ -19,8 +19,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmoffload.contract.imageparts import HF_SOURCE_KEYS, ImagePart, find_parts
 from mmoffload.errors import BadInputError, PathPart, Where
-from mmoffload.imageparts import HF_SOURCE_KEYS, ImagePart, find_parts
 
 # Part types whose `text` a template renders.
 TEXT_PARTS = frozenset(("text", "input_text", "output_text"))

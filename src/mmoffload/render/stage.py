@@ -14,14 +14,8 @@ import msgspec
 from mmoffload.errors import UsageError
 from mmoffload.extras import require
 from mmoffload.families import Families
-from mmoffload.io import (
-    check_distinct,
-    check_output_path,
-    decode_json_line,
-    is_stdio,
-    iter_lines,
-    open_output,
-)
+from mmoffload.io.inputs import decode_json_line, is_stdio, iter_lines
+from mmoffload.io.outputs import check_distinct, check_output_path, open_output
 from mmoffload.render.episode import RenderCounts, Renderer
 
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmoffload.contract.spans import IMAGE_TYPE, VIDEO_TYPE
 from mmoffload.errors import BadInputError, UsageError, Where
-from mmoffload.families import IMAGE_TYPE, VIDEO_TYPE, Family
+from mmoffload.families import Family
 from mmoffload.render.messages import ChatMessage
 
 FIX_TEMPLATE = "pass --model with a tokenizer whose chat template renders these messages"

@@ -1,0 +1,37 @@
+"""`mmoffload offload`: decode, hash and store each inline image once; rewrite its part to a ref."""
+
+from mmoffload.offload.dataset import offload_dataset
+from mmoffload.offload.stage import (
+    CACHE_BYTES,
+    REJECTS_SUFFIX,
+    STALE_TEMP_SECONDS,
+    LineResult,
+    Offloader,
+    OffloadOptions,
+    OffloadReport,
+    OffloadTask,
+    RecordCounts,
+    RejectedLine,
+    offload_files,
+    offload_record,
+    plan_outputs,
+    sweep_stale_temps,
+)
+
+__all__ = [
+    "CACHE_BYTES",
+    "REJECTS_SUFFIX",
+    "STALE_TEMP_SECONDS",
+    "LineResult",
+    "OffloadOptions",
+    "OffloadReport",
+    "OffloadTask",
+    "Offloader",
+    "RecordCounts",
+    "RejectedLine",
+    "offload_dataset",
+    "offload_files",
+    "offload_record",
+    "plan_outputs",
+    "sweep_stale_temps",
+]
