@@ -90,7 +90,13 @@ def test_mmoffload_demo_shows_each_stage_and_ends_with_the_audit(tmp_path: Path)
     result = CliRunner().invoke(app, ["demo", "--run-dir", str(tmp_path)])
 
     assert result.exit_code == 0, result.output
-    titles = ("offload (qwen_vl)", "refs (qwen_vl)", "pack (kimi_k25)", "audit (all runs)", "render (kimi_k25)")
+    titles = (
+        "offload (qwen_vl)",
+        "refs (qwen_vl)",
+        "pack (kimi_k25)",
+        "audit (all runs)",
+        "render (kimi_k25)",
+    )
     for title in (*titles, "audit (chat-rollout runs)"):
         assert title in result.stdout
     assert result.stdout.rstrip().endswith("audit: ok, no violations")
