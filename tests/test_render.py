@@ -413,3 +413,17 @@ def test_a_token_across_a_message_boundary_is_an_error_naming_the_message(
     with pytest.raises(BadInputError, match="a token spans the end of message 0") as caught:
         Renderer(fast, Families(models["kimi_k25"])).rollout(record)
     assert caught.value.where.path == ("messages", 0)
+
+
+def test_an_images_column_entry_is_stored_once(models: dict[str, Path], tmp_path: Path) -> None:
+    part, column = image_shapes(tmp_path)["trl datasets"]
+    _, counts = renderer(models["qwen3_vl"], tmp_path / "assets").rollout({**chat([part]), "images": column})
+    assert (counts.images, counts.images_offloaded) == (1, 1)
+    assert len(list((tmp_path / "assets").iterdir())) == 1
+
+
+def test_a_bad_inline_image_names_its_path_in_the_record(models: dict[str, Path], tmp_path: Path) -> None:
+    record = chat([{"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}])
+    with pytest.raises(BadInputError, match="Expected an image media type") as caught:
+        renderer(models["qwen3_vl"], tmp_path / "assets").rollout(record)
+    assert caught.value.where.path == ("messages", 1, "content", 1, "image_url", "url")

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from mmoffload.errors import BadInputError, UsageError, Where
+from mmoffload.errors import BadInputError, MMOffloadError, PathPart, UsageError, Where
 from mmoffload.families import Families
 from mmoffload.offload import Offloader
 from mmoffload.render.images import ImageReader, RenderedImage
@@ -97,7 +97,7 @@ class Renderer:
         fill_images_column(record, found, where)
         counts = RenderCounts(rollouts=1, messages=len(found))
         if self.offloader is not None:
-            counts.images_offloaded = self.offloader.record(record, where).offloaded
+            counts.images_offloaded = sum(self._offload(message, path, where) for path, message, _ in found)
         messages = [
             chat_message(i, path, message, sampled, where) for i, (path, message, sampled) in enumerate(found)
         ]
@@ -108,6 +108,20 @@ class Renderer:
             stream.position += len(stream.nodes[-1]["token_ids"])
         counts.tokens = stream.position
         return self._episode(record, stream.nodes), counts
+
+    def _offload(self, message: dict[str, Any], path: tuple[PathPart, ...], where: Where) -> int:
+        """Store a message's inline images as offload does, in place; return how many.
+
+        Messages only: an ``images`` column's entries are in the messages by now, and the
+        column is not carried onto the episode.
+        """
+        assert self.offloader is not None
+        try:
+            return self.offloader.record(message, where.at(path=path)).offloaded
+        except MMOffloadError as exc:
+            # The offloader names paths within the message: put the message's own path first.
+            inner = exc.where.path if exc.where is not None and exc.where.path is not None else ()
+            raise type(exc)(exc.message, (exc.where or where).at(path=(*path, *inner))) from exc
 
     def _node(
         self, message: ChatMessage, segment: Segment, start: int, where: Where, counts: RenderCounts

@@ -122,6 +122,7 @@ def fill_images_column(
                 f"{len(column)} in the `images` column",
                 where.at(path=path, image=number),
             )
+        # A copy: the column itself is not rendered, and its entry must not be rewritten as a part.
         part.update(_column_part(column[number], where.at(path=(IMAGES_COLUMN, number), image=number)))
     if len(column) > len(bare):
         raise BadInputError(
@@ -143,7 +144,7 @@ def _content_parts(
 def _column_part(entry: Any, where: Where) -> dict[str, Any]:
     """Return the source key of an HF image part for one entry of the ``images`` column."""
     if isinstance(entry, dict):
-        return {"image": entry}
+        return {"image": dict(entry)}
     if isinstance(entry, str):
         # `path` makes a local path its absolute file:// URI; a URL stays itself.
         return {"path": entry}
