@@ -31,9 +31,9 @@ def demo(
     quiet: options.Quiet = False,
     verbose: options.Verbose = False,
 ) -> None:
-    """Run offload, refs, pack and audit on the bundled fixtures, then the chat-rollout path.
+    """Run offload, refs, pack and audit on the bundled fixtures.
 
-    Runs them on the Qwen-VL and Kimi K2.5 fixtures; then offload, render, refs, pack
+    Runs them on the Qwen-VL and Kimi K2.5 fixtures; then the chat-rollout path: offload, render, refs, pack
     and audit on the fixtures' chat rollouts (with the materialize extra).
     Shows each stage's report, then the audit of both runs; exits with the audit's
     code (0 when ok, 1 on violations).

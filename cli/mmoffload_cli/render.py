@@ -47,9 +47,9 @@ def render(
     quiet: options.Quiet = False,
     verbose: options.Verbose = False,
 ) -> None:
-    """Render chat rollouts with the model's own chat template into v1 episodes for refs.
+    """Render chat rollouts into v1 episodes (refs' input).
 
-    One episode per rollout, one node per message; assistant messages are sampled
+    Uses the model's own tokenizer and chat template. One episode per rollout, one node per message; assistant messages are sampled
     (mask true on the generated tokens and the end-of-turn token). Each image becomes
     the family's placeholder tokens, expanded to its grid from the image header; its
     node carries the sidecar refs checks. Inline data: images are stored in --assets on
@@ -59,9 +59,9 @@ def render(
     Examples:
 
     \b
-        mmoffload render results.jsonl --model /models/Qwen3-VL-8B-Instruct -o episodes.jsonl --assets RUN/assets/images
-        mmoffload render offloaded.jsonl --model Qwen/Qwen3-VL-8B-Instruct -o episodes.jsonl
-        mmoffload render 'runs/*/results.jsonl' --model DIR -o - --assets DIR | head -1
+        mmoffload render results.jsonl --model DIR -o ep.jsonl --assets A
+        mmoffload render offloaded.jsonl --model ORG/NAME -o ep.jsonl
+        mmoffload render 'runs/*/results.jsonl' --model DIR -o - | head -1
     """
     to_stdout = output is not None and is_stdio(output)
     with sink.errors_to_exit(
