@@ -82,8 +82,8 @@ def test_mmoffload_demo_prints_one_json_report_and_exits_0(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     report = msgspec.json.decode(result.stdout, type=DemoReport)
     assert report.audit.ok and report.root == str(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat", "kimi_k25", "qwen_vl"]
-    assert sorted(p.name for p in (tmp_path / "chat").iterdir()) == ["kimi_k25", "models", "qwen_vl"]
+    names = ["chat_kimi_k25", "chat_models", "chat_qwen_vl", "kimi_k25", "qwen_vl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
 
 
 def test_mmoffload_demo_shows_each_stage_and_ends_with_the_audit(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ ROOT/kimi_k25/  the same for Kimi K2.5
 and one audit over both runs ends the job. The chat-rollout path follows when the
 ``materialize`` extra (transformers) is installed: the fixtures' chat rollouts go through
 offload, render (with a tiny byte-level tokenizer and the family's chat template),
-refs and pack into ``ROOT/chat/<family>``, and a second audit covers those runs.
+refs and pack into ``ROOT/chat_<family>`` (tiny models in ``ROOT/chat_models``: no run), and a
+second audit covers those runs. Runs stay siblings, so ``mmoffload audit ROOT`` audits all four.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def run_demo(
         )
         return result
     result.chat_runs = [
-        _chat_run(root / "chat", family, config, fixtures, seq_len, on_stage) for family, config in CHAT_CASES
+        _chat_run(root, family, config, fixtures, seq_len, on_stage) for family, config in CHAT_CASES
     ]
     result.chat_audit = audit([Path(run.run_dir) for run in result.chat_runs], verify_hashes=True)
     on_stage("chat", "audit", result.chat_audit)
@@ -167,8 +168,8 @@ def _chat_run(
     root: Path, family: str, config: str, fixtures: Path, seq_len: int, on_stage: StageCallback
 ) -> ChatRun:
     """Run offload, render, refs and pack on the fixtures' chat rollouts for one family."""
-    run_dir = root / family
-    model = write_tiny_model(root / "models" / config, config)
+    run_dir = root / f"chat_{family}"
+    model = write_tiny_model(root / "chat_models" / config, config)
     offloaded = run_dir / "offloaded" / "mini_browse.jsonl"
     offload = offload_files([fixtures / CHAT_ROLLOUTS], [offloaded], run_dir / "assets" / "images")
     on_stage(family, "offload", offload)
