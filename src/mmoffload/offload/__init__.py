@@ -1,22 +1,17 @@
 """`mmoffload offload`: decode, hash and store each inline image once; rewrite its part to a ref."""
 
 from mmoffload.offload.dataset import offload_dataset
-from mmoffload.offload.stage import (
+from mmoffload.offload.records import (
     CACHE_BYTES,
-    REJECTS_SUFFIX,
-    STALE_TEMP_SECONDS,
     LineResult,
     Offloader,
     OffloadOptions,
-    OffloadReport,
     OffloadTask,
     RecordCounts,
-    RejectedLine,
-    offload_files,
     offload_record,
-    plan_outputs,
-    sweep_stale_temps,
 )
+from mmoffload.offload.report import REJECTS_SUFFIX, OffloadReport
+from mmoffload.offload.stage import STALE_TEMP_SECONDS, offload_files, plan_outputs, sweep_stale_temps
 
 __all__ = [
     "CACHE_BYTES",
@@ -28,7 +23,6 @@ __all__ = [
     "OffloadTask",
     "Offloader",
     "RecordCounts",
-    "RejectedLine",
     "offload_dataset",
     "offload_files",
     "offload_record",

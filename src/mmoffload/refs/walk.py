@@ -8,6 +8,7 @@ import msgspec
 import numpy as np
 
 from mmoffload.contract.checks import per_token_problem
+from mmoffload.contract.spans import order_problem
 from mmoffload.errors import BadInputError, PathPart, Where
 from mmoffload.refs.images import Image, image_end, mm_kwargs_error, sidecar_images
 from mmoffload.refs.records import PATH_PART, RECORD_DECODER, Node, Part, Record, first_present, under
@@ -87,12 +88,8 @@ def _trace_samples(trace: Record, episode: Record | None, where: Where, context:
         start = 0 if parent is None else starts[parent] + len(parts[parent].tokens)
         part = _node_part(node, start, at, context)
         previous_end = 0 if parent is None else image_ends[parent]
-        if part.images and part.images[0].ref.offset < previous_end:
-            raise BadInputError(
-                f"Expected placeholders in token order without overlap, got offset "
-                f"{part.images[0].ref.offset} before the previous end {previous_end}",
-                part.images[0].where,
-            )
+        if part.images and (problem := order_problem(part.images[0].ref.offset, previous_end)):
+            raise BadInputError(problem, part.images[0].where)
         parts.append(part)
         starts.append(start)
         image_ends.append(image_end(part.images, previous_end))
