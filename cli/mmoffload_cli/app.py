@@ -20,6 +20,7 @@ import mmoffload
 COMMANDS = (
     "offload",
     "inline",
+    "render",
     "refs",
     "pack",
     "audit",

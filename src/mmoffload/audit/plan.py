@@ -54,7 +54,7 @@ def plan_inputs(paths: Sequence[str | os.PathLike[str]]) -> _Plan:
             raise UsageError("No such file or directory", Where(file=str(path)))
         elif path.suffix == ".bin":
             # The contract's names say what a file holds: rank_<R>.bin is a list of micro batches.
-            (loose.rank_files if path.name.startswith("rank_") else loose.training_batches).append(path)
+            (loose.rank_files if rundir.rank_of(path) is not None else loose.training_batches).append(path)
         else:
             raise UsageError(
                 "Expected a run directory, a .bin artifact or a .jsonl file", Where(file=str(path))

@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 
 from mmoffload.audit import AuditReport, binary_artifacts
+from mmoffload.contract import rundir
 from mmoffload.contract.packed import fill_ratio, padding_tokens
 from mmoffload.contract.wire import MicroBatch, TrainingSample, read_rank_file, read_training_batch
 from mmoffload.errors import UsageError
@@ -102,7 +103,7 @@ def audit_page(paths: Sequence[Path], report: AuditReport) -> str:
 
 
 def _records(path: Path) -> Sequence[TrainingSample | MicroBatch]:
-    return read_rank_file(path) if path.name.startswith("rank_") else read_training_batch(path).examples
+    return read_rank_file(path) if rundir.rank_of(path) is not None else read_training_batch(path).examples
 
 
 def _rank_figures(training_batches: Sequence[Path], rank_files: Sequence[Path]) -> list[RankFigures]:
