@@ -166,12 +166,20 @@ def test_a_symlinked_output_is_written_through_its_link(tmp_path: Path, flag: st
     assert target.read_bytes() == (b'{"a": 1}\n' if flag == "--in-place" else b'{"b": 2}\n')
 
 
-def test_a_trailing_slash_output_that_is_no_directory_is_refused(tmp_path: Path) -> None:
+def test_a_trailing_slash_output_is_a_directory_created_when_absent(tmp_path: Path) -> None:
     source = jsonl(tmp_path / "in.jsonl", '{"a": 1}')
+    result = runner.invoke(app, ["offload", str(source), "-o", f"{tmp_path}/out/", "--assets", str(tmp_path)])
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "out" / "in.jsonl").read_text() == '{"a": 1}\n'
+
+
+def test_a_trailing_slash_output_that_names_a_file_is_refused(tmp_path: Path) -> None:
+    source = jsonl(tmp_path / "in.jsonl", '{"a": 1}')
+    (tmp_path / "out").write_text("a file")
     result = runner.invoke(app, ["offload", str(source), "-o", f"{tmp_path}/out/", "--assets", str(tmp_path)])
     # A usage error: Typer's boxed message, folded to the terminal width.
     assert result.exit_code == 2 and "ends with `/`" in " ".join(result.stderr.replace("│", " ").split())
-    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "out").read_text() == "a file"
 
 
 # --- data loss: an output that is an input or another output -----------------------------------

@@ -17,7 +17,7 @@ from mmoffload_cli.options import AllowRoot, Format, Json, Output, Quiet, Verbos
 
 def inline(
     inputs: Annotated[
-        list[Path],
+        list[str],  # Strings: a Path would fold `s3://bucket` into `s3:/bucket`.
         typer.Argument(
             metavar="PATH",
             help="Offloaded JSONL files (.gz/.zst read too), Parquet files, directories, quoted globs, "
@@ -56,7 +56,11 @@ def inline(
             raise UsageError("Expected an output (`-o PATH`, `-o DIR/` or `-o -`)")
         expanded = expand_inputs(inputs)
         outputs = plan_outputs(expanded, output, False)
-        total = sum(item.path.stat().st_size for item in expanded if item.path.is_file())
+        total = sum(
+            item.path.stat().st_size
+            for item in expanded
+            if isinstance(item.path, Path) and item.path.is_file()
+        )
         with sink.progress_bar("inline", total, enabled=not quiet) as advance:
             report = inline_files(
                 [item.path for item in expanded],

@@ -18,11 +18,11 @@ from mmoffload_cli.options import Assets, Format, Json, Output, Quiet, Ray, RayA
 
 def offload(
     inputs: Annotated[
-        list[Path],
+        list[str],  # Strings: a Path would fold `s3://bucket` into `s3:/bucket`.
         typer.Argument(
             metavar="PATH",
             help="JSONL files (rollouts, traces, chat requests; .gz/.zst read too), Parquet files, "
-            "directories, quoted globs, or - for stdin.",
+            "directories, quoted globs, fsspec URLs (s3://, gs://, hf://), or - for stdin.",
             show_default=False,
         ),
     ],
@@ -95,7 +95,11 @@ def offload(
         expanded = expand_inputs(inputs)
         outputs = plan_outputs(expanded, output, in_place)
         # Progress counts decompressed bytes: for a compressed input the size is only a guess.
-        total = sum(item.path.stat().st_size for item in expanded if item.path.is_file())
+        total = sum(
+            item.path.stat().st_size
+            for item in expanded
+            if isinstance(item.path, Path) and item.path.is_file()
+        )
         with sink.progress_bar("offload", total, enabled=not quiet) as advance:
             report = offload_files(
                 [item.path for item in expanded],

@@ -9,19 +9,30 @@ from typing import Annotated
 import typer
 
 from mmoffload.io.inputs import InputFormat
+from mmoffload.io.remote import is_url
 from mmoffload_cli import verbosity
 
 
-def output_path(value: str) -> Path:
-    """Parse an output path, keeping what a trailing ``/`` means: a directory, which must exist.
+def output_path(value: str) -> Path | str:
+    """Parse an output path, keeping what a trailing ``/`` means: a directory, created when absent.
+
+    An fsspec URL (``s3://bucket/out.jsonl``, ``s3://bucket/out/``) stays a string: a Path
+    would fold its ``//``.
 
     Raises:
-        typer.BadParameter: ``DIR/`` names no directory (pathlib would drop the ``/`` and
-            write a file named like the directory).
+        typer.BadParameter: ``DIR/`` names a file, or cannot be created.
     """
+    if is_url(value):
+        return value
     path = Path(value)
     if value.endswith(("/", os.sep)) and not path.is_dir():
-        raise typer.BadParameter(f"`{value}` ends with `/` but is no directory; create it first")
+        # pathlib drops the `/`: without the directory, a file named like it would be written.
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise typer.BadParameter(
+                f"`{value}` ends with `/` but cannot be a directory: {exc.strerror}"
+            ) from exc
     return path
 
 
@@ -32,7 +43,7 @@ Output = Annotated[
         "--output",
         metavar="PATH",
         parser=output_path,
-        help="Write the result here (a file, DIR/, or - for stdout).",
+        help="Write the result here (a file, DIR/ (created when absent), an fsspec URL, or - for stdout).",
     ),
 ]
 # A string, not a Path: a Path would fold `s3://bucket` into `s3:/bucket`.

@@ -18,7 +18,7 @@ import msgspec
 
 from mmoffload.errors import UsageError
 from mmoffload.inline.records import InlineCounts, Inliner
-from mmoffload.io.inputs import InputFormat, is_stdio, iter_lines, open_input, reads_parquet
+from mmoffload.io.inputs import InputFormat, is_stdio, iter_lines, location, open_input, reads_parquet
 from mmoffload.io.outputs import atomic_writer, check_distinct, check_output_path, open_output
 
 
@@ -57,12 +57,14 @@ def inline_files(
         UsageError: an unreadable input, or an output that is an input or cannot be written.
     """
     started = time.perf_counter()
-    inputs, outputs = [Path(path) for path in inputs], [Path(path) for path in outputs]
-    files = [path for path in inputs if not is_stdio(path)]
-    for path in files:
-        with open_input(path):  # An unreadable input fails here, before any work.
-            pass
-    named = [("output", path) for path in outputs if not is_stdio(path)]
+    inputs, outputs = [location(path) for path in inputs], [location(path) for path in outputs]
+    for path in inputs:
+        if not is_stdio(path):
+            with open_input(path):  # An unreadable input fails here, before any work.
+                pass
+    # URLs are objects in a store: written whole at the end, nothing on this disk to check.
+    files = [path for path in inputs if isinstance(path, Path) and not is_stdio(path)]
+    named = [("output", path) for path in outputs if isinstance(path, Path) and not is_stdio(path)]
     check_distinct(files, named)
     for role, path in named:
         check_output_path(path, role)

@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, Literal
 
 import msgspec
 
+from mmoffload.contract.addresses import uri_to_path
 from mmoffload.errors import BadInputError, UsageError, Where
 
 STDIO = "-"
@@ -87,13 +88,26 @@ def is_parquet(path: str | os.PathLike[str]) -> bool:
     """Whether an input is Parquet: by its name (``.parquet``, ``.pq``), else by its magic bytes."""
     if is_stdio(path):
         return False
-    if Path(path).suffix.lower() in PARQUET_SUFFIXES:
+    if os.fspath(path).lower().endswith(PARQUET_SUFFIXES):
         return True
     try:
-        with open(path, "rb") as handle:
-            return handle.read(4) == PARQUET_MAGIC
-    except OSError:
+        with open_input(path) as handle:
+            return handle.peek(4)[:4] == PARQUET_MAGIC  # type: ignore[attr-defined]
+    except (OSError, UsageError):
         return False
+
+
+def location(path: str | os.PathLike[str]) -> Path | str:
+    """Return where an input or output lives: a URL (``s3://``, ``hf://`` ...) as it is, else a local path.
+
+    A ``file://`` URL is its local path; a ``Path`` never holds a URL (it would fold ``//``).
+    """
+    text = os.fspath(path)
+    if text.lower().startswith("file://"):
+        return uri_to_path(text)
+    from mmoffload.io.remote import is_url
+
+    return text if is_url(text) else Path(path)
 
 
 @contextlib.contextmanager
@@ -107,7 +121,12 @@ def open_input(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """
     name = input_name(path)
     try:
-        raw: BinaryIO = sys.stdin.buffer if is_stdio(path) else open(path, "rb", buffering=READ_BUFFER)  # noqa: SIM115
+        if isinstance(source := location(path), str):
+            from mmoffload.io.remote import open_url  # Only URL inputs import fsspec.
+
+            raw: BinaryIO = open_url(source)
+        else:
+            raw = sys.stdin.buffer if is_stdio(path) else open(source, "rb", buffering=READ_BUFFER)  # noqa: SIM115
     except OSError as exc:
         raise UsageError(f"Cannot read input: {exc.strerror}", Where(file=name)) from exc
     buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[arg-type]
@@ -170,7 +189,7 @@ def _lines(handle: BinaryIO) -> Iterator[bytes]:
 class Input:
     """One input file and the relative path its output mirrors under an output directory."""
 
-    path: Path
+    path: Path | str  # A URL stays a string.
     relative: Path
 
 
@@ -190,7 +209,13 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]], *, directories: bool 
     """
     found: list[Input] = []
     for raw in paths:
-        path = Path(raw)
+        if isinstance(url := location(raw), str):
+            from mmoffload.io.remote import expand_url
+
+            wanted = lambda name: is_jsonl_name(name) or name.endswith(PARQUET_SUFFIXES)  # noqa: E731
+            found.extend(Input(match, Path(relative)) for match, relative in expand_url(url, wanted))
+            continue
+        path = url
         if is_stdio(raw) or path.is_file() or (path.is_dir() and not directories):
             found.append(Input(path, Path(path.name or STDIO)))
         elif path.is_dir():

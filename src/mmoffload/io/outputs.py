@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mmoffload.errors import UsageError, Where
-from mmoffload.io.inputs import Input, is_stdio, zstandard_module
+from mmoffload.io.inputs import Input, is_stdio, location, zstandard_module
 
 TEMP_PREFIX = ".mmoffload-tmp-"
 
@@ -256,30 +256,44 @@ def _identity(path: Path) -> tuple[Any, ...]:
 
 @contextlib.contextmanager
 def open_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """Yield a binary output: ``-`` is stdout, else an ``atomic_writer`` compressing ``.gz``/``.zst``."""
+    """Yield a binary output: ``-`` is stdout, a URL is put when the block succeeds, else an
+    ``atomic_writer``; an output named ``.gz`` or ``.zst`` is compressed."""
     if is_stdio(path):
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
-    path = Path(path)
-    with atomic_writer(path) as raw:
-        if path.suffix == ".gz":
-            # mtime 0: the same records make the same bytes.
-            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as compressed:
-                yield compressed  # type: ignore[misc]
-        elif path.suffix == ".zst":
-            with zstandard_module().ZstdCompressor().stream_writer(raw, closefd=False) as compressed:
-                yield compressed  # type: ignore[misc]
-        else:
-            yield raw
+    target = location(path)
+    if isinstance(target, str):
+        from mmoffload.io.remote import url_writer  # Only URL outputs import fsspec.
+
+        writer = url_writer(target)
+    else:
+        writer = atomic_writer(target)
+    with writer as raw, _compressed(raw, os.fspath(path)) as out:
+        yield out
+
+
+@contextlib.contextmanager
+def _compressed(raw: BinaryIO, name: str) -> Iterator[BinaryIO]:
+    """Yield ``raw``, compressing what is written when ``name`` ends ``.gz`` or ``.zst``."""
+    if name.endswith(".gz"):
+        # mtime 0: the same records make the same bytes.
+        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as compressed:
+            yield compressed  # type: ignore[misc]
+    elif name.endswith(".zst"):
+        with zstandard_module().ZstdCompressor().stream_writer(raw, closefd=False) as compressed:
+            yield compressed  # type: ignore[misc]
+    else:
+        yield raw
 
 
 def plan_outputs(
     inputs: Sequence[str | os.PathLike[str] | Input], output: str | os.PathLike[str] | None, in_place: bool
-) -> list[Path]:
-    """Return the output path of each input.
+) -> list[Path | str]:
+    """Return the output path (or URL) of each input.
 
-    One input: ``output`` is the file to write (or a directory to write it into).
+    One input: ``output`` is the file to write (or a directory to write it into; an
+    output URL ending ``/`` is a prefix).
     Several inputs, or inputs from a directory or a glob (see ``expand_inputs``):
     ``output`` is a directory and each output mirrors its input's relative path.
     ``output`` ``-`` is stdout for every input, in order. ``in_place``: each input
@@ -294,15 +308,19 @@ def plan_outputs(
         raise UsageError("Expected at least one input file")
     if in_place == (output is not None):
         raise UsageError("Expected exactly one of an output (`-o`) or in-place rewriting (`--in-place`)")
-    items = [item if isinstance(item, Input) else Input(Path(item), Path(Path(item).name)) for item in inputs]
+    items = [item if isinstance(item, Input) else Input(location(item), Path(_name(item))) for item in inputs]
     if in_place:
         if any(is_stdio(item.path) for item in items):
             raise UsageError("Expected a file to rewrite in place, got stdin (`-`)")
         return [item.path for item in items]
-    output = Path(output)  # type: ignore[arg-type]
+    output = location(output)  # type: ignore[arg-type]
     if is_stdio(output):
         return [output] * len(items)
-    mirrored = len(items) > 1 or items[0].relative != Path(items[0].path.name)
+    mirrored = len(items) > 1 or items[0].relative != Path(_name(items[0].path))
+    if isinstance(output, str):
+        if not mirrored and not output.endswith("/"):
+            return [output]
+        return [f"{output.rstrip('/')}/{item.relative.as_posix()}" for item in items]
     if not mirrored and not output.is_dir():
         outputs = [output]
     else:
@@ -317,7 +335,12 @@ def plan_outputs(
                 f"Inputs `{claimed[resolved]}` and `{item.path}` would both write `{target}`; "
                 "give a directory or a glob so that outputs mirror their relative paths"
             )
-        claimed[resolved] = item.path
-        if not is_stdio(item.path) and item.path.resolve() == resolved:
+        claimed[resolved] = item.path  # type: ignore[assignment]
+        if isinstance(item.path, Path) and not is_stdio(item.path) and item.path.resolve() == resolved:
             raise UsageError(f"Output `{resolved}` is the input; use in-place rewriting to replace it")
-    return outputs
+    return outputs  # type: ignore[return-value]
+
+
+def _name(path: str | os.PathLike[str]) -> str:
+    """The last part of a path or URL."""
+    return os.fspath(path).rstrip("/").rpartition("/")[2]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from mmoffload.errors import BadInputError, Where
 from mmoffload.extras import require
+from mmoffload.io.remote import is_url
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -141,6 +142,10 @@ def map_row_groups(
     """
     name = os.fspath(source)
     try:
+        if is_url(name):  # Parquet seeks to its footer: an fsspec file (seekable), not a stream.
+            from mmoffload.io.remote import open_url
+
+            source = open_url(name)  # type: ignore[assignment]
         parquet = pq.ParquetFile(source)
     except (OSError, pa.ArrowException) as exc:
         raise BadInputError(f"Expected a Parquet file: {exc}", Where(file=name)) from exc

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from mmoffload.errors import MMOffloadError, UsageError
-from mmoffload.io.inputs import InputFormat, is_stdio, iter_lines, open_input, reads_parquet
+from mmoffload.io.inputs import InputFormat, is_stdio, iter_lines, location, open_input, reads_parquet
 from mmoffload.io.outputs import (  # noqa: F401 - plan_outputs: offload's public name too
     TEMP_PREFIX,
     atomic_writer,
@@ -112,16 +112,18 @@ def offload_files(
             or an output or asset directory that cannot be written (all checked before any work).
     """
     started = time.perf_counter()
-    if skip_invalid and rejects is None and any(is_stdio(target) for target in outputs):
-        raise UsageError("Expected `--rejects PATH` for bad lines when the output is stdout (`-`)")
+    inputs, outputs = [location(path) for path in inputs], [location(path) for path in outputs]
+    if skip_invalid and rejects is None and any(is_stdio(t) or isinstance(t, str) for t in outputs):
+        raise UsageError("Expected `--rejects PATH` for bad lines when the output is stdout (`-`) or a URL")
     options = options or OffloadOptions()
-    inputs, outputs = [Path(path) for path in inputs], [Path(path) for path in outputs]
     rejects = Path(rejects) if rejects is not None else None
-    rejects_paths = [rejects or default_rejects(target) for target in outputs] if skip_invalid else []
+    rejects_paths = [rejects or default_rejects(target) for target in outputs] if skip_invalid else []  # type: ignore[arg-type]
     store = open_store(assets)
     _check_paths(inputs, outputs, rejects_paths, store)
     report = OffloadReport(inputs=len(inputs), assets=str(store.root))
-    temp_dirs = {path.parent for path in [*outputs, *rejects_paths] if not is_stdio(path)}
+    temp_dirs = {
+        path.parent for path in [*outputs, *rejects_paths] if isinstance(path, Path) and not is_stdio(path)
+    }
     if isinstance(store, AssetStore):
         store.root.mkdir(parents=True, exist_ok=True)
         report.stale_temps_removed = sweep_stale_temps(store.root)
@@ -207,11 +209,9 @@ def _offload_parquet(
     # Only a Parquet run imports pyarrow (the `parquet` extra).
     from mmoffload.offload.parquet import offload_parquet
 
-    out = (
-        commits.enter_context(open_output(target))
-        if is_stdio(target)
-        else commits.enter_context(atomic_writer(target))
-    )
+    # open_output would compress a `.gz` name; a Parquet file compresses its own pages.
+    local = isinstance(target, Path) and not is_stdio(target)
+    out = commits.enter_context(atomic_writer(target) if local else open_output(target))
     report.add(offload_parquet(source, out, task.offloader(), advance))
     report.outputs.append("<stdout>" if is_stdio(target) else str(target))
 
@@ -223,11 +223,17 @@ def _check_paths(
 
     Stdin and stdout (``-``) are streams: nothing to check, nothing to collide with.
     """
-    inputs = [path for path in inputs if not is_stdio(path)]
     for path in inputs:
-        with open_input(path):  # An unreadable input fails here, before any work.
-            pass
-    named = [("output", path) for path in outputs if path not in inputs and not is_stdio(path)]
+        if not is_stdio(path):
+            with open_input(path):  # An unreadable input fails here, before any work.
+                pass
+    # URLs are objects in a store: written whole at the end, nothing on this disk to check.
+    inputs = [path for path in inputs if isinstance(path, Path) and not is_stdio(path)]
+    named = [
+        ("output", path)
+        for path in outputs
+        if isinstance(path, Path) and path not in inputs and not is_stdio(path)
+    ]
     named += [("rejects file", path) for path in dict.fromkeys(rejects)]
     check_distinct(inputs, named)
     for role, path in named:
