@@ -36,8 +36,9 @@ def output_path(value: str) -> Path | str:
     return path
 
 
+# Typed `str` so Typer adds no Path conversion of its own after the parser (a URL keeps its `//`).
 Output = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "-o",
         "--output",

@@ -175,13 +175,13 @@ def _offload_all(
                 _offload_parquet(source, target, task, commits, advance, report)
                 continue
             out = commits.enter_context(open_output(target))
-            rejects_path = rejects or default_rejects(target)
             for where, line, result in results(iter_lines(source)):
                 advance(len(line))
                 report.jsonl_bytes_in += len(line)
                 if isinstance(result, MMOffloadError):
                     if not skip_invalid:
                         raise result
+                    rejects_path = rejects or default_rejects(target)  # type: ignore[arg-type]
                     if rejects_path not in reject_files:
                         reject_files[rejects_path] = commits.enter_context(atomic_writer(rejects_path))
                     reject_files[rejects_path].write(rejected_line(where, line, result))
