@@ -120,3 +120,28 @@ def test_the_demo_chat_rollout_path_renders_both_families_and_audits_clean(demo_
     assert demo_report.chat_audit is not None and demo_report.chat_audit.ok, demo_report.chat_audit
     assert (demo_report.chat_audit.examples, demo_report.chat_audit.descriptors) == (8, 24)
     assert demo_report.ok
+
+
+def test_the_demo_ends_with_its_runs_path_and_next_commands_that_run(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["demo", "--run-dir", str(tmp_path / "d")])
+
+    assert result.exit_code == 0, result.stderr
+    tail = result.stderr.split("demo: runs kept in ")[-1].splitlines()
+    assert tail[0] == str(tmp_path / "d") and tail[1] == "next, try:"
+    for line in tail[2:]:
+        command = line.split()
+        assert command[0] == "mmoffload"
+        assert CliRunner().invoke(app, command[1:]).exit_code == 0, line
+
+
+def test_a_quiet_demo_keeps_its_run_and_prints_where(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    result = CliRunner().invoke(app, ["demo", "-q"])
+
+    assert result.exit_code == 0, result.stderr
+    kept = Path(result.stdout.strip())
+    assert kept.parent == tmp_path and (kept / "qwen_vl" / "rollouts").is_dir()

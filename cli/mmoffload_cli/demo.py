@@ -20,9 +20,25 @@ DemoRunDir = Annotated[
         "--run-dir",
         metavar="DIR",
         help="Demo root: one run per family in DIR/qwen_vl and DIR/kimi_k25 "
-        "(default: a fresh temporary directory, kept and printed).",
+        "(default: a fresh temporary directory, kept; its path printed last, alone on stdout with -q).",
     ),
 ]
+
+
+def next_steps(root: Path) -> str:
+    """The closing lines of a demo: where its runs are kept, and commands to try on them."""
+    run = root / "qwen_vl"
+    return "\n".join(
+        [
+            f"demo: runs kept in {root}",
+            "next, try:",
+            f"  mmoffload show {run} --sample 0",
+            f"  mmoffload inspect {run} --sample 0 --html sample.html",
+            f"  mmoffload audit {root} --verify-hashes --expect missing_files=0",
+            f"  mmoffload materialize {run} --model qwen3_vl",
+            f"  mmoffload inline {run}/offloaded -o inline/",
+        ]
+    )
 
 
 def demo(
@@ -68,5 +84,10 @@ def demo(
         sink.emit_report(report, "demo", as_json=True)
     if report.chat_skipped and not (as_json or quiet):
         sink.stderr.print(f"demo: {report.chat_skipped}", markup=False)
+    if quiet and run_dir is None:
+        # The run is kept: its path is the one thing a quiet run prints (stdout, for scripts).
+        sink.stdout.print(str(root), markup=False, soft_wrap=True)
+    elif not (as_json or quiet):
+        sink.stderr.print(next_steps(root), markup=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(sink.EXIT_PROBLEMS)
