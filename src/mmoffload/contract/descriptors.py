@@ -63,10 +63,16 @@ def descriptor_problems(descriptor: object) -> list[str]:
         problems.append(f"Expected `family` as a name of [A-Za-z0-9_.-], got `{family!r}`")
     uri = descriptor_uri(descriptor)
     # Object-store URLs are this project's extension for runs without a shared FS (docs/scale.md).
-    if not isinstance(uri, str) or not (is_local_file_uri(uri) or is_object_uri(uri)):
+    if uri is None and "raw_image_data" in descriptor:
+        # Not yet offloaded: the one fix is the offload, so say that instead of "got None".
+        problems.append(
+            "Expected `raw_image_uri` (a stored image's `file://` URI), got an inline image in "
+            "`raw_image_data`: offload first (`mmoffload offload IN -o OUT --assets DIR`)"
+        )
+    elif not isinstance(uri, str) or not (is_local_file_uri(uri) or is_object_uri(uri)):
         shown = uri[:60] + "..." if isinstance(uri, str) and len(uri) > 60 else uri
         problems.append(f"Expected `raw_image_uri` as a local `file://` URI, got `{shown!r}`")
-    if "raw_image_data" in descriptor:
+    elif "raw_image_data" in descriptor:
         problems.append("Expected no inline `raw_image_data` (offload the image first)")
     if not isinstance(descriptor.get("payload"), dict):
         problems.append(f"Expected `payload` as an object, got `{descriptor.get('payload')!r}`")

@@ -54,8 +54,12 @@ def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
     bundled = BUNDLED_CONFIGS / os.fspath(model)
     if bundled.is_dir():
         return bundled
-    if _HUB_ID.fullmatch(os.fspath(model)):
-        return cached_model_dir(os.fspath(model))
+    text = os.fspath(model)
+    if text.startswith(("/", "./", "../", "~", os.sep)) or (os.sep != "/" and os.sep in text):
+        # Spelled as a path, so meant as one: say the directory is missing, not that a hub id is.
+        raise UsageError(f"No such model directory `{text}`")
+    if _HUB_ID.fullmatch(text):
+        return cached_model_dir(text)
     names = ", ".join(sorted(p.name for p in BUNDLED_CONFIGS.iterdir() if p.is_dir()))
     raise UsageError(
         f"Expected a model directory, a hub id ORG/NAME in the local Hugging Face cache or a bundled "

@@ -116,7 +116,9 @@ def materialize_run(
     rank_files = list(iter_rank_files(run_dir))
     if not rank_files:
         raise UsageError(
-            "Expected rank files `rollouts/step_<N>/rank_<R>.bin`, found none", Where(file=str(run_dir))
+            f"Expected rank files `rollouts/step_<N>/rank_<R>.bin`, found none: run `mmoffload pack {run_dir}` "
+            "first (after `mmoffload refs`)",
+            Where(file=str(run_dir)),
         )
     decoded = [(step, path, read_rank_file(path)) for step, path in rank_files]
     if save_dir is not None:
