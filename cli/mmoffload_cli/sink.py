@@ -134,13 +134,31 @@ def report_table(report: msgspec.Struct, title: str) -> Table:
     table.add_column("value", justify="right", overflow="fold")
     for name, value in msgspec.structs.asdict(report).items():
         if isinstance(value, int | float | str | bool) or value is None:
-            table.add_row(name, format_value(value))
+            table.add_row(name, format_figure(name, value))
         elif isinstance(value, dict) and value and all(isinstance(v, str) for v in value.values()):
             # Which config each family ran on (`qwen_vl=defaults`): always worth a line.
             table.add_row(name, Text(", ".join(f"{key}={v}" for key, v in value.items())))
         elif verbosity.verbose() and isinstance(value, list) and all(isinstance(v, str | int) for v in value):
             table.add_row(name, Text(", ".join(map(str, value))))
     return table
+
+
+def format_figure(name: str, value: Any) -> str:
+    """Format a named figure: a byte count (``*bytes*``) in human units beside its exact number."""
+    shown = format_value(value)
+    if "bytes" in name and isinstance(value, int) and not isinstance(value, bool) and value >= 1024:
+        return f"{human_bytes(value)} ({shown})"
+    return shown
+
+
+def human_bytes(count: int) -> str:
+    """Return a byte count in binary units, as people read them: ``164.5 MiB``."""
+    size, unit = float(count), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{size:,.1f} {unit}"
 
 
 def format_value(value: Any) -> str:

@@ -1,0 +1,41 @@
+"""Reports give byte counts in human units beside the exact number; JSON keeps the integers."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+from typer.testing import CliRunner
+
+from mmoffload_cli.app import app
+from mmoffload_cli.sink import format_figure
+from tests.builders import data_url, image_bytes
+
+runner = CliRunner()
+
+
+def test_a_byte_count_reads_in_binary_units_beside_its_exact_number() -> None:
+    assert format_figure("pixel_bytes", 172_490_752) == "164.5 MiB (172,490,752)"
+    assert format_figure("jsonl_bytes_in", 1000) == "1,000"
+    assert format_figure("records", 172_490_752) == "172,490,752"
+
+
+def test_the_offload_table_shows_units_and_its_json_keeps_integers(tmp_path) -> None:
+    record = {"content": [{"type": "image_url", "image_url": {"url": data_url(image_bytes(400, 300))}}]}
+    (tmp_path / "in.jsonl").write_bytes(msgspec.json.encode(record) + b"\n")
+    args = [
+        "offload",
+        str(tmp_path / "in.jsonl"),
+        "-o",
+        str(tmp_path / "o.jsonl"),
+        "--assets",
+        str(tmp_path / "a"),
+    ]
+
+    table = runner.invoke(app, args)
+    as_json = runner.invoke(app, [*args, "--json"])
+
+    written = json.loads(as_json.stdout)["jsonl_bytes_in"]
+    assert isinstance(written, int) and written > 1024
+    line = next(line for line in table.stdout.splitlines() if "jsonl_bytes_in" in line)
+    assert "KiB (" in line
