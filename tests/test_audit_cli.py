@@ -124,11 +124,11 @@ def test_an_unreadable_input_with_json_prints_one_error_object(tmp_path: Path) -
 
 
 def test_an_unknown_figure_exits_2_listing_the_known_ones(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["audit", str(clean_run(tmp_path)), "--expect", "images=3"])
+    result = runner.invoke(app, ["audit", str(clean_run(tmp_path)), "--expect", "pictures=3"])
 
     assert result.exit_code == 2
     assert result.stdout == ""
-    assert "Unknown figure `images`" in result.stderr
+    assert "Unknown figure `pictures`" in result.stderr
     assert "micro_batches_with_mm_refs" in result.stderr and "type_ids_present" in result.stderr
 
 

@@ -39,3 +39,24 @@ def test_the_offload_table_shows_units_and_its_json_keeps_integers(tmp_path) -> 
     assert isinstance(written, int) and written > 1024
     line = next(line for line in table.stdout.splitlines() if "jsonl_bytes_in" in line)
     assert "KiB (" in line
+
+
+def test_audit_of_offloaded_chat_jsonl_counts_its_image_refs_by_scheme(tmp_path) -> None:
+    part = {"type": "image_url", "image_url": {"url": data_url(image_bytes())}}
+    lines = [msgspec.json.encode({"messages": [{"role": "user", "content": [part, part]}]}), b'{"n": 1}']
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    offloaded = str(tmp_path / "o.jsonl")
+    assert (
+        runner.invoke(
+            app, ["offload", str(tmp_path / "in.jsonl"), "-o", offloaded, "--assets", str(tmp_path / "a")]
+        ).exit_code
+        == 0
+    )
+
+    result = runner.invoke(
+        app, ["audit", offloaded, "--json", "--expect", "images>=1", "--expect", "data_uris=0"]
+    )
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["images"], report["images_by_scheme"], report["unique_images"]) == (2, {"file": 2}, 1)

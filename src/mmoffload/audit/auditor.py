@@ -24,7 +24,7 @@ from mmoffload.audit.records import (
     read_artifact,
     sample_record,
 )
-from mmoffload.audit.report import FIGURES, AuditReport, Violation
+from mmoffload.audit.report import FIGURES, AuditReport, Violation, add_schemes
 from mmoffload.contract.addresses import asset_location, is_local_file_uri, is_object_uri
 from mmoffload.contract.checks import length_problems, ref_problems
 from mmoffload.contract.descriptors import DESCRIPTOR_KIND, descriptor_problems
@@ -259,6 +259,10 @@ class Auditor:
         """Audit one decoded JSONL record."""
         for source in self.image_sources(loc, value, ()):
             self.source(loc, source.source, source.path)
+            if source.kind == "file":
+                self.report.images += 1
+                scheme, schemes = source.source.partition(":")[0].lower(), self.report.images_by_scheme
+                schemes[scheme] = schemes.get(scheme, 0) + 1
         for parts, obj in descriptors_and_samples(value):
             if obj.get("mm_kwargs") is not None:
                 self.report.eager_mm_kwargs += 1
@@ -277,6 +281,7 @@ class Auditor:
             if kind is int:
                 setattr(self.report, name, getattr(self.report, name) + getattr(report, name))
         self.report.violations.extend(report.violations)
+        add_schemes(self.report, report.images_by_scheme)
         for path, use in files.items():
             if (mine := self.files.setdefault(path, use)) is not use:
                 mine.hashes |= use.hashes

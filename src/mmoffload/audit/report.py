@@ -79,6 +79,10 @@ class AuditReport(msgspec.Struct):
     tokens_dropped: int = 0
     trainable_tokens_dropped: int = 0
     images_dropped: int = 0
+    # Image parts of JSONL records that are refs (a stored file or object), in total and by URL
+    # scheme (`file`, `s3`...): what CI expects of offloaded chat JSONL (`--expect images>=1`).
+    images: int = 0
+    images_by_scheme: dict[str, int] = msgspec.field(default_factory=dict)
     violations: list[Violation] = msgspec.field(default_factory=list)
     ok: bool = True
     # Each --expect with its verdict; a failed one makes ``ok`` false.
@@ -107,7 +111,17 @@ def sum_reports(reports: Sequence[AuditReport]) -> AuditReport:
         values = [getattr(report, name) for report in reports]
         setattr(total, name, all(values) if FIGURES[name] is bool else sum(values))
     total.violations = [violation for report in reports for violation in report.violations]
+    for report in reports:
+        add_schemes(total, report.images_by_scheme)
     return total
+
+
+def add_schemes(report: AuditReport, counts: dict[str, int]) -> None:
+    """Add image ref counts by scheme into ``report``'s, keeping the schemes sorted."""
+    merged = dict(report.images_by_scheme)
+    for scheme, count in counts.items():
+        merged[scheme] = merged.get(scheme, 0) + count
+    report.images_by_scheme = dict(sorted(merged.items()))
 
 
 # Longest first, so that `>=` is not read as `>` followed by `=5`.
