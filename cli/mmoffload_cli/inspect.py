@@ -47,7 +47,7 @@ def inspect(
 
     \b
         mmoffload inspect RUN --html sample.html
-        mmoffload inspect RUN --rank 1 --micro-batch 3 --model DIR --html mb.html
+        mmoffload inspect RUN --rank 0 --micro-batch 1 --model DIR --html mb.html
         mmoffload inspect RUN --sample 0 --html - > sample.html
     """
     to_stdout = is_stdio(html_out)

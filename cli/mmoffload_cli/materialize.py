@@ -62,7 +62,7 @@ def materialize(
         mmoffload materialize RUN --model /models/Qwen3-VL-8B-Instruct
         mmoffload materialize RUN --model Qwen/Qwen3-VL-8B-Instruct --json
         mmoffload materialize RUN --missing-image-policy error
-        mmoffload materialize RUN --model qwen2_5_vl --save RUN/pixels
+        mmoffload materialize RUN --model qwen3_vl --save RUN/pixels
         mmoffload materialize RUN --remap s3://rollouts/assets=/data/assets
     """
 

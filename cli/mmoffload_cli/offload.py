@@ -79,7 +79,7 @@ def offload(
         mmoffload offload rollouts.jsonl -o out.jsonl --assets RUN/assets/images
         mmoffload offload a.jsonl b.jsonl -o out/ --workers 8 --skip-invalid
         mmoffload offload rollouts.jsonl --in-place
-        mmoffload offload train.parquet -o out.parquet --assets RUN/assets/images
+        mmoffload offload train.parquet -o out.parquet --assets DIR
         mmoffload offload 'runs/*/results.jsonl.gz' -o out/ --assets DIR
         cat rollouts.jsonl | mmoffload offload - -o - --assets DIR | head
         mmoffload offload dumps/*.jsonl -o out/ --assets s3://bkt/run1 --ray

@@ -55,7 +55,7 @@ def show(
 
     \b
         mmoffload show RUN
-        mmoffload show RUN --rank 1 --micro-batch 2 | jq .record.mm_refs
+        mmoffload show RUN --rank 0 --micro-batch 1 | jq .record.mm_refs
         mmoffload show RUN --sample 3 --full
         mmoffload show RUN/rollouts/step_0/rank_0.bin --micro-batch 1
     """
