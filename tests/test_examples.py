@@ -79,6 +79,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
+    pq_offloaded = root / "demo_root" / "qwen_vl" / "assets" / "images"
     # Chat rollouts already offloaded: what `render` takes without --assets.
     offload_files(
         [fixtures_dir() / "rollouts" / "mini_browse.jsonl"], [root / "runs/r1/results.jsonl"], root / "assets"
@@ -87,6 +88,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pq = pytest.importorskip("pyarrow.parquet")
     image = next((fixtures_dir() / "images").iterdir()).read_bytes()
     pq.write_table(pa.table({"image": [{"bytes": image, "path": None}], "q": ["?"]}), root / "train.parquet")
+    offload_files([root / "train.parquet"], [root / "train.offloaded.parquet"], pq_offloaded)
     return root
 
 
@@ -104,30 +106,67 @@ def substitute(command: str, example: str, root: Path) -> str:
     return re.sub(r"\b(DIR|A)\b", str(root / "assets"), example)
 
 
-@pytest.mark.parametrize(("command", "example"), help_examples(), ids=lambda value: value[:60])
-def test_every_help_example_runs_as_written(command: str, example: str, template: Path) -> None:
-    for pattern, needs in NEEDS:
-        if pattern.search(example):
-            pytest.skip(f"needs {needs}")
-    if "jq " in example and shutil.which("jq") is None:
-        pytest.skip("needs jq")
-    # One sandbox for all, in the help's order (refs point at its files; `inline out.parquet`
-    # reads what `offload ... -o out.parquet` wrote); offload's default asset directory is set.
-    root = template
+def run_in_sandbox(script: str, root: Path, extra_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run a bash script in the sandbox with ``mmoffload`` as this checkout's CLI."""
     env = {
         **os.environ,
         "PY": sys.executable,
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "cli")]),
+        **extra_env,
     }
-    if command == "offload":  # The examples without --assets use the variable, as rollout workers set it.
-        env["VF_RENDERER_IMAGE_OFFLOAD_DIR"] = str(root / "assets")
-    script = (
-        f'mmoffload() {{ "$PY" -m mmoffload "$@"; }}\nset -o pipefail\n{substitute(command, example, root)}\n'
-    )
-
-    result = subprocess.run(
+    script = f'mmoffload() {{ "$PY" -m mmoffload "$@"; }}\nset -eo pipefail\n{script}\n'
+    return subprocess.run(
         ["bash", "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )
 
+
+def skip_reason(text: str) -> str | None:
+    """Why a script cannot run on a test machine, or None when it can."""
+    if re.search(r"^\s*(pip|python3 -m venv)\b", text, re.M):
+        return "a fresh virtual environment and package installs (.ci/run does them)"
+    for pattern, needs in NEEDS:
+        if any(
+            pattern.search(line.strip()) for line in text.splitlines() if not line.lstrip().startswith("#")
+        ):
+            return needs
+    if "jq " in text and shutil.which("jq") is None:
+        return "jq"
+    return None
+
+
+@pytest.mark.parametrize(("command", "example"), help_examples(), ids=lambda value: value[:60])
+def test_every_help_example_runs_as_written(command: str, example: str, template: Path) -> None:
+    if (needs := skip_reason(example)) is not None:
+        pytest.skip(f"needs {needs}")
+    # One sandbox for all, in the help's order (refs point at its files; `inline out.parquet`
+    # reads what `offload ... -o out.parquet` wrote). Offload's examples without --assets use
+    # the variable, as rollout workers set it.
+    env = {"VF_RENDERER_IMAGE_OFFLOAD_DIR": str(template / "assets")} if command == "offload" else {}
+
+    result = run_in_sandbox(substitute(command, example, template), template, env)
+
     # 141: `| head` closed the pipe, as intended.
     assert result.returncode in (0, 141), f"{example}\n{result.stderr[-2000:]}"
+
+
+def doc_scripts() -> list[tuple[str, str]]:
+    """Every bash block of README.md and docs/*.md, as ``(file, block)``."""
+    found = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in re.findall(r"```(?:bash|sh)\n(.*?)```", page.read_text(), re.S):
+            found.append((page.relative_to(REPO).as_posix(), block))
+    return found
+
+
+@pytest.mark.parametrize(("page", "block"), doc_scripts(), ids=lambda value: value.splitlines()[0][:60])
+def test_every_shell_snippet_of_the_docs_runs_as_written(page: str, block: str, template: Path) -> None:
+    if (needs := skip_reason(block)) is not None:
+        pytest.skip(f"needs {needs}")
+    run = template / "demo_root" / "qwen_vl"
+    # `$RUN` and `$MODEL` are the docs' variables; a bare RUN is the placeholder the help uses too.
+    env = {"RUN": str(run), "MODEL": str(template / "demo_root" / "chat_models" / "qwen3_vl")}
+    script = re.sub(r"(?<!\$)\bRUN\b", str(run), block)
+
+    result = run_in_sandbox(script, template, env)
+
+    assert result.returncode == 0, f"{page}:\n{block}\n{result.stderr[-2000:]}"
