@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from mmoffload.contract import rundir
 from mmoffload.pack import DEFAULT_PAD_TOKEN_ID, Balance, PackOptions, PackReport, pack_run
 from mmoffload_cli import options, sink
 
@@ -85,18 +86,24 @@ def pack(
         mmoffload pack RUN --seq-len 8192 --max-truncated-fraction 0.01
     """
     with sink.errors_to_exit(as_json, "no rank file was written (a run's rank files appear all at once)"):
-        report = pack_run(
-            run,
-            PackOptions(
-                seq_len=seq_len,
-                pad_multiple=pad_multiple,
-                world_size=world_size,
-                attention_weight=attention_weight,
-                pad_token_id=pad_token_id,
-                balance=balance,
-                max_truncated_fraction=max_truncated_fraction,
-            ),
-        )
+        # Progress by the bytes of each step's TrainingBatch packed.
+        batches = [rundir.training_batch_path(run, step) for step in rundir.steps(run)]
+        total = sum(path.stat().st_size for path in batches if path.is_file())
+        bar = sink.progress_bar("pack", total, enabled=not quiet)
+        with bar as advance:
+            report = pack_run(
+                run,
+                PackOptions(
+                    seq_len=seq_len,
+                    pad_multiple=pad_multiple,
+                    world_size=world_size,
+                    attention_weight=attention_weight,
+                    pad_token_id=pad_token_id,
+                    balance=balance,
+                    max_truncated_fraction=max_truncated_fraction,
+                ),
+                advance,
+            )
     sink.emit_report(report, "pack", as_json=as_json, quiet=quiet)
     if report.any_dropped and not quiet:
         sink.stderr.print(f"warning: {truncation_summary(report)}", markup=False)

@@ -100,23 +100,27 @@ def refs(
     """
     with sink.errors_to_exit(as_json, "no step was written (a run's steps appear all at once)"):
         model_dir = resolve_model_dir(model) if model is not None else None
-        report = build_refs(
-            [item.path for item in expand_inputs(traces)],
-            run_dir,
-            RefsOptions(
-                model_dir=model_dir,
-                step_size=step_size,
-                first_step=first_step,
-                temperature=temperature,
-                env_name=env_name,
-                verify_hashes=verify_hashes,
-                skip_invalid=skip_invalid,
-                rejects_path=rejects,
-                remap=Remap.parse(remap or []),
-                allowed_roots=_tuple(allow_root or default_allowed_roots(run_dir)),
-                overwrite=overwrite,
-            ),
-        )
+        inputs = [item.path for item in expand_inputs(traces)]
+        total = sum(path.stat().st_size for path in inputs if isinstance(path, Path) and path.is_file())
+        with sink.progress_bar("refs", total, enabled=not quiet) as advance:
+            report = build_refs(
+                inputs,
+                run_dir,
+                RefsOptions(
+                    model_dir=model_dir,
+                    step_size=step_size,
+                    first_step=first_step,
+                    temperature=temperature,
+                    env_name=env_name,
+                    verify_hashes=verify_hashes,
+                    skip_invalid=skip_invalid,
+                    rejects_path=rejects,
+                    remap=Remap.parse(remap or []),
+                    allowed_roots=_tuple(allow_root or default_allowed_roots(run_dir)),
+                    overwrite=overwrite,
+                ),
+                advance,
+            )
     sink.emit_report(report, "refs", as_json=as_json, quiet=quiet)
     if not report.type_ids_cross_checked and not quiet:
         sink.stderr.print(

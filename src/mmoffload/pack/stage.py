@@ -12,6 +12,7 @@ so the same samples give the same rank files as prime-rl's ``prepare_batch``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -41,7 +42,9 @@ from mmoffload.pack.options import PackOptions, PackReport, StepPackReport, Trun
 from mmoffload.pack.partition import partition
 
 
-def pack_run(run_dir: str | os.PathLike[str], options: PackOptions) -> PackReport:
+def pack_run(
+    run_dir: str | os.PathLike[str], options: PackOptions, advance: Callable[[int], None] = lambda _n: None
+) -> PackReport:
     """Pack every step of a run into ``rank_<R>.bin`` files.
 
     Rank files are written only after their step packed and passed its checks,
@@ -101,6 +104,7 @@ def pack_run(run_dir: str | os.PathLike[str], options: PackOptions) -> PackRepor
             ranks, step_report = pack_batch(read_training_batch(path), options, step, Where(file=str(path)))
             _write_ranks(staged, step, ranks)
             add_step(report, step_report)
+            advance(path.stat().st_size)
     return report
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -39,6 +39,7 @@ def build_refs(
     trace_files: Sequence[str | os.PathLike[str]],
     run_dir: str | os.PathLike[str],
     options: RefsOptions | None = None,
+    advance: Callable[[int], None] = lambda _n: None,
 ) -> RefsReport:
     """Turn offloaded rollout traces into ``RUN/rollouts/step_<N>/train_rollouts.bin`` files.
 
@@ -79,6 +80,7 @@ def build_refs(
         for path in trace_files:
             report.files += 1
             for where, line in iter_lines(path):
+                advance(len(line))
                 report.lines += 1
                 counted = msgspec.structs.asdict(report)
                 try:
