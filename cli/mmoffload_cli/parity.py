@@ -74,7 +74,7 @@ def parity(
     quiet: options.Quiet = False,
     verbose: options.Verbose = False,
 ) -> None:
-    """Check that the trainer's log-probs are the sampler's, sample by sample.
+    """Compare the trainer's log-probs with the sampler's, per sample.
 
     Each micro batch is materialized as the trainer does it (the model's own
     processor), each packed sample runs through the Hugging Face model alone,
