@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -365,3 +366,23 @@ def _retarget(ref: MMImageRef, other: MMImageRef) -> MMImageRef:
 def _owner(ranks: list[MicroBatch], number: int, ref: MMImageRef) -> tuple[int, int]:
     bounds = sample_bounds(ranks[number])
     return number, next(i for i, (start, end) in enumerate(bounds) if start <= ref.offset < end)
+
+
+def test_html_page_plots_each_sample_and_shows_the_worst_with_images(
+    fixture: Fixture, tmp_path: Path
+) -> None:
+    pytest.importorskip("matplotlib")
+    run, ranks = make_run(fixture, tmp_path / "run")
+    Path(ranks[0].mm_refs.images[0].uri.removeprefix("file://")).unlink()
+    page = tmp_path / "parity.html"
+
+    result = runner.invoke(
+        app, ["parity", str(run), "--model", str(fixture.model_dir), "--html", str(page), "-q"]
+    )
+
+    assert result.exit_code == 1, result.output
+    text = page.read_text()
+    assert "data-plot='kl'" in text and "<svg" in text
+    statuses = re.findall(r"<section class='sample[^']*' data-status='(\w+)'", text)
+    assert statuses == ["missing_image"] + ["ok"] * 5
+    assert text.count("class='missing-image'") == 1 and text.count("<img src='data:image/jpeg") == 5
