@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scripts.as_context import as_context
 from typer.testing import CliRunner
 
 from mmoffload.assets import StoredImage
@@ -356,17 +357,12 @@ def test_generate_command_names_the_image_the_server_refused(server: Server, tmp
 def _context_only(source: Path, out: Path, twice: Path, twice_trace: str) -> None:
     """Write the offloaded fixture traces with every turn as context, ready for one sampled turn.
 
-    The fixture's sampled turns carry handwritten logprobs, not the model's: parity would rightly
-    flag them. The images of ``twice_trace`` are copied under ``twice``, where the server
-    normalizes pixels twice (the shims), and its refs point there.
+    The images of ``twice_trace`` are copied under ``twice``, where the server normalizes
+    pixels twice (the shims), and its refs point there.
     """
     lines = []
     for line in source.read_text().splitlines():
-        for trace in (record := json.loads(line))["traces"]:
-            for node in trace["nodes"]:
-                node["mask"] = [False] * len(node["token_ids"])
-                node.pop("logprobs", None)
-                node.pop("sampled", None)
+        record = as_context(json.loads(line))
         if record["traces"][0]["id"] == twice_trace:
             for uri in set(re.findall(r"file://[^\"]+", line)):
                 path = Path(uri.removeprefix("file://"))
@@ -417,19 +413,22 @@ def test_parity_end_to_end_flags_each_damaged_sample(server: Server, tmp_path: P
 
     rank_file = run / "rollouts" / "step_0" / "rank_0.bin"
     micro_batches = read_rank_file(rank_file)
-    first, second = (samples[name] for name in clean[:2])
-    _swap_images(micro_batches, first, second)
+    first, second = _same_grid_pair([samples[name] for name in clean])
+    _swap(micro_batches, first, second)
     rank_file.write_bytes(encode(micro_batches))
     code, swapped = parity()
     assert code == 1
-    assert {name for name, s in swapped.items() if s["status"] != "ok"} == {damaged[0], *clean[:2]}
+    pair = {_sample_name(first), _sample_name(second)}
+    assert {name for name, s in swapped.items() if s["status"] != "ok"} == {damaged[0], *pair}
 
-    gone = samples[clean[2]]["images"][1]
+    last = next(name for name in clean if name not in pair)
+    gone = samples[last]["images"][1]
     Path(gone["uri"].removeprefix("file://")).unlink()
     code, missing = parity()
-    assert missing[clean[2]]["status"] == "missing_image" and missing[clean[2]]["kl"] is None
-    kls = {"clean": clean_kl, "normalized_twice": samples[damaged[0]]["kl"]}
-    kls |= {f"swapped_{name}": swapped[name]["kl"] for name in clean[:2]}
+    assert code == 1
+    assert missing[last]["status"] == "missing_image" and missing[last]["kl"] is None
+    kls = {name: samples[name]["kl"] for name in clean} | {"normalized_twice": samples[damaged[0]]["kl"]}
+    kls |= {f"swapped_{name}": swapped[name]["kl"] for name in sorted(pair)}
     print("parity end to end:", json.dumps(kls))
 
 
@@ -437,15 +436,25 @@ def _sample_name(sample: dict[str, Any]) -> str:
     return f"r{sample['rank']}-mb{sample['micro_batch']}-s{sample['index']}"
 
 
-def _swap_images(micro_batches: list[MicroBatch], first: dict[str, Any], second: dict[str, Any]) -> None:
-    """Give each sample's first image the other's file and hash: valid files, wrong pixels."""
-    refs = {}
-    for sample in (first, second):
-        images = micro_batches[sample["micro_batch"]].mm_refs.images
-        refs[sample["micro_batch"], sample["images"][0]["offset"]] = images
-    (a_key, a_list), (b_key, b_list) = refs.items()
-    a = next(i for i, r in enumerate(a_list) if r.offset == a_key[1])
-    b = next(i for i, r in enumerate(b_list) if r.offset == b_key[1])
+def _same_grid_pair(samples: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return two samples, each with its image index to swap: other files, the same placeholder length."""
+    for a in samples:
+        for b in samples:
+            for i, image in enumerate(a["images"]):
+                for j, other in enumerate(b["images"]):
+                    if a is not b and image["hash"] != other["hash"] and image["length"] == other["length"]:
+                        return {**a, "swap": i}, {**b, "swap": j}
+    raise AssertionError("no two images of one grid in different samples")
+
+
+def _swap(micro_batches: list[MicroBatch], first: dict[str, Any], second: dict[str, Any]) -> None:
+    """Give each sample's chosen image the other's file and hash: valid files, wrong pixels."""
+    spans = [(s["micro_batch"], s["images"][s["swap"]]["offset"]) for s in (first, second)]
+    found = []
+    for number, offset in spans:
+        images = micro_batches[number].mm_refs.images
+        found.append((images, next(k for k, ref in enumerate(images) if ref.offset == offset)))
+    (a_list, a), (b_list, b) = found
     ra, rb = a_list[a], b_list[b]
     a_list[a] = MMImageRef(rb.item, rb.hash, rb.uri, ra.offset, ra.length)
     b_list[b] = MMImageRef(ra.item, ra.hash, ra.uri, rb.offset, rb.length)
