@@ -39,6 +39,7 @@ from tests.builders import (
     store_image,
     write_run,
 )
+from tests.test_packaging import run_without_extras
 
 torch = pytest.importorskip("torch")
 
@@ -386,3 +387,13 @@ def test_html_page_plots_each_sample_and_shows_the_worst_with_images(
     statuses = re.findall(r"<section class='sample[^']*' data-status='(\w+)'", text)
     assert statuses == ["missing_image"] + ["ok"] * 5
     assert text.count("class='missing-image'") == 1 and text.count("<img src='data:image/jpeg") == 5
+
+
+def test_parity_without_torch_says_which_extra_to_install(tmp_path: Path) -> None:
+    assert run_without_extras("demo", "--run-dir", str(tmp_path / "demo"), "-q").returncode == 0
+
+    result = run_without_extras("parity", str(tmp_path / "demo" / "qwen_vl"), "--model", "qwen3_vl")
+
+    assert result.returncode == 2
+    assert "needs `torch`, from the `torch` extra: pip install 'mmoffload[torch]'" in result.stderr
+    assert "Traceback" not in result.stderr
