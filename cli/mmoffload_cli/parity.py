@@ -121,6 +121,7 @@ def parity(
     title = f"parity: {report.micro_batches_checked:,} of {report.micro_batches:,} micro batches checked"
     sink.emit_report(report, title, as_json=as_json, quiet=quiet)
     if not as_json and not quiet:
+        sink.stdout.print(_kl_line(report), markup=False)
         sink.stdout.print(_worst_table(report))
     if not report.ok:
         if not quiet:
@@ -155,16 +156,17 @@ def parse_steps(text: str | None) -> list[int] | None:
 
 
 def _worst_table(report: ParityReport) -> Table:
-    """Return the worst samples as a table: name, status, KL, |d|, tokens, images."""
+    """Return the worst samples as a table: where, status, KL, |d|, tokens, image files and spans."""
     table = Table(title="worst samples", title_justify="left", box=box.SIMPLE, padding=(0, 1))
-    for column in ("sample", "status", "kl", "mean |d|", "max |d|", "tokens", "images"):
-        table.add_column(
-            column, justify="right" if column in ("kl", "mean |d|", "max |d|", "tokens") else "left"
-        )
+    for column in ("step", "rank", "mb", "sample", "status", "kl", "mean |d|", "max |d|", "tokens", "images"):
+        table.add_column(column, justify="left" if column in ("status", "images") else "right")
     for sample in report.per_sample[:SHOWN_SAMPLES]:
-        images = ", ".join(f"{i.file}{' (missing)' * i.missing}@{i.offset}+{i.length}" for i in sample.images)
+        images = " ".join(f"{i.file[:10]}{'(missing)' * i.missing}@{i.offset}" for i in sample.images)
         table.add_row(
-            Text(sample.label()),
+            _number(sample.step),
+            _number(sample.rank),
+            str(sample.micro_batch),
+            str(sample.index),
             Text(str(sample.status)),
             _number(sample.kl),
             _number(sample.mean_abs_diff),
@@ -177,3 +179,11 @@ def _worst_table(report: ParityReport) -> Table:
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
+
+
+def _kl_line(report: ParityReport) -> str:
+    """The KL figures with significant digits (the report table shows three decimals)."""
+    return (
+        f"mismatch KL: mean {_number(report.kl_mean)}, max {_number(report.kl_max)} over "
+        f"{report.tokens:,} tokens of {report.samples_compared:,} samples; threshold {report.threshold:g}"
+    )

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from mmoffload.errors import BadInputError, IntegrityError, Where
+from mmoffload.families import Family
 from mmoffload.materialize import MaterializedMicroBatch, Materializer
 from mmoffload.parity.forward import sample_kwargs, trained_logprobs
 from mmoffload.parity.report import DEFAULT_THRESHOLD, SampleParity, Status
@@ -89,12 +90,13 @@ def check_micro_batch(
 def _compare(
     model: Any,
     batch: MaterializedMicroBatch,
-    family: Any,
+    family: Family | None,
     micro_batch: MicroBatch,
     sample: SampleParity,
     positions: np.ndarray,
     threshold: float,
 ) -> SampleParity:
+    """Run one sample alone and fill in its figures and verdict."""
     start, end = sample.start, sample.start + sample.length
     kwargs = sample_kwargs(batch, family, image_indices(micro_batch, start, end), start, end)
     targets = np.asarray(micro_batch.input_ids, dtype=np.int64)[positions]
@@ -115,6 +117,7 @@ def _compare(
 def _unmaterialized(
     micro_batch: MicroBatch, index: int, number: int, start: int, end: int, message: str
 ) -> SampleParity:
+    """Flag a sample of a micro batch the trainer could not build."""
     return SampleParity(
         micro_batch=index,
         index=number,

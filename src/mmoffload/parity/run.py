@@ -63,9 +63,10 @@ def parity_run(
     """
     started = time.perf_counter()
     rank_files = _chosen(run_dir, steps)
-    families = Families(resolve_model_dir(model))
+    model_dir = resolve_model_dir(model)
+    families = Families(model_dir)
     loading = time.perf_counter()
-    hf_model = load_model(families.model_dir or model, device, dtype)
+    hf_model = load_model(model_dir, device, dtype)
     load_seconds = time.perf_counter() - loading
     materializer = Materializer(families, as_torch=True, remap=remap, allowed_roots=allowed_roots)
     queue = [
