@@ -35,12 +35,12 @@ sys.path.insert(0, str(REPO))
 
 from scripts.make_tiny_vlm import build  # noqa: E402
 
+from mmoffload.contract.wire import MicroBatch, read_rank_file  # noqa: E402
 from mmoffload.families import Families  # noqa: E402
 from mmoffload.materialize import Materializer  # noqa: E402
 from mmoffload.parity import check_micro_batch, load_model  # noqa: E402
 from mmoffload.parity.forward import sample_kwargs, torch_module  # noqa: E402
 from mmoffload.parity.stats import image_indices, sample_bounds  # noqa: E402
-from mmoffload.wire import MicroBatch, read_rank_file  # noqa: E402
 from mmoffload_cli.app import app  # noqa: E402
 
 

@@ -23,12 +23,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from mmoffload.contract.wire import MicroBatch, MMImageRef, MMRefs, TrainingBatch, TrainingSample
 from mmoffload.families import Families
 from mmoffload.materialize import Materializer
-from mmoffload.packing import PackOptions, pack_batch
+from mmoffload.pack import PackOptions, pack_batch
 from mmoffload.parity import DEFAULT_THRESHOLD, Status, check_micro_batch, load_model, parity_run
 from mmoffload.parity.stats import mismatch, sample_bounds, trainable_positions
-from mmoffload.wire import MicroBatch, MMImageRef, MMRefs, TrainingBatch, TrainingSample
 from mmoffload_cli.app import app
 from tests.builders import (
     QWEN_IMAGE_PAD,

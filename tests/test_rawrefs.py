@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmoffload.assets import content_hash
+from mmoffload.contract.addresses import content_hash
 from mmoffload.errors import BadInputError
 from mmoffload.families import Families, Family
-from mmoffload.rawrefs import (
+from mmoffload.inference.refs import (
     InvalidImageRefError,
     check_placeholder,
     decode_ref,

@@ -28,11 +28,11 @@ import pytest
 from scripts.as_context import as_context
 from typer.testing import CliRunner
 
-from mmoffload.assets import StoredImage
+from mmoffload.contract.wire import MicroBatch, MMImageRef, encode, read_rank_file
 from mmoffload.families import Families
-from mmoffload.inference_client import InferenceClient, InferenceServerError, build_request, parse_completion
-from mmoffload.rawrefs import decode_ref, encode_ref
-from mmoffload.wire import MicroBatch, MMImageRef, encode, read_rank_file
+from mmoffload.inference.client import InferenceClient, InferenceServerError, build_request, parse_completion
+from mmoffload.inference.refs import decode_ref, encode_ref
+from mmoffload.store.local import StoredImage
 from mmoffload_cli.app import app
 from tests.builders import (
     QWEN_IMAGE_PAD,

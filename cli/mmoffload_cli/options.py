@@ -90,7 +90,7 @@ Expect = Annotated[
     typer.Option(
         "--expect",
         metavar="NAME<OP>VALUE",
-        help="Assert a figure, e.g. data_uris=0, examples>=1, fill_ratio<0.99 (ops: = == != < <= > >=; "
+        help="Assert a figure, e.g. data_uris=0, examples>=1, placeholder_mismatches==0 (ops: = == != < <= > >=; "
         "repeatable); a failed one exits 1.",
     ),
 ]

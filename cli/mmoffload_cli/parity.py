@@ -10,11 +10,11 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from mmoffload.assets import default_allowed_roots
 from mmoffload.errors import UsageError
-from mmoffload.io import open_output
+from mmoffload.io.outputs import open_output
 from mmoffload.parity import DEFAULT_THRESHOLD, ParityReport, parity_run
-from mmoffload.remap import Remap
+from mmoffload.store.local import default_allowed_roots
+from mmoffload.store.remap import Remap
 from mmoffload_cli import options, sink
 
 SHOWN_SAMPLES = 10

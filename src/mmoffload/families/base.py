@@ -16,14 +16,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from mmoffload.errors import BadInputError, UsageError, Where
-from mmoffload.extras import require
 
 if TYPE_CHECKING:  # Pillow is the materialize extra's: the core never decodes pixels.
     from PIL import Image
 
 Grid = tuple[int, int, int]
-
-TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +126,16 @@ class Family(ABC):
     def payload_placeholder_length(self, payload: object, where: Where | None = None) -> int:
         """Return the placeholder length a descriptor payload implies."""
         return self.placeholder_length(self.grid(payload, where))
+
+    def placeholder_problem(self, grid: Grid, length: int) -> str | None:
+        """Return why ``length`` is not ``grid``'s placeholder length, if it is not: one wording for every stage."""
+        expected = self.placeholder_length(grid)
+        if length == expected:
+            return None
+        return (
+            f"Expected placeholder length {expected} for grid {list(grid)} of family `{self.name}`, got {length} "
+            "(image features and image tokens would not match)"
+        )
 
     def pixels(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
         """Return the model's vision kwargs for ``images`` (RGB), in order.
@@ -247,17 +254,6 @@ def write_levels(pairs: np.ndarray, patches: np.ndarray, out: np.ndarray) -> Non
         np.take(pairs, index, out=words.reshape(index.shape), mode="wrap")
         return
     words[...] = np.take(pairs, index)[:, :, None, :]
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert an image to RGB, compositing transparency onto white as HF processors and vLLM do."""
-    if image.mode == "RGB":
-        return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        pil = require("PIL.Image", "Converting images")
-        background = pil.new("RGBA", image.size, (255, 255, 255, 255))
-        return pil.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 
+from mmoffload.contract.wire import MicroBatch
 from mmoffload.errors import BadInputError, IntegrityError, Where
 from mmoffload.families import Family
 from mmoffload.materialize import MaterializedMicroBatch, Materializer
 from mmoffload.parity.forward import sample_kwargs, trained_logprobs
 from mmoffload.parity.report import DEFAULT_THRESHOLD, SampleParity, Status
 from mmoffload.parity.stats import image_indices, mismatch, sample_bounds, sample_images, trainable_positions
-from mmoffload.wire import MicroBatch
 
 
 @dataclass

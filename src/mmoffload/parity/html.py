@@ -11,10 +11,10 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-from mmoffload.audit_html import _svg as inline_svg  # the audit page's inline-SVG writer
 from mmoffload.errors import UsageError
-from mmoffload.inspect_html import facts, page, read_image, thumbnail_html
 from mmoffload.parity.report import ParityReport, SampleImage, SampleParity, Status
+from mmoffload.views.audit_html import _svg as inline_svg  # the audit page's inline-SVG writer
+from mmoffload.views.page_parts import facts, page, read_image, thumbnail_html
 
 SHOWN_SAMPLES = 12
 # KL plotted on a log axis: zero (identical log-probs) is drawn at this floor.

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import msgspec
 
-from mmoffload import rundir
+from mmoffload.contract import rundir
+from mmoffload.contract.wire import read_rank_file
 from mmoffload.errors import UsageError, Where
 from mmoffload.families import Families, resolve_model_dir
 from mmoffload.materialize import Materializer, iter_rank_files
@@ -24,8 +25,7 @@ from mmoffload.parity.report import (
     StepParity,
     worst_first,
 )
-from mmoffload.remap import Remap
-from mmoffload.wire import read_rank_file
+from mmoffload.store.remap import Remap
 
 
 def parity_run(

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mmoffload.assets import uri_to_path
+from mmoffload.contract.addresses import uri_to_path
+from mmoffload.contract.wire import MicroBatch
 from mmoffload.errors import MMOffloadError
 from mmoffload.parity.report import SampleImage
-from mmoffload.wire import MicroBatch
 
 
 def sample_bounds(micro_batch: MicroBatch) -> list[tuple[int, int]]:

@@ -1,0 +1,130 @@
+"""The engine side: raw image refs to vLLM engine inputs (inference.md sections 3, check 7, and 4).
+
+For each image of a request the checks of ``mmoffload.inference.refs`` run in order,
+then the family makes the engine's inputs with the model's own processor,
+matching the engine's preprocessing settings: with vLLM's
+``mm_device_do_normalize`` the engine rescales and normalizes on the device,
+so the pixels it gets must be unnormalized (normalizing them here too would
+change every logit, silently). The arrays become vLLM ``MultiModalKwargsItem``s
+through the model's own vLLM field config, so the engine sees exactly what its
+own processing path would give it.
+
+Materialized inputs are cached (section 4) in the project's byte-bounded
+``PixelCache``, keyed by ``(mm_hash, family, placeholder length, model)``;
+concurrent requests for one key share one materialization; failures are never
+cached. Only ``mmoffload serve`` imports this module (it imports vLLM and torch).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BatchFeature
+from vllm.multimodal.inputs import MultiModalKwargsItem, MultiModalKwargsItems
+
+from mmoffload.families import Families, Family
+from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
+from mmoffload.inference.refs import (
+    MODALITY,
+    EngineArrays,
+    ImageRef,
+    InvalidImageRefError,
+    check_grid,
+    check_placeholder,
+    materialize_ref,
+    parse_features,
+)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """What the engine side did: images seen, made, served from the cache, and time making them."""
+
+    images: int = 0
+    images_materialized: int = 0
+    cache_hits: int = 0
+    materialize_seconds: float = 0.0
+
+
+class RawRefEngineInputs:
+    """Turns a request's raw-ref ``features`` into vLLM multimodal kwargs items, checked and cached.
+
+    Args:
+        model_dir: the served model's directory (configures its family and names the cache's model).
+        mm_processor: the engine's vLLM multimodal processor (its field config builds the items).
+        device_normalizes: the engine's ``mm_device_do_normalize``.
+        cache_bytes: bound of the materialized-input cache.
+        roots: allowed directories for image files (None: anywhere).
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        mm_processor: Any,
+        *,
+        device_normalizes: bool,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        roots: Sequence[Path] | None = None,
+    ) -> None:
+        self.families = Families(model_dir)
+        self.model = str(model_dir)
+        self.mm_processor = mm_processor
+        self.device_normalizes = device_normalizes
+        self.cache = PixelCache(cache_bytes)
+        self.roots = roots
+        self.stats = EngineStats()
+
+    def prepare(self) -> None:
+        """Load the model family's processor now rather than on the first request."""
+        if self.families.model_family is not None:
+            self.families.get(self.families.model_family).prepare_pixels()
+
+    def items(self, features: object, token_ids: Sequence[int]) -> list[MultiModalKwargsItem]:
+        """Run every check of section 3 and return one engine item per image, in order.
+
+        Blocking (reads, decodes and processes images): call it from a worker thread.
+
+        Raises:
+            InvalidImageRefError: the first failed check, naming the image index.
+        """
+        refs = parse_features(features, self.families)
+        return [self._item(ref, token_ids) for ref in refs]
+
+    def _item(self, ref: ImageRef, token_ids: Sequence[int]) -> MultiModalKwargsItem:
+        self.stats.images += 1
+        key = ref.cache_key(self.model)
+        arrays, made = self.cache.get_or_make(key, lambda: self._materialize(ref))
+        if not made:
+            self.stats.cache_hits += 1
+            # A hit skips reading the file (the hash names its content) but not the grid check.
+            check_grid(ref, tuple(int(v) for v in arrays[ref.family.grid_kwarg][0]))  # type: ignore[arg-type]
+        check_placeholder(ref, token_ids)
+        return self._to_item(arrays)
+
+    def _materialize(self, ref: ImageRef) -> EngineArrays:
+        started = time.perf_counter()
+
+        def engine_arrays(family: Family, image: Image.Image) -> EngineArrays:
+            try:
+                return family.engine_pixels([image], device_normalizes=self.device_normalizes)
+            except Exception as exc:  # the processor's own failure is check 7's, for this image
+                message = f"The model's processor failed on this image: {exc}"[:300]
+                raise InvalidImageRefError(7, message, ref.index) from exc
+
+        arrays = materialize_ref(ref, engine_arrays, self.roots)
+        self.stats.materialize_seconds += time.perf_counter() - started
+        self.stats.images_materialized += 1
+        return arrays
+
+    def _to_item(self, arrays: EngineArrays) -> MultiModalKwargsItem:
+        # Cached arrays are read-only; torch wants writable memory, so the item gets its own copy.
+        hf_inputs = BatchFeature({name: torch.from_numpy(np.array(array)) for name, array in arrays.items()})
+        config = self.mm_processor._get_mm_fields_config(hf_inputs, {})
+        return MultiModalKwargsItems.from_hf_inputs(hf_inputs, config)[MODALITY][0]
