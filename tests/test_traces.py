@@ -406,7 +406,7 @@ def test_skip_invalid_writes_the_valid_samples_and_keeps_rejects_whole(tmp_path:
     assert (report.samples_written, report.rejected_records) == (1, 1)
     assert (report.lines, report.episodes, report.traces, report.images_referenced) == (2, 0, 1, 1)
     (reject,) = [json.loads(line) for line in Path(report.rejects_path).read_text().splitlines()]
-    assert reject["record"] == records[1]
+    assert json.loads(reject["text"]) == records[1]
     assert reject["line"] == 2 and "Expected placeholder length 8" in reject["reason"]
     assert len(read_step(run).examples) == 1
 

@@ -117,3 +117,12 @@ AllowRoot = Annotated[
         "and $VF_RENDERER_IMAGE_OFFLOAD_DIR when they exist, else any regular file).",
     ),
 ]
+SkipInvalid = Annotated[
+    bool,
+    typer.Option(
+        "--skip-invalid",
+        help="Keep going past invalid records; write each, whole, with its reason to a rejects file (exit 1).",
+    ),
+]
+# The old name of --skip-invalid in `offload`, still accepted.
+SkipBadLines = Annotated[bool, typer.Option("--skip-bad-lines", hidden=True)]
