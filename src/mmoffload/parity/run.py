@@ -109,7 +109,7 @@ def parity_run(
 
 def _chosen(run_dir: str | os.PathLike[str], steps: Sequence[int] | None) -> list[tuple[int, int, Path]]:
     """Return ``(step, rank, rank file)`` of the chosen steps, in order."""
-    found = [(step, int(path.stem.split("_")[1]), path) for step, path in iter_rank_files(run_dir)]
+    found = [(step, rundir.rank_of(path) or 0, path) for step, path in iter_rank_files(run_dir)]
     if not found:
         raise UsageError(
             "Expected rank files `rollouts/step_<N>/rank_<R>.bin`, found none", Where(file=str(run_dir))
