@@ -6,9 +6,10 @@ Qwen2-VL of ``make_tiny_vlm.py`` in float32 on the CPU, it reports per micro bat
 
 - parity: ``check_micro_batch`` with a cold materializer (read, hash, decode, pixels,
   each sample's forward keeping logits of trained tokens only, the comparison);
-- the floor: the trainer's forward pass alone, one packed row on pixels made beforehand
-  (full logits, as a trainer computes them);
-- the per-sample forwards alone on the same pixels (what isolating samples costs).
+- the floor: the forward pass alone, the packed row once on pixels made beforehand, with
+  the logits of the trained positions only (the model time parity cannot avoid);
+- per_sample: the per-sample forwards alone on the same pixels (what isolating samples costs);
+- full_logits: the packed row with every position's logits, as a trainer's plain forward.
 
 Rounds are interleaved; medians are printed with the ratios to the floor. The tiny
 model makes the forward cheap, so the ratio here is an upper bound of parity's
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +42,7 @@ from mmoffload.families import Families  # noqa: E402
 from mmoffload.materialize import Materializer  # noqa: E402
 from mmoffload.parity import check_micro_batch, load_model  # noqa: E402
 from mmoffload.parity.forward import sample_kwargs, torch_module  # noqa: E402
-from mmoffload.parity.stats import image_indices, sample_bounds  # noqa: E402
+from mmoffload.parity.stats import image_indices, sample_bounds, trainable_positions  # noqa: E402
 from mmoffload_cli.app import app  # noqa: E402
 
 
@@ -85,7 +87,20 @@ def main() -> None:
             for micro_batch in micro_batches:
                 check_micro_batch(model, materializer, micro_batch)
 
+        keep = [
+            torch.as_tensor(
+                np.concatenate([trainable_positions(mb.loss_mask, a, b) for a, b in sample_bounds(mb)]) - 1
+            )
+            for mb in micro_batches
+        ]
+
         def floor() -> None:
+            # The packed row once, logits of the trained positions only: the model time parity cannot avoid.
+            with torch.inference_mode():
+                for batch, positions in zip(prepared, keep, strict=True):
+                    model(**batch.model_kwargs, logits_to_keep=positions, use_cache=False)
+
+        def full_logits() -> None:
             with torch.inference_mode():
                 for batch in prepared:
                     model(**batch.model_kwargs, use_cache=False)
@@ -97,12 +112,14 @@ def main() -> None:
                         kwargs = sample_kwargs(
                             batch, family, image_indices(micro_batch, start, end), start, end
                         )
-                        model(**kwargs, use_cache=False)
+                        positions = trainable_positions(micro_batch.loss_mask, start, end) - start - 1
+                        model(**kwargs, logits_to_keep=torch.as_tensor(positions), use_cache=False)
 
         floor()  # warm-up: first calls allocate
-        times: dict[str, list[float]] = {"parity": [], "floor": [], "per_sample": []}
+        works = {"parity": parity, "floor": floor, "per_sample": per_sample, "full_logits": full_logits}
+        times: dict[str, list[float]] = {name: [] for name in works}
         for _ in range(args.rounds):
-            for name, work in (("parity", parity), ("floor", floor), ("per_sample", per_sample)):
+            for name, work in works.items():
                 times[name].append(timed(work) / len(micro_batches))
         medians = {name: statistics.median(values) for name, values in times.items()}
         tokens = sum(len(mb.input_ids) for mb in micro_batches) / len(micro_batches)
