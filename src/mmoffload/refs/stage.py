@@ -111,6 +111,11 @@ def build_refs(
         report.steps_left = leftover
     report.families = families.configs()
     report.warnings = families.warnings() + _earlier_steps_warnings(report, options.overwrite)
+    if report.sampled_nodes_without_logprobs:
+        report.warnings.append(
+            f"{report.sampled_nodes_without_logprobs} sampled node(s) recorded no logprobs: 0.0 placed on "
+            "their trainable tokens (an importance ratio against them is not the sampler's)"
+        )
     return report
 
 

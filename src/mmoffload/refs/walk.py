@@ -158,7 +158,11 @@ def _node_part(node: Node, start: int, where: Where, context: Context) -> Part:
         raise mm_kwargs_error(where)
     n = len(node.token_ids)
     mask = _mask(node.mask, n, under(where, "mask")) if node.mask is not None else [False] * n
-    logprobs = _expand_logprobs(mask, node.logprobs or [], under(where, "logprobs"))
+    if node.logprobs is None and True in mask:
+        # A sampled node that says it has none (render drops logprobs that are not the rendered
+        # tokens'): 0.0 on its trainable tokens, counted and warned about, never an error.
+        context.report.sampled_nodes_without_logprobs += 1
+    logprobs = _expand_logprobs(mask, node.logprobs or [], under(where, "logprobs"), node.logprobs is None)
     advantages = per_token_advantages(node.advantages, n, under(where, "advantages"))
     sidecar_where = under(where, "multi_modal_data")
     images = sidecar_images(node.multi_modal_data, start + n, sidecar_where, context)
@@ -181,9 +185,11 @@ def _mask(values: list[bool | int], n: int, where: Where) -> list[bool]:
     return list(map(bool, values))
 
 
-def _expand_logprobs(mask: list[bool], given: list[float], where: Where) -> list[float]:
-    """Place one logprob per true mask entry on its token, 0.0 elsewhere."""
+def _expand_logprobs(mask: list[bool], given: list[float], where: Where, none: bool = False) -> list[float]:
+    """Place one logprob per true mask entry on its token, 0.0 elsewhere (everywhere when ``none``)."""
     trainable = mask.count(True)
+    if none:
+        return [0.0] * len(mask)
     if len(given) != trainable:
         raise BadInputError(
             f"Expected one logprob per true mask entry ({trainable}), got {len(given)}", where
