@@ -104,6 +104,10 @@ def errors_to_exit(as_json: bool = False, on_interrupt: str = "nothing was writt
     except RecursionError:
         message = "Input nested too deep to process"
         fail(ErrorReport(message, "RecursionError", message), EXIT_CANNOT_RUN, as_json)
+    except MemoryError:
+        # Whatever ran out has been let go by now: there is room to say so.
+        message = "Out of memory (a line, an image or a batch larger than this machine can hold)"
+        fail(ErrorReport(message, "MemoryError", message), EXIT_CANNOT_RUN, as_json)
     except KeyboardInterrupt:
         message = f"interrupted (Ctrl-C): {on_interrupt}"
         fail(ErrorReport(message, "Interrupted", message), EXIT_SIGINT, as_json)

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from mmoffload.errors import UsageError
-
-if TYPE_CHECKING:
-    pass
-
 
 # The most bytes read for one referenced image (a 4K screenshot PNG is about 10 MB).
 MAX_IMAGE_BYTES_ENV_VAR = "MMOFFLOAD_MAX_IMAGE_BYTES"
 
 
 DEFAULT_MAX_IMAGE_BYTES = 128 << 20
+
+
+# The most bytes one JSONL line may hold: a record of a long rollout with its screenshots inline runs
+# to hundreds of megabytes, and a line is held whole in memory (a newline-free decompression bomb
+# would otherwise grow without end).
+MAX_LINE_BYTES_ENV_VAR = "MMOFFLOAD_MAX_LINE_BYTES"
+
+
+DEFAULT_MAX_LINE_BYTES = 1 << 30
 
 
 def max_image_bytes() -> int:
@@ -25,6 +29,15 @@ def max_image_bytes() -> int:
         UsageError: the variable is not a whole number > 0.
     """
     return env_limit(MAX_IMAGE_BYTES_ENV_VAR, DEFAULT_MAX_IMAGE_BYTES)
+
+
+def max_line_bytes() -> int:
+    """Return the most bytes one input line may hold: ``$MMOFFLOAD_MAX_LINE_BYTES``, else 1 GiB.
+
+    Raises:
+        UsageError: the variable is not a whole number > 0.
+    """
+    return env_limit(MAX_LINE_BYTES_ENV_VAR, DEFAULT_MAX_LINE_BYTES)
 
 
 def env_limit(name: str, default: int) -> int:

@@ -1,0 +1,213 @@
+"""Guarantees without holes (issue 27): cut-short and corrupt inputs, bombs, escapes, verification.
+
+Each class is driven through the CLI as an attacker or an unlucky operator would:
+a failing case exits 2 with one located error line, never a traceback, and
+never becomes a silently smaller result.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import resource
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mmoffload_cli.app import app
+
+REPO = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+# A line every command accepts: a trace of one trainable node, no images.
+TRACE = '{"nodes": [{"token_ids": [1, 2], "mask": [false, true], "logprobs": [-0.1]}]}'
+
+
+# --- builders ------------------------------------------------------------------------------------
+
+
+def lines(count: int, start: int = 0) -> bytes:
+    """``count`` trace lines, each told apart by a field of its own."""
+    return b"".join(
+        TRACE.replace("{", f'{{"n": {n}, ', 1).encode() + b"\n" for n in range(start, start + count)
+    )
+
+
+def zstd_frame(data: bytes) -> bytes:
+    zstandard = pytest.importorskip("zstandard")
+    return zstandard.ZstdCompressor(write_checksum=True).compress(data)
+
+
+def command_args(command: str, source: Path | str, tmp_path: Path) -> list[str]:
+    """The command line of ``command`` reading ``source`` (``-`` for stdin)."""
+    return [
+        str(arg)
+        for arg in {
+            "offload": ["offload", source, "-o", tmp_path / "o.jsonl", "--assets", tmp_path / "a"],
+            "refs": ["refs", source, "--run-dir", tmp_path / "run"],
+            "audit": ["audit", source, "--json"],
+        }[command]
+    ]
+
+
+def cannot_run(args: list[str], *expected: str, stdin: bytes | None = None) -> str:
+    """Run the CLI; check exit 2, one error line on stderr naming ``expected``, no traceback."""
+    result = runner.invoke(app, args, input=stdin)
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    error_lines = result.stderr.strip().splitlines()
+    assert len(error_lines) == 1 and error_lines[0].startswith("error: "), result.stderr
+    message = " ".join(result.stderr.split())
+    for text in expected:
+        assert text in message, (text, message)
+    return message
+
+
+def cli(*args: str | Path) -> list[str]:
+    """The command line that runs ``mmoffload`` from this checkout in a fresh process."""
+    return [sys.executable, "-c", "from mmoffload_cli.app import main; main()", *map(str, args)]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO / "cli"), env.get("PYTHONPATH", "")])
+    env.pop("MMOFFLOAD_TRACEBACK", None)
+    env.pop("VF_RENDERER_IMAGE_OFFLOAD_DIR", None)
+    return {**env, **extra}
+
+
+# --- data loss: compressed input cut short is an error, never a shorter input -----------------
+
+
+def cut_zstd(case: str) -> bytes:
+    """Four lines of zstd cut short: in the middle of the only frame, or of the second of two."""
+    if case == "mid-frame":
+        whole = zstd_frame(lines(4))
+        return whole[: len(whole) // 2]
+    second = zstd_frame(lines(2, start=2))
+    return zstd_frame(lines(2)) + second[: len(second) // 2]
+
+
+@pytest.mark.parametrize("command", ["offload", "refs", "audit"])
+@pytest.mark.parametrize("case", ["mid-frame", "second frame", "stdin"])
+def test_a_zstd_input_cut_short_is_an_error_naming_the_file_and_last_line(
+    tmp_path: Path, command: str, case: str
+) -> None:
+    data = cut_zstd("second frame" if case == "second frame" else "mid-frame")
+    source = tmp_path / "cut.jsonl.zst"
+    source.write_bytes(data)
+    stdin = case == "stdin"
+
+    message = cannot_run(
+        command_args(command, "-" if stdin else source, tmp_path),
+        "ended in the middle of a zstd frame",
+        "<stdin>" if stdin else "cut.jsonl.zst",
+        "after line 2" if case == "second frame" else "after line 0",
+        stdin=data if stdin else None,
+    )
+
+    assert "Cannot decompress input" in message
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_whole_multi_frame_zstd_input_reads_every_line(tmp_path: Path) -> None:
+    source = tmp_path / "whole.jsonl.zst"
+    source.write_bytes(zstd_frame(lines(2)) + zstd_frame(lines(2, start=2)))
+
+    result = runner.invoke(app, ["audit", str(source), "--json"])
+
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["jsonl_records"] == 4
+
+
+# --- robustness: every decompression error, and lines too long to hold ----------------------------
+
+
+def corrupt_gzip() -> bytes:
+    """gzip with a valid header and garbage in its deflate stream (zlib raises, not gzip)."""
+    whole = bytearray(gzip.compress(lines(200)))
+    whole[30:60] = b"\xff" * 30
+    return bytes(whole)
+
+
+@pytest.mark.parametrize("command", ["offload", "refs", "audit"])
+def test_a_corrupt_gzip_input_is_an_error_naming_the_file(tmp_path: Path, command: str) -> None:
+    source = tmp_path / "bad.jsonl.gz"
+    source.write_bytes(corrupt_gzip())
+
+    cannot_run(command_args(command, source, tmp_path), "Cannot decompress input", "bad.jsonl.gz:")
+
+
+def newline_free_bomb(path: Path, codec: str, size: int = 2 << 30) -> Path:
+    """``size`` zero bytes without a newline, compressed to a few megabytes or less."""
+    chunk = bytes(1 << 20)
+    if codec == "zstd":
+        zstandard = pytest.importorskip("zstandard")
+        compressor = zstandard.ZstdCompressor(level=1).compressobj()
+        path.write_bytes(b"".join(compressor.compress(chunk) for _ in range(size >> 20)) + compressor.flush())
+        return path
+    # A fully flushed deflate block of zeros compresses the same each time: write it once, repeat it.
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = deflate.compress(chunk) + deflate.flush(zlib.Z_FULL_FLUSH)
+    block = deflate.compress(chunk) + deflate.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(size >> 20):
+        crc = zlib.crc32(chunk, crc)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    trailer = crc.to_bytes(4, "little") + (size & 0xFFFFFFFF).to_bytes(4, "little")
+    with path.open("wb") as out:
+        out.write(header + first)
+        for _ in range((size >> 20) - 1):
+            out.write(block)
+        out.write(deflate.flush() + trailer)
+    return path
+
+
+def limit_memory(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+@pytest.mark.parametrize("codec", ["gzip", "zstd"])
+def test_a_newline_free_bomb_under_a_memory_limit_is_refused_naming_the_file_and_line(
+    tmp_path: Path, codec: str
+) -> None:
+    bomb = newline_free_bomb(tmp_path / "bomb.jsonl.gz", codec)
+    assert bomb.stat().st_size < 3 << 20
+
+    # 1.5 GiB of address space: the default line limit (1 GiB) or the memory runs out first.
+    done = subprocess.run(
+        cli("offload", bomb, "-o", tmp_path / "o.jsonl", "--assets", tmp_path / "a"),
+        env=cli_env(),
+        capture_output=True,
+        preexec_fn=lambda: limit_memory(3 << 29),
+        timeout=300,
+    )
+
+    message = done.stderr.decode()
+    assert done.returncode == 2, message
+    assert "Traceback" not in message and message.startswith("error: ") and len(message.splitlines()) == 1
+    assert "bomb.jsonl.gz:1" in message
+    assert "line limit" in message or "Out of memory" in message or "at most" in message
+
+
+def test_a_line_over_the_configured_limit_is_refused_naming_the_limit(tmp_path: Path) -> None:
+    source = tmp_path / "long.jsonl"
+    source.write_bytes(lines(2) + b'{"x": "' + b"y" * 5000 + b'"}\n')
+
+    result = runner.invoke(app, ["audit", str(source), "--json"], env={"MMOFFLOAD_MAX_LINE_BYTES": "1000"})
+
+    assert result.exit_code == 2
+    message = " ".join(result.stderr.split())
+    assert "at most 1,000 bytes" in message and "MMOFFLOAD_MAX_LINE_BYTES" in message
+    assert "long.jsonl:3" in message
+    # At the limit exactly, the line is read.
+    source.write_bytes(b'{"x": "' + b"y" * 990 + b'"}\n')
+    limit = str(len(source.read_bytes()) - 1)
+    result = runner.invoke(app, ["audit", str(source), "--json"], env={"MMOFFLOAD_MAX_LINE_BYTES": limit})
+    assert result.exit_code == 0, result.stderr
