@@ -211,3 +211,43 @@ def test_a_line_over_the_configured_limit_is_refused_naming_the_limit(tmp_path: 
     limit = str(len(source.read_bytes()) - 1)
     result = runner.invoke(app, ["audit", str(source), "--json"], env={"MMOFFLOAD_MAX_LINE_BYTES": limit})
     assert result.exit_code == 0, result.stderr
+
+
+# --- robustness: directories and globs -------------------------------------------------------------
+
+
+def test_a_dangling_symlink_in_an_input_directory_is_an_error(tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a.jsonl").write_bytes(lines(1))
+    (inputs / "b.jsonl").symlink_to(tmp_path / "gone.jsonl")
+
+    for argument in (inputs, inputs / "*.jsonl"):
+        cannot_run(
+            ["offload", str(argument), "-o", str(tmp_path / "out"), "--assets", str(tmp_path / "a")],
+            "symlink to nothing",
+            "b.jsonl",
+        )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("given", ["recursive glob", "directory"])
+def test_a_second_run_reads_none_of_the_first_runs_outputs(tmp_path: Path, given: str) -> None:
+    data = tmp_path / "d"
+    (data / "sub").mkdir(parents=True)
+    (data / "x.jsonl").write_bytes(lines(1))
+    (data / "sub" / "y.jsonl").write_bytes(lines(1, start=1))
+    argument = str(data / "**" / "*.jsonl") if given == "recursive glob" else str(data)
+    args = ["offload", argument, "-o", str(data / "out"), "--assets", str(tmp_path / "a"), "--json"]
+
+    for _ in range(2):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.stderr
+
+    assert json.loads(result.stdout)["records"] == 2
+    assert sorted(str(p.relative_to(data)) for p in data.rglob("*.jsonl")) == [
+        "out/sub/y.jsonl",
+        "out/x.jsonl",
+        "sub/y.jsonl",
+        "x.jsonl",
+    ]

@@ -311,27 +311,42 @@ class Input:
     relative: Path
 
 
-def expand_inputs(paths: Sequence[str | os.PathLike[str]], *, directories: bool = True) -> list[Input]:
+def expand_inputs(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    directories: bool = True,
+    exclude: Sequence[str | os.PathLike[str]] = (),
+) -> list[Input]:
     """Expand directories (their JSONL files, recursively) and glob patterns into input files.
 
     A glob (``runs/*/rollouts.jsonl``, quoted so that the shell leaves it) is expanded
     here, as CI YAML writes it; a file or ``-`` stays itself. Each input keeps the path
     relative to the directory or the glob's fixed prefix, so that outputs can mirror it.
+    A symlink to nothing found there is an error, as a missing file named is.
 
     Args:
         paths: files, ``-``, directories and glob patterns, in the order given.
         directories: expand a directory into its JSONL files (else keep it as it is).
+        exclude: the command's own outputs (files or directories): what a directory or a glob
+            finds under them is no input, so that a second run does not read the first one's output.
 
     Raises:
-        UsageError: a path that does not exist, or a pattern or directory that matches nothing.
+        UsageError: a path that does not exist, a dangling symlink found in a directory or by a
+            glob, or a pattern or directory that matches nothing.
     """
+    excluded = [Path(os.path.abspath(path)) for path in exclude if not is_stdio(path)]
+
+    def wanted(path: Path) -> bool:
+        absolute = Path(os.path.abspath(path))
+        return not any(absolute == out or out in absolute.parents for out in excluded)
+
     found: list[Input] = []
     for raw in paths:
         path = Path(raw)
         if is_stdio(raw) or path.is_file() or (path.is_dir() and not directories):
             found.append(Input(path, Path(path.name or STDIO)))
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and is_jsonl_name(p))
+            files = sorted(p for p in path.rglob("*") if is_jsonl_name(p) and _is_file(p) and wanted(p))
             if not files:
                 raise UsageError(
                     "Expected JSONL files (.jsonl, .ndjson, .gz, .zst) in the directory, found none",
@@ -341,13 +356,26 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]], *, directories: bool 
         elif _GLOB_CHARS & set(os.fspath(raw)):
             base = _glob_base(path)
             matches = sorted(Path(m) for m in glob.glob(os.fspath(raw), recursive=True))
-            matches = [m for m in matches if m.is_file() or (m.is_dir() and not directories)]
+            matches = [m for m in matches if wanted(m) and ((m.is_dir() and not directories) or _is_file(m))]
             if not matches:
                 raise UsageError("No file matches the pattern", Where(file=os.fspath(raw)))
             found.extend(Input(m, m.relative_to(base)) for m in matches)
         else:
             raise UsageError("No such file or directory", Where(file=os.fspath(raw)))
     return found
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file (or a symlink to one) to read.
+
+    Raises:
+        UsageError: ``path`` is a symlink to nothing: a missing input, never skipped in silence.
+    """
+    if path.is_file():
+        return True
+    if path.is_symlink() and not path.exists():
+        raise UsageError("Expected an input file, found a symlink to nothing", Where(file=str(path)))
+    return False
 
 
 def zstandard_module() -> Any:
