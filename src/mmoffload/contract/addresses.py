@@ -97,8 +97,10 @@ def uri_to_path(uri: str, where: Where | None = None) -> Path:
 
 
 def describe_bytes(data: bytes) -> str:
-    """Describe bytes that are no image, for an error message."""
+    """Describe bytes that are no image, for an error message: what they are not, never what they hold.
+
+    A refused file may be a secret (``--adopt-files /etc/shadow``): none of its bytes are shown.
+    """
     if not data:
         return "0 bytes"
-    head = data[:8]
-    return f"{len(data)} bytes starting {head!r}, which is no image format"
+    return f"{len(data):,} bytes in no image format (PNG, JPEG, WebP, GIF, BMP, TIFF)"
