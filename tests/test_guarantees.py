@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from mmoffload_cli import sink
 from mmoffload_cli.app import app
 
 REPO = Path(__file__).resolve().parent.parent
@@ -251,3 +253,180 @@ def test_a_second_run_reads_none_of_the_first_runs_outputs(tmp_path: Path, given
         "sub/y.jsonl",
         "x.jsonl",
     ]
+
+
+# --- security: user text never acts on the terminal -----------------------------------------------
+
+
+# Each family of characters a terminal acts on, and how it must print instead.
+CONTROLS = {
+    "ESC clear screen": ("\x1b[2J", "\\x1b[2J"),
+    "OSC window title": ("\x1b]0;pwned\x07", "\\x1b]0;pwned\\x07"),
+    # A hyperlink (no slash in it: file names carry it too).
+    "OSC 8 hyperlink": ("\x1b]8;;mailto:x@evil.example\x1b\\", "\\x1b]8;;mailto:x@evil.example\\x1b\\"),
+    "C1 CSI": ("\x9b31m", "\\x9b31m"),
+    "NUL": ("\x00", "\\x00"),
+    "bidi override": ("\u202e", "\\u202e"),
+}
+# File names cannot hold NUL: the printers fed by a file name get every family but that one.
+IN_NAMES = [family for family in CONTROLS if family != "NUL"]
+
+
+def payload(families: list[str]) -> str:
+    return "".join(CONTROLS[family][0] for family in families)
+
+
+def on_a_terminal(args: list[str | Path], json_stdout: bool = False) -> tuple[bytes, bytes]:
+    """Run the CLI with stderr (and stdout unless ``json_stdout``) on a pseudo-terminal; return both."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen(
+        cli(*args),
+        env=cli_env(TERM="xterm-256color", COLUMNS="4000", LINES="50"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if json_stdout else secondary,
+        stderr=secondary,
+    )
+    os.close(secondary)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(primary, 1 << 16)
+        except OSError:  # EIO: the last writer closed the terminal.
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    stdout = process.stdout.read() if process.stdout else b""
+    process.wait(timeout=60)
+    os.close(primary)
+    return terminal, stdout
+
+
+def remote_url_line(url: str) -> str:
+    part = {"type": "image_url", "image_url": {"url": url}}
+    return json.dumps({"messages": [{"role": "user", "content": [part]}]})
+
+
+def audited_run(tmp_path: Path) -> Path:
+    """A one-sample Qwen-VL run in a directory whose name holds every control family a name can."""
+    from tests.builders import qwen_sample, single_micro_batch, write_run
+
+    run = tmp_path / f"run{payload(IN_NAMES)}"
+    sample = qwen_sample(run / "assets" / "images", seeds=(0,))
+    return write_run(run, [sample], [[single_micro_batch(sample)]])
+
+
+PRINTERS = ["error", "--json error line", "warning", "report table", "violations table"]
+
+
+@pytest.mark.parametrize("printer", PRINTERS)
+def test_control_and_bidi_characters_in_user_text_print_escaped_on_a_terminal(
+    tmp_path: Path, printer: str
+) -> None:
+    families = list(CONTROLS)
+    source = tmp_path / "in.jsonl"
+    source.write_text(remote_url_line("https://h/" + payload(families)) + "\n")
+    json_stdout = printer == "--json error line"
+    if printer in ("error", "--json error line"):
+        args = ["offload", source, "-o", tmp_path / "o.jsonl", "--assets", tmp_path / "a"]
+        args += ["--json"] if json_stdout else []
+        starts = "error:"
+    elif printer == "violations table":
+        named = tmp_path / f"in{payload(IN_NAMES)}.jsonl"
+        source.rename(named)
+        args, starts = ["audit", named], "remote_uri"
+    else:
+        kimi = tmp_path / f"kimi{payload(IN_NAMES)}"
+        kimi.symlink_to(REPO / "fixtures" / "models" / "kimi_k25")
+        args = ["audit", audited_run(tmp_path), "--model", kimi]
+        starts = "warning:" if printer == "warning" else "run"
+        families = IN_NAMES
+
+    terminal, stdout = on_a_terminal(args, json_stdout)
+
+    text = terminal.decode()
+    # Rich's own sequences (colours, the progress bar's line clearing) set aside to find the line.
+    plain = re.sub("\x1b\\[[0-9;?]*[A-Za-z]", "", text)
+    (line,) = [line for line in plain.splitlines() if line.split()[:1] == [starts]]
+    for family in families:
+        raw, escaped = CONTROLS[family]
+        assert raw not in text, f"{family} reached the terminal raw: {text!r}"
+        assert escaped in line, f"{family} is not shown escaped: {line!r}"
+    if json_stdout:
+        report = json.loads(stdout)
+        assert payload(families) in report["message"]  # The same value, every character kept...
+        assert not any(raw.encode() in stdout for raw, _ in CONTROLS.values())  # ...inert as JSON text.
+
+
+def test_a_refused_file_is_described_without_its_bytes(tmp_path: Path) -> None:
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"hunter2:*:20999:0:99999:7:::\n")
+    source = tmp_path / "in.jsonl"
+    source.write_text(remote_url_line(secret.as_uri()) + "\n")
+
+    message = cannot_run(
+        [
+            "offload",
+            str(source),
+            "-o",
+            str(tmp_path / "o.jsonl"),
+            "--assets",
+            str(tmp_path / "a"),
+            "--adopt-files",
+        ],
+        "29 bytes in no image format",
+        "in.jsonl:1",
+    )
+
+    assert "hunter2" not in message and "20999" not in message and "b'" not in message
+
+
+HUGE = "F" * 5_000_000
+
+
+def run_with_huge_family(tmp_path: Path) -> Path:
+    """A one-sample run whose first descriptor of two names a 5 MB family."""
+    from tests.builders import qwen_sample, single_micro_batch, write_run
+
+    run = tmp_path / "run"
+    sample = qwen_sample(run / "assets" / "images", seeds=(0, 1))
+    assert sample.mm_refs is not None
+    sample.mm_refs.images[0].item["family"] = HUGE
+    return write_run(run, [sample], [[single_micro_batch(sample)]])
+
+
+REPORTS = {
+    "audit table": (["audit", "{run}", "-v"], 1),
+    "audit --json": (["audit", "{run}", "--json"], 1),
+    "pack": (["pack", "{run}", "--seq-len", "4096", "--json"], 2),
+    "materialize": (["materialize", "{run}", "--json"], 2),
+    "refs": (["refs", "{traces}", "--run-dir", "{out}", "--json"], 2),
+}
+
+
+@pytest.mark.parametrize("report", REPORTS)
+def test_a_5_mb_string_is_quoted_at_most_200_characters_in_every_report(
+    tmp_path: Path, report: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tables go through Rich: wide enough that no cell folds.
+    monkeypatch.setattr(sink.stdout, "width", 1000)
+    run = run_with_huge_family(tmp_path)
+    from tests.builders import descriptor, sidecar
+
+    image = descriptor("file:///a/0.png", [1, 2, 4], family=HUGE)
+    flat = {"token_ids": [1, 151655, 151655, 2], "mask": [False] * 3 + [True], "logprobs": [0, 0, 0, -0.1]}
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text(json.dumps({**flat, "multi_modal_data": sidecar([(image, "0" * 32, 1, 2)])}) + "\n")
+    args, code = REPORTS[report]
+    paths = {"run": run, "traces": traces, "out": tmp_path / "out"}
+
+    result = runner.invoke(app, [arg.format(**paths) for arg in args])
+
+    assert result.exit_code == code, result.stderr[:3000]
+    printed = result.stdout + result.stderr
+    assert len(printed) < 20_000, f"{len(printed):,} characters printed"
+    assert "F" * 197 in printed and "F" * 201 not in printed and "5,000,0" in printed
+    if "--json" in args:
+        json.loads(result.stdout)

@@ -116,7 +116,5 @@ def offload(
     else:
         sink.emit_report(report, "offload", as_json=json_output, quiet=quiet)
     if report.rejected_lines:
-        sink.stderr.print(
-            sink.shorten(f"{report.rejected_lines} line(s) rejected, see {', '.join(report.rejects)}")
-        )
+        sink.stderr.print(f"{report.rejected_lines} line(s) rejected, see {', '.join(report.rejects)}")
         raise typer.Exit(sink.EXIT_PROBLEMS)

@@ -40,7 +40,7 @@ from mmoffload.contract.addresses import asset_location, content_hash, is_local_
 from mmoffload.contract.descriptors import DESCRIPTOR_KIND, HASH_PATTERN, descriptor_problems, descriptor_uri
 from mmoffload.contract.imageparts import ImageSource, iter_image_sources, source_kind
 from mmoffload.contract.spans import span_problems
-from mmoffload.errors import BadInputError, MMOffloadError, PathPart, UsageError, Where, json_path
+from mmoffload.errors import BadInputError, MMOffloadError, PathPart, UsageError, Where, json_path, shorten
 from mmoffload.families import DEFAULT_TOKEN_NAMES, Families
 from mmoffload.io.inputs import decode_json_line, is_jsonl_name, is_stdio, iter_lines, too_deep
 from mmoffload.store.backend import asset_size
@@ -370,8 +370,11 @@ class _Auditor:
         self.micro_batches: dict[Path, list[_Packed]] = {}
 
     def violation(self, loc: _Loc, kind: str, reason: str, **where: Any) -> None:
+        # Reasons quote user text: cut as every message is, so a 5 MB string is no 5 MB report.
         self.report.violations.append(
-            Violation(file=loc.file, index=loc.index, reason=reason, kind=kind, line=loc.line, **where)
+            Violation(
+                file=loc.file, index=loc.index, reason=shorten(reason), kind=kind, line=loc.line, **where
+            )
         )
 
     # --- binary artifacts
