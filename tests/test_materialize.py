@@ -190,7 +190,7 @@ def test_legacy_mm_kwargs_are_refused() -> None:
 
 def test_a_stream_of_the_wrong_length_is_rejected() -> None:
     short = msgspec.structs.replace(micro_batch([]), advantages=[0.0])
-    with pytest.raises(IntegrityError, match=r"Expected `advantages` with 2 entries, got 1"):
+    with pytest.raises(IntegrityError, match=r"Expected `advantages` with one value per token \(2\), got 1"):
         Materializer(FAMILIES).materialize(short)
 
 

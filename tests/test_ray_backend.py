@@ -24,7 +24,8 @@ from tests.builders import data_url, image_bytes
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from mmoffload.runners.ray import RayOptions, offload_dataset  # noqa: E402
+from mmoffload.offload import offload_dataset  # noqa: E402
+from mmoffload.runners.ray import RayOptions  # noqa: E402
 
 FIXTURE_INPUTS = [
     fixtures_dir() / "traces" / "qwen_vl.jsonl",

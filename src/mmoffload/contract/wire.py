@@ -121,6 +121,8 @@ MICRO_BATCH_PER_TOKEN_FIELDS = (
     "ref_kl_weights",
 )
 # Fields of a micro batch whose entries sum to its token count.
+# The optional per-token loss weights a micro batch may carry (filled with 1.0 where absent).
+WEIGHT_STREAMS = ("rl_weights", "ce_weights", "ref_kl_weights")
 MICRO_BATCH_TOTAL_FIELDS = ("sequence_lengths", "seq_lens", "lora_num_tokens")
 
 # Typed codecs, built once and reused (decoding validates types at the edge).

@@ -3,7 +3,6 @@
 from mmoffload.materialize.stage import (
     BATCHED_KWARGS,
     PIXEL_KWARGS,
-    WEIGHT_STREAMS,
     MaterializedMicroBatch,
     Materializer,
     MaterializeReport,
@@ -18,7 +17,6 @@ from mmoffload.materialize.stage import (
 __all__ = [
     "BATCHED_KWARGS",
     "PIXEL_KWARGS",
-    "WEIGHT_STREAMS",
     "MaterializeReport",
     "MaterializeStats",
     "MaterializedMicroBatch",

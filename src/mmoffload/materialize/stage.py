@@ -1,6 +1,6 @@
 """Trainer-side materialization: a micro batch's image refs become model kwargs (families.md).
 
-The micro batch is checked with packing's one checker (``check_micro_batch``),
+The micro batch is checked with the contract's one checker (``check_micro_batch``),
 then each ref against its descriptor and family. For each ref, in token order:
 read the file its URI names, check its content hash, decode it to RGB, let the
 family prepare it, and check the grid against the descriptor; the family then
@@ -29,23 +29,21 @@ import numpy as np
 
 from mmoffload.contract import rundir
 from mmoffload.contract.addresses import asset_location
+from mmoffload.contract.checks import check_micro_batch
 from mmoffload.contract.descriptors import descriptor_uri, validate_descriptor
-from mmoffload.contract.wire import MicroBatch, read_rank_file
+from mmoffload.contract.wire import WEIGHT_STREAMS, MicroBatch, read_rank_file
 from mmoffload.errors import BadInputError, IntegrityError, MissingImageError, UsageError, Where
 from mmoffload.extras import require
-from mmoffload.families import Families, Family, ForwardPolicy, Grid, resolve_model_dir
+from mmoffload.families import DEFAULT_TOKEN_NAMES, Families, Family, ForwardPolicy, Grid, resolve_model_dir
 from mmoffload.families.base import prepared_grid
 from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
 from mmoffload.io.outputs import atomic_write
-from mmoffload.pack import check_micro_batch
 from mmoffload.store.images import decode_rgb
 from mmoffload.store.read import read_verified, verify_hash
 from mmoffload.store.remap import Remap
 
 if TYPE_CHECKING:
     pass
-
-WEIGHT_STREAMS = ("rl_weights", "ce_weights", "ref_kl_weights")
 
 
 class MissingImagePolicy(enum.StrEnum):
@@ -177,7 +175,7 @@ class Materializer:
         refs = micro_batch.mm_refs.images if micro_batch.mm_refs else []
         # The refs' own checks first: they name the family, descriptor or length at fault.
         family, grids = self._validate_refs(micro_batch, where) if refs else (None, [])
-        check_micro_batch(micro_batch, where)
+        check_micro_batch(micro_batch, where, DEFAULT_TOKEN_NAMES)
         self.stats.micro_batches += 1
         input_ids = np.asarray(micro_batch.input_ids, dtype=np.int64)
         position_ids = np.asarray(micro_batch.position_ids, dtype=np.int64)

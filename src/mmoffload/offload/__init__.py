@@ -1,5 +1,6 @@
 """`mmoffload offload`: decode, hash and store each inline image once; rewrite its part to a ref."""
 
+from mmoffload.offload.dataset import offload_dataset
 from mmoffload.offload.stage import (
     CACHE_BYTES,
     REJECTS_SUFFIX,
@@ -8,13 +9,12 @@ from mmoffload.offload.stage import (
     Offloader,
     OffloadOptions,
     OffloadReport,
+    OffloadTask,
     RecordCounts,
     RejectedLine,
-    Results,
     offload_files,
     offload_record,
     plan_outputs,
-    set_worker,
     sweep_stale_temps,
 )
 
@@ -25,13 +25,13 @@ __all__ = [
     "LineResult",
     "OffloadOptions",
     "OffloadReport",
+    "OffloadTask",
     "Offloader",
     "RecordCounts",
     "RejectedLine",
-    "Results",
+    "offload_dataset",
     "offload_files",
     "offload_record",
     "plan_outputs",
-    "set_worker",
     "sweep_stale_temps",
 ]

@@ -20,12 +20,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import signal
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 import msgspec
 
@@ -42,7 +41,6 @@ from mmoffload.errors import BadInputError, IntegrityError, MMOffloadError, Usag
 from mmoffload.io.inputs import Input, decode_json_line, is_stdio, iter_lines, open_input, too_deep
 from mmoffload.io.outputs import (
     TEMP_PREFIX,
-    adopt_temp_owner,
     atomic_writer,
     check_distinct,
     check_output_path,
@@ -50,6 +48,7 @@ from mmoffload.io.outputs import (
     open_output,
     remove_own_temps,
 )
+from mmoffload.runners import line_runner
 from mmoffload.store.backend import open_store
 from mmoffload.store.local import AssetStore, StoredImage
 from mmoffload.store.read import read_verified
@@ -63,8 +62,6 @@ REJECTS_SUFFIX = ".rejects.jsonl"
 STALE_TEMP_SECONDS = 3600
 # Data URLs remembered per process (bytes of their text), so history repeated every turn is stored once.
 CACHE_BYTES = 64 << 20
-# Lines per batch handed to a worker, and bytes per batch at most (memory stays bounded).
-BATCH_LINES, BATCH_BYTES = 64, 16 << 20
 
 _LINE_ERRORS = (BadInputError, IntegrityError)
 # Every image part shape needs one of these in the line's text (or a \u escape spelling it).
@@ -519,7 +516,10 @@ def _offload_all(
     report: OffloadReport,
 ) -> None:
     """Stream every input through the offloader into its output, committing all outputs at the end."""
-    with contextlib.ExitStack() as commits, _line_results(store, options, workers, ray) as results:
+    task = OffloadTask(store, options)
+    # Here, one syncing block covers the run (the task's own per batch is then a no-op); a worker
+    # process makes each batch's images durable before its results go back.
+    with contextlib.ExitStack() as commits, store.syncing(), line_runner(task, workers, ray) as results:
         reject_files: dict[Path, BinaryIO] = {}
         for source, target in zip(inputs, outputs, strict=True):
             out = commits.enter_context(open_output(target))
@@ -568,108 +568,37 @@ def _check_paths(
 
 
 LineResult = tuple[bytes, RecordCounts] | MMOffloadError
-Results = Callable[[Iterable[tuple[Where, bytes]]], Iterator[tuple[Where, bytes, LineResult]]]
 
 
-@contextlib.contextmanager
-def _line_results(
-    store: AssetStore | ObjectStore, options: OffloadOptions, workers: int, ray: RayOptions | None
-) -> Iterator[Results]:
-    """Yield a function that offloads a stream of lines, in order, here, in ``workers`` processes or on Ray."""
-    if ray is not None:
-        from mmoffload.runners.ray import ray_line_results  # The optional `ray` extra.
+class OffloadTask:
+    """Offload a batch of lines (a runner's task); each process keeps one offloader per store and options.
 
-        with ray_line_results(store, options, ray) as results:
-            yield results
-        return
-    if workers <= 1:
-        offloader = Offloader(store, options)
-        with store.syncing():
-            yield lambda lines: (
-                (where, line, _offload_line(offloader, where, line)) for where, line in lines
-            )
-        return
-    import multiprocessing  # Only here: a share of one worker's start-up otherwise.
-
-    context = multiprocessing.get_context("spawn" if os.name == "nt" else "forkserver")
-    with context.Pool(workers, initializer=_init_worker, initargs=(store, options, os.getpid())) as pool:
-        yield lambda lines: _parallel(pool, workers, lines)
-
-
-def _parallel(
-    pool: Any, workers: int, lines: Iterable[tuple[Where, bytes]]
-) -> Iterator[tuple[Where, bytes, LineResult]]:
-    """Offload batches of lines in the pool, yielding results in input order.
-
-    At most two batches per worker are in flight, so memory stays bounded by the
-    batch size rather than the file size.
+    The batch's images are durable before its results return (inside a caller's
+    ``store.syncing()`` block, when that block ends). Errors of a line are its result.
     """
-    pending: collections.deque[tuple[list[tuple[Where, bytes]], Any]] = collections.deque()
-    for batch in _batches(lines):
-        pending.append((batch, pool.apply_async(_offload_batch, (batch,))))
-        if len(pending) >= 2 * workers:
-            yield from _collect(*pending.popleft())
-    while pending:
-        yield from _collect(*pending.popleft())
+
+    # This process's offloaders (their data-URL caches live on across batches and tasks).
+    _offloaders: ClassVar[dict[tuple[str, OffloadOptions], Offloader]] = {}
+
+    def __init__(self, store: AssetStore | ObjectStore, options: OffloadOptions) -> None:
+        self.store = store
+        self.options = options
+
+    def offloader(self) -> Offloader:
+        """Return this process's offloader for the task's store and options."""
+        key = (str(self.store.root), self.options)
+        if key not in self._offloaders:
+            self._offloaders[key] = Offloader(self.store, self.options)
+        return self._offloaders[key]
+
+    def __call__(self, batch: list[tuple[Where, bytes]]) -> list[LineResult]:
+        offloader = self.offloader()
+        with offloader.store.syncing():
+            return [offload_line_result(offloader, where, line) for where, line in batch]
 
 
-def _collect(
-    batch: list[tuple[Where, bytes]], async_result: Any
-) -> Iterator[tuple[Where, bytes, LineResult]]:
-    for (where, line), result in zip(batch, async_result.get(), strict=True):
-        if isinstance(result, tuple) and len(result) == 3:
-            error_class, message, error_where = result
-            result = error_class(message, error_where)
-        yield where, line, result
-
-
-def _batches(lines: Iterable[tuple[Where, bytes]]) -> Iterator[list[tuple[Where, bytes]]]:
-    batch: list[tuple[Where, bytes]] = []
-    size = 0
-    for item in lines:
-        batch.append(item)
-        size += len(item[1])
-        if len(batch) >= BATCH_LINES or size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-_worker: Offloader | None = None
-
-
-def _init_worker(store: AssetStore | ObjectStore, options: OffloadOptions, run_pid: int) -> None:
-    """Set up a pool worker: Ctrl-C left to the parent, temporaries named as the run's, its offloader."""
-    # Ctrl-C reaches the whole process group: the parent alone stops the run (and these workers).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    adopt_temp_owner(run_pid)
-    set_worker(store, options)
-
-
-def set_worker(store: AssetStore | ObjectStore, options: OffloadOptions) -> None:
-    """Make this process's offloader (a pool worker's, or a Ray worker's)."""
-    global _worker
-    _worker = Offloader(store, options)
-
-
-def _offload_batch(batch: list[tuple[Where, bytes]]) -> list[Any]:
-    """Offload a batch in a worker; errors travel back as (class, message, where) to pickle cleanly.
-
-    The batch's images are durable before its results go back.
-    """
-    assert _worker is not None
-    results: list[Any] = []
-    with _worker.store.syncing():
-        for where, line in batch:
-            result = _offload_line(_worker, where, line)
-            if isinstance(result, MMOffloadError):
-                result = (type(result), result.message, result.where)
-            results.append(result)
-    return results
-
-
-def _offload_line(offloader: Offloader, where: Where, line: bytes) -> LineResult:
+def offload_line_result(offloader: Offloader, where: Where, line: bytes) -> LineResult:
+    """Offload one line; an error of the line is returned, not raised."""
     try:
         return offloader.line(line, where)
     except _LINE_ERRORS as exc:

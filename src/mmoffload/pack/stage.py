@@ -23,10 +23,8 @@ import msgspec
 import numpy as np
 
 from mmoffload.contract import rundir
-from mmoffload.contract.spans import span_problems
+from mmoffload.contract.checks import check_micro_batch, length_problems
 from mmoffload.contract.wire import (
-    MICRO_BATCH_PER_TOKEN_FIELDS,
-    MICRO_BATCH_TOTAL_FIELDS,
     MicroBatch,
     MMImageRef,
     MMRefs,
@@ -36,7 +34,7 @@ from mmoffload.contract.wire import (
     encode,
     read_training_batch,
 )
-from mmoffload.errors import BadInputError, IntegrityError, UsageError, Where
+from mmoffload.errors import BadInputError, UsageError, Where
 from mmoffload.families import DEFAULT_TOKEN_NAMES
 from mmoffload.io.outputs import atomic_write, check_writable_dir
 from mmoffload.io.staging import staged_run
@@ -45,7 +43,6 @@ from mmoffload.io.staging import staged_run
 # another sample has it (neutral for training), and the value on padding tokens.
 STREAM_FILL = {"ref_logprobs": 0.0, "rl_weights": 1.0, "ce_weights": 0.0, "ref_kl_weights": 0.0}
 STREAM_PAD = 0.0
-WEIGHT_STREAMS = ("rl_weights", "ce_weights", "ref_kl_weights")
 T = TypeVar("T")
 # Token id of padding: 0 exists in every vocabulary and is never an image token;
 # padding is masked out of the loss, so its identity does not change training.
@@ -272,7 +269,7 @@ def pack_batch(
     micro_batches: list[MicroBatch] = []
     for number, members in enumerate(bins):
         micro_batch = _micro_batch(members, options)
-        check_micro_batch(micro_batch, Where(file=where.file, index=number))
+        check_micro_batch(micro_batch, Where(file=where.file, index=number), DEFAULT_TOKEN_NAMES)
         micro_batches.append(micro_batch)
     ranks, dummies = _assign_ranks(micro_batches, options)
     real_tokens = sum(piece.length for piece in pieces)
@@ -317,9 +314,8 @@ def _piece(sample: TrainingSample, index: int, seq_len: int, where: Where) -> _P
         "mm_token_type_ids": sample.mm_token_type_ids,
         **streams,
     }
-    for name, values in per_token.items():
-        if values is not None and len(values) != n:
-            raise BadInputError(f"Expected `{name}` with one value per token ({n}), got {len(values)}", where)
+    if problems := length_problems(n, per_token):
+        raise BadInputError(problems[0], where)
     refs = sorted(sample.mm_refs.images, key=lambda ref: ref.offset) if sample.mm_refs else []
     if refs and sample.mm_token_type_ids is None:
         raise BadInputError("Expected `mm_token_type_ids` on a sample with `mm_refs`, got none", where)
@@ -491,33 +487,6 @@ def _concat_routed(parts: list[RoutedExperts | None], pad: int, lengths: list[in
     row = len(first.data) // first.shape[0] if first.shape[0] else 0
     data = b"".join(part.data for part in present) + bytes(row * pad)
     return RoutedExperts(data, [sum(lengths) + pad, *first.shape[1:]], first.dtype)
-
-
-def check_micro_batch(micro_batch: MicroBatch, where: Where | None = None) -> None:
-    """Check packing.md section 3's invariants on a micro batch.
-
-    Raises:
-        IntegrityError: a per-token array of the wrong length, lengths that do not sum
-            to the tokens, or a ref outside the micro batch or on non-image tokens.
-    """
-    n = len(micro_batch.input_ids)
-    for name in MICRO_BATCH_PER_TOKEN_FIELDS:
-        values = getattr(micro_batch, name)
-        if values is not None and len(values) != n:
-            raise IntegrityError(f"Expected `{name}` with {n} entries, got {len(values)}", where)
-    for name in MICRO_BATCH_TOTAL_FIELDS:
-        values = getattr(micro_batch, name)
-        if values is not None and sum(values) != n:
-            raise IntegrityError(f"Expected `{name}` to sum to {n} tokens, got {sum(values)}", where)
-    if micro_batch.mm_refs is None:
-        return
-    if micro_batch.mm_token_type_ids is None:
-        raise IntegrityError("Expected `mm_token_type_ids` in a micro batch with refs, got none", where)
-    spans = [(ref.offset, ref.length) for ref in micro_batch.mm_refs.images]
-    problems = span_problems(micro_batch.mm_token_type_ids, spans, micro_batch.input_ids, DEFAULT_TOKEN_NAMES)
-    if problems:
-        at = where.at(image=problems[0].image) if where else Where(image=problems[0].image)
-        raise IntegrityError(f"Expected image refs on image-typed tokens: {problems[0].message}", at)
 
 
 def _assign_ranks(

@@ -106,6 +106,11 @@ class AssetStore:
         self._pending_bytes = 0
         self._directory_synced = True
 
+    def __getstate__(self) -> dict[str, object]:
+        # A copy in another process starts with nothing pending (sync threads do not travel).
+        fresh = {"_syncer": None, "_pending": collections.OrderedDict(), "_pending_bytes": 0}
+        return {**self.__dict__, **fresh, "_directory_synced": True}
+
     def put(self, data: bytes, where: Where | None = None) -> StoredImage:
         """Store ``data`` once, atomically; return where it lives.
 
