@@ -430,3 +430,59 @@ def test_a_5_mb_string_is_quoted_at_most_200_characters_in_every_report(
     assert "F" * 197 in printed and "F" * 201 not in printed and "5,000,0" in printed
     if "--json" in args:
         json.loads(result.stdout)
+
+
+# --- robustness: what killed processes leave is removed by the next command -------------------------
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+STALE_COMMANDS = {
+    "audit": ["audit", "{run}", "-q"],
+    "pack": ["pack", "{run}", "--seq-len", "4096", "-q"],
+    "refs": ["refs", "{traces}", "--run-dir", "{run}", "--overwrite", "-q"],
+    "materialize": ["materialize", "{run}", "--model", "qwen3_vl", "-q"],
+    "offload (the store)": ["offload", "{traces}", "-o", "{out}", "--assets", "{assets}", "-q"],
+}
+
+
+@pytest.mark.parametrize("command", STALE_COMMANDS)
+def test_the_next_command_removes_temporaries_of_dead_processes_only(tmp_path: Path, command: str) -> None:
+    from mmoffload.io.outputs import TEMP_PREFIX, own_temp_prefix
+    from tests.builders import qwen_sample, single_micro_batch, write_run
+
+    run = tmp_path / "run"
+    assets = run / "assets" / "images"
+    sample = qwen_sample(assets, seeds=(0,), grid=(1, 14, 20))  # The grid Qwen3-VL gives its 64x48 image.
+    write_run(run, [sample], [[single_micro_batch(sample)]])
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text(TRACE + "\n")
+    host = own_temp_prefix().removesuffix("-").rpartition("@")[2]
+    dead, live = dead_pid(), os.getpid()
+    kept, removed = [], []
+    for directory in (assets,) if command.startswith("offload") else (run, run / "rollouts"):
+        removed += [
+            directory / f"{TEMP_PREFIX}{dead}@{host}-file",
+            directory / f"{TEMP_PREFIX}{dead}@{host}-dir",
+        ]
+        kept += [
+            directory / f"{TEMP_PREFIX}{live}@{host}-file",
+            directory / f"{TEMP_PREFIX}{dead}@00000000-file",
+        ]
+    for path in removed + kept:
+        if path.name.endswith("-dir"):
+            path.mkdir()
+            (path / "rank_0.bin").write_bytes(b"partial")
+        else:
+            path.write_bytes(b"partial")
+    paths = {"run": run, "traces": traces, "out": tmp_path / "out.jsonl", "assets": assets}
+
+    result = runner.invoke(app, [arg.format(**paths) for arg in STALE_COMMANDS[command]])
+
+    assert result.exit_code == 0, result.stderr
+    assert [path.name for path in removed if path.exists()] == []
+    assert all(path.exists() for path in kept), "a live or another host's temporary was removed"

@@ -38,6 +38,7 @@ from mmoffload.families import DEFAULT_TOKEN_NAMES, Families, Family, ForwardPol
 from mmoffload.families.base import prepared_grid
 from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
 from mmoffload.io.outputs import atomic_write
+from mmoffload.io.staging import remove_dead_temps
 from mmoffload.store.images import decode_rgb
 from mmoffload.store.read import read_verified, verify_hash
 from mmoffload.store.remap import Remap
@@ -496,6 +497,7 @@ def materialize_run(
         remap=remap,
         allowed_roots=allowed_roots,
     )
+    remove_dead_temps(run_dir)  # Killed processes' temporaries, never a live writer's.
     rank_files = list(iter_rank_files(run_dir))
     if not rank_files:
         raise UsageError(

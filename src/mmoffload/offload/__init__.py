@@ -4,7 +4,6 @@ from mmoffload.offload.dataset import offload_dataset
 from mmoffload.offload.stage import (
     CACHE_BYTES,
     REJECTS_SUFFIX,
-    STALE_TEMP_SECONDS,
     LineResult,
     Offloader,
     OffloadOptions,
@@ -15,13 +14,11 @@ from mmoffload.offload.stage import (
     offload_files,
     offload_record,
     plan_outputs,
-    sweep_stale_temps,
 )
 
 __all__ = [
     "CACHE_BYTES",
     "REJECTS_SUFFIX",
-    "STALE_TEMP_SECONDS",
     "LineResult",
     "OffloadOptions",
     "OffloadReport",
@@ -33,5 +30,4 @@ __all__ = [
     "offload_files",
     "offload_record",
     "plan_outputs",
-    "sweep_stale_temps",
 ]
