@@ -26,7 +26,7 @@ from mmoffload.audit.records import (
     sample_record,
 )
 from mmoffload.audit.report import FIGURES, AuditReport, Violation
-from mmoffload.contract.addresses import asset_location, is_local_file_uri, is_object_uri
+from mmoffload.contract.addresses import address_hash, asset_location, is_local_file_uri, is_object_uri
 from mmoffload.contract.checks import length_problems
 from mmoffload.contract.descriptors import DESCRIPTOR_KIND, descriptor_problems
 from mmoffload.contract.imageparts import ImageSource, iter_image_sources, source_kind
@@ -224,7 +224,11 @@ class Auditor:
         image: int | None = None,
         expected_hash: str | None = None,
     ) -> None:
-        """Count one image source; a local file is registered for the file check."""
+        """Count one image source; a stored file (local or object) is registered for the file check.
+
+        Its hash is checked against the ref's (``expected_hash``) and, when its name is a content
+        address (``<h32>.<ext>``), against the name: a JSONL image part has no other hash to check.
+        """
         kind = source_kind(source)
         if kind == "file":
             try:
@@ -233,8 +237,7 @@ class Auditor:
                 self.violation(loc, "bad_uri", exc.message, path=json_path(path), image=image)
                 return
             use = self.files.setdefault(file, FileUse(loc, image))
-            if expected_hash is not None:
-                use.hashes.add(expected_hash)
+            use.hashes.update(digest for digest in (expected_hash, address_hash(file)) if digest is not None)
             return
         shown = source if len(source) <= _SHOWN_SOURCE_CHARS else source[:_SHOWN_SOURCE_CHARS] + "..."
         if kind == "data":
@@ -268,6 +271,11 @@ class Auditor:
     def jsonl_value(self, loc: Loc, value: object) -> None:
         """Audit one decoded JSONL record."""
         for source in self.image_sources(loc, value, ()):
+            # Stored images in JSONL count as the trainer-bound refs do, local and object alike.
+            if is_local_file_uri(source.source):
+                self.report.file_uris += 1
+            elif is_object_uri(source.source):
+                self.report.object_uris += 1
             self.source(loc, source.source, source.path)
         for parts, obj in descriptors_and_samples(value):
             if obj.get("mm_kwargs") is not None:

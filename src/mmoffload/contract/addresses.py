@@ -55,6 +55,22 @@ def sniff_extension(data: bytes) -> str | None:
     return None
 
 
+def address_hash(location: str | Path) -> str | None:
+    """Return the content hash a stored name claims (``<h32>.<ext>``), or None for any other name.
+
+    ``location`` is a path or an object-store URL: its last segment is the name.
+    """
+    name = location.name if isinstance(location, Path) else urlsplit(location).path.rpartition("/")[2]
+    stem, dot, extension = name.partition(".")
+    if len(stem) == HASH_HEX_DIGITS and f"{dot}{extension}" in IMAGE_EXTENSIONS and _is_lower_hex(stem):
+        return stem
+    return None
+
+
+def _is_lower_hex(text: str) -> bool:
+    return all(char in "0123456789abcdef" for char in text)
+
+
 def file_uri(path: Path) -> str:
     """Return the ``file://`` URI of ``path``: absolute and percent-encoded."""
     return path.absolute().as_uri()
