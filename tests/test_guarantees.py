@@ -486,3 +486,41 @@ def test_the_next_command_removes_temporaries_of_dead_processes_only(tmp_path: P
     assert result.exit_code == 0, result.stderr
     assert [path.name for path in removed if path.exists()] == []
     assert all(path.exists() for path in kept), "a live or another host's temporary was removed"
+
+
+# --- robustness: audit's memory is bounded by one micro batch, not the rank file ---------------------
+
+
+def test_audit_peak_memory_is_flat_from_100_to_1000_micro_batches(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_audit_memory", REPO / "scripts" / "bench_audit_memory.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    peaks = {}
+    for count in (100, 1000):
+        bench.write_run(tmp_path / str(count), count, 3000)
+        peaks[count] = bench.peak_rss(tmp_path / str(count))
+
+    # Read whole, 1,000 micro batches of 3,000 tokens held about 1 GB (7x the 100's peak).
+    assert peaks[1000] < 1.3 * peaks[100], peaks
+
+
+def test_a_rank_file_cut_short_is_a_violation_after_the_micro_batches_read(tmp_path: Path) -> None:
+    from mmoffload.audit import audit
+    from tests.builders import qwen_sample, single_micro_batch, write_run
+
+    run = tmp_path / "run"
+    sample = qwen_sample(run / "assets" / "images", seeds=(0,))
+    write_run(run, None, [[single_micro_batch(sample)] * 3])
+    rank = run / "rollouts" / "step_0" / "rank_0.bin"
+    rank.write_bytes(rank.read_bytes()[:-10])
+
+    report = audit([run])
+
+    (violation,) = [v for v in report.violations if v.kind == "undecodable"]
+    assert "after 2 micro batches" in violation.reason and "truncated" in violation.reason
+    assert (report.rank_files, report.micro_batches) == (0, 2)

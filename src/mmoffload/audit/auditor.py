@@ -31,7 +31,7 @@ from mmoffload.contract.checks import length_problems
 from mmoffload.contract.descriptors import DESCRIPTOR_KIND, descriptor_problems
 from mmoffload.contract.imageparts import ImageSource, iter_image_sources, source_kind
 from mmoffload.contract.spans import span_problems
-from mmoffload.errors import BadInputError, PathPart, Where, json_path, shorten
+from mmoffload.errors import BadInputError, PathPart, UsageError, Where, json_path, shorten
 from mmoffload.families import DEFAULT_TOKEN_NAMES, Families
 from mmoffload.io.inputs import decode_json_line, iter_lines, too_deep
 from mmoffload.store.backend import asset_size
@@ -41,11 +41,7 @@ from mmoffload.store.remap import Remap
 if TYPE_CHECKING:
     pass
 
-from mmoffload.contract.wire import (
-    RANK_FILE_DECODER,
-    TRAINING_BATCH_DECODER,
-    MMImageRef,
-)
+from mmoffload.contract.wire import TRAINING_BATCH_DECODER, MMImageRef, iter_rank_file
 
 _SHOWN_SOURCE_CHARS = 60
 
@@ -97,21 +93,25 @@ class Auditor:
                 self.report.samples_with_mm_refs += 1
 
     def rank_file(self, path: Path) -> None:
+        """Audit a rank file one micro batch at a time: memory bounded by one, whatever the file's size."""
+        packed = self.micro_batches.setdefault(path.parent, [])
+        index = -1
         try:
             with gc_paused():
-                batches = RANK_FILE_DECODER.decode(read_artifact(path))
+                for index, batch in enumerate(iter_rank_file(path)):
+                    self.report.micro_batches += 1
+                    packed.append(
+                        Packed(hash(tuple(batch.input_ids)), any(batch.loss_mask), packed_sequences(batch))
+                    )
+                    if self.record(Loc(str(path), index), micro_batch_record(batch), trainer_bound=True):
+                        self.report.micro_batches_with_mm_refs += 1
+        except OSError as exc:
+            raise UsageError(f"Cannot read input: {exc.strerror}", Where(file=str(path))) from exc
         except msgspec.DecodeError as exc:
-            self.violation(Loc(str(path), None), "undecodable", f"Not a list of MicroBatch: {exc}")
+            after = f" (after {index + 1:,} micro batches)" if index >= 0 else ""
+            self.violation(Loc(str(path), None), "undecodable", f"Not a list of MicroBatch{after}: {exc}")
             return
         self.report.rank_files += 1
-        self.report.micro_batches += len(batches)
-        self.micro_batches.setdefault(path.parent, []).extend(
-            Packed(hash(tuple(batch.input_ids)), any(batch.loss_mask), packed_sequences(batch))
-            for batch in batches
-        )
-        for index, batch in enumerate(batches):
-            if self.record(Loc(str(path), index), micro_batch_record(batch), trainer_bound=True):
-                self.report.micro_batches_with_mm_refs += 1
 
     def record(self, loc: Loc, record: Record, trainer_bound: bool) -> bool:
         """Check one sample or micro batch; return whether it has image refs."""
