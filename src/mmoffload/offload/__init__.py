@@ -1,20 +1,17 @@
 """`mmoffload offload`: decode, hash and store each inline image once; rewrite its part to a ref."""
 
 from mmoffload.offload.dataset import offload_dataset
-from mmoffload.offload.stage import (
+from mmoffload.offload.records import (
     CACHE_BYTES,
-    REJECTS_SUFFIX,
     LineResult,
     Offloader,
     OffloadOptions,
-    OffloadReport,
     OffloadTask,
     RecordCounts,
-    RejectedLine,
-    offload_files,
     offload_record,
-    plan_outputs,
 )
+from mmoffload.offload.report import REJECTS_SUFFIX, OffloadReport, RejectedLine
+from mmoffload.offload.stage import offload_files, plan_outputs
 
 __all__ = [
     "CACHE_BYTES",

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmoffload.errors import MMOffloadError, Where
-from mmoffload.offload.stage import OffloadOptions, OffloadTask, offload_line_result
+from mmoffload.offload.records import OffloadOptions, OffloadTask, offload_line_result
 from mmoffload.runners import BATCH_LINES
 from mmoffload.store.backend import open_store
 

@@ -1,6 +1,6 @@
 """`mmoffload pack`: a run's ``TrainingBatch`` files to per-rank micro batches (prime-rl's packer, byte for byte)."""
 
-from mmoffload.pack.stage import (
+from mmoffload.pack.options import (
     BALANCES,
     DEFAULT_PAD_TOKEN_ID,
     STREAM_FILL,
@@ -10,10 +10,9 @@ from mmoffload.pack.stage import (
     PackReport,
     StepPackReport,
     TruncationFigures,
-    pack_batch,
-    pack_run,
-    partition,
 )
+from mmoffload.pack.partition import partition
+from mmoffload.pack.stage import pack_batch, pack_run
 
 __all__ = [
     "BALANCES",

@@ -31,7 +31,7 @@ import msgspec
 from mmoffload.audit import AuditReport, binary_artifacts
 from mmoffload.contract.wire import MicroBatch, TrainingSample, read_rank_file, read_training_batch
 from mmoffload.errors import UsageError
-from mmoffload.views.inspect_html import page, read_image, thumbnail_html
+from mmoffload.views.page_parts import page, read_image, thumbnail_html
 
 SHOWN_VIOLATIONS = 50
 _PREFIX = 16  # Tokens that index samples for the truncation match.
