@@ -7,13 +7,17 @@ never becomes a silently smaller result.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+import random
 import re
 import resource
+import signal
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -524,3 +528,85 @@ def test_a_rank_file_cut_short_is_a_violation_after_the_micro_batches_read(tmp_p
     (violation,) = [v for v in report.violations if v.kind == "undecodable"]
     assert "after 2 micro batches" in violation.reason and "truncated" in violation.reason
     assert (report.rank_files, report.micro_batches) == (0, 2)
+
+
+# --- robustness: Ctrl-C stops every worker and the parent, every time ---------------------------------
+
+
+CTRL_C_TRIALS = 10
+
+
+def interrupted_run(tmp_path: Path, source: Path, stored_before_stop: int) -> tuple[int, str, int]:
+    """Run offload --workers 2, Ctrl-C its process group once ``stored_before_stop`` images are stored.
+
+    Returns the exit code, stderr, and the process group's id (to check that nothing of it lives on).
+    """
+    assets = tmp_path / "assets"
+    process = subprocess.Popen(
+        cli("offload", source, "-o", tmp_path / "out.jsonl", "--assets", assets, "--workers", "2", "-q"),
+        env=cli_env(),
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    # 0: as the pool starts (its first process appears), else once that many images are stored.
+    while process.poll() is None and not (
+        children(process.pid) if stored_before_stop == 0 else stored(assets) >= stored_before_stop
+    ):
+        time.sleep(0.002)
+    os.killpg(process.pid, signal.SIGINT)  # What Ctrl-C in a terminal does: the whole group.
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"offload --workers 2 hung after Ctrl-C ({stored_before_stop} images stored)")
+    return process.returncode, stderr.decode(), process.pid
+
+
+def children(pid: int) -> list[str]:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return []
+
+
+def stored(assets: Path) -> int:
+    return len(os.listdir(assets)) if assets.is_dir() else 0
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_ctrl_c_stops_offload_with_workers_every_time_under_load(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmoffload.io.outputs import TEMP_PREFIX
+    from tests.test_kill import images_file
+
+    source = images_file(tmp_path / "in.jsonl", 300)
+    rng = random.Random(27)
+    # Two runs at a time, each stopped at its own seeded moment (half as the pool starts): the
+    # other one is the load.
+    moments = [rng.choice([0, rng.randrange(1, 250)]) for _ in range(2 * CTRL_C_TRIALS)]
+    trials = [tmp_path / f"trial-{n}" for n in range(len(moments))]
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(interrupted_run, trials, [source] * len(trials), moments))
+
+    for trial, moment, (code, stderr, pgid) in zip(trials, moments, outcomes, strict=True):
+        finished = code == 0 and (trial / "out.jsonl").exists()  # Ctrl-C came as the run ended.
+        assert finished or code == 130, (moment, code, stderr)
+        assert "Traceback" not in stderr and "resource_tracker" not in stderr, stderr
+        assert finished or "interrupted" in stderr
+        deadline = time.monotonic() + 10
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not group_alive(pgid), f"a process of the stopped run lives on ({moment} images stored)"
+        leftovers = [
+            p for p in [*trial.iterdir(), *(trial / "assets").iterdir()] if p.name.startswith(TEMP_PREFIX)
+        ]
+        assert not leftovers, leftovers
+    assert sum(code == 130 for code, _, _ in outcomes) > CTRL_C_TRIALS, "the stops missed the runs"
