@@ -2,8 +2,8 @@
 
 About 20 M parameters: 2 text layers of width 128, a 1-layer vision tower with
 patch 16 (the grid the fixtures' Qwen3-VL descriptors use), the Qwen special
-tokens at their real ids and a word-level tokenizer over byte tokens 0-255
-(the fixtures' byte-level text). The image processor, tokenizer and chat
+tokens at their real ids and the byte-level tokenizer and Qwen-VL chat template of
+``mmoffload.render.tiny`` (the fixtures' byte-level text). The image processor, tokenizer and chat
 template are saved separately: building the combined processor object needs a
 video processor, which needs torchvision.
 
@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from mmoffload.render.tiny import write_tiny_model
 
 VOCAB_SIZE = 151_936
 SPECIAL_TOKENS = {
@@ -34,8 +36,7 @@ PATCH_SIZE = 16
 def build(out_dir: Path, seed: int = 0) -> Path:
     """Write the tiny model to ``out_dir`` and return it."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     torch.manual_seed(seed)
@@ -70,24 +71,11 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         tie_word_embeddings=True,
     )
     model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
-    model.save_pretrained(out_dir)
 
-    vocab = {f"<{i}>": i for i in range(256)} | SPECIAL_TOKENS
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=[
-            name for name in SPECIAL_TOKENS if name not in ("<|im_end|>", "<|endoftext|>")
-        ],
-    )
-    fast.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
-    )
-    fast.save_pretrained(out_dir)
+    # Byte-level text (id = byte value, as the fixtures' traces) and a Qwen-VL chat template with
+    # image parts and tool calls, so vLLM's chat routes render what `mmoffload render` renders.
+    write_tiny_model(out_dir, "qwen3_vl")
+    model.save_pretrained(out_dir)
 
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=PATCH_SIZE,

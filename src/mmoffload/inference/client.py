@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmoffload.errors import MMOffloadError, UsageError
-from mmoffload.inference.refs import MODALITY, features_from_sidecars
+from mmoffload.inference.refs import GENERATE_ROUTE, MODALITY, features_from_sidecars
 
-GENERATE_ROUTE = "/inference/v1/generate"
 CACHE_MISS_TYPE = "missing_mm_cache_item"
 DEFAULT_TIMEOUT_S = 600.0
 

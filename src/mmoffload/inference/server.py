@@ -41,9 +41,8 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES
 from mmoffload.inference.engine import RawRefEngineInputs
-from mmoffload.inference.refs import ERROR_TYPE, MODALITY, InvalidImageRefError
+from mmoffload.inference.refs import ERROR_TYPE, GENERATE_ROUTE, MODALITY, InvalidImageRefError
 
-GENERATE_ROUTE = "/inference/v1/generate"
 STATS_ROUTE = "/mmoffload/v1/stats"
 # vLLM arguments every mmoffload server needs: the scale-out routes carry /inference/v1/generate.
 REQUIRED_VLLM_ARGS = ("--enable-scale-out",)

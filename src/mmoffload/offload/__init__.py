@@ -10,7 +10,7 @@ from mmoffload.offload.records import (
     RecordCounts,
     offload_record,
 )
-from mmoffload.offload.report import REJECTS_SUFFIX, OffloadReport, RejectedLine
+from mmoffload.offload.report import REJECTS_SUFFIX, OffloadReport
 from mmoffload.offload.stage import offload_files, plan_outputs
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "OffloadTask",
     "Offloader",
     "RecordCounts",
-    "RejectedLine",
     "offload_dataset",
     "offload_files",
     "offload_record",
