@@ -71,8 +71,11 @@ def test_an_image_is_stored_once_under_its_hash(tmp_path: Path) -> None:
 
 
 def test_the_store_refuses_bytes_that_are_no_image(tmp_path: Path) -> None:
-    with pytest.raises(BadInputError, match="Expected image bytes, got 5 bytes starting b'hello'"):
+    with pytest.raises(
+        BadInputError, match="Expected image bytes, got 5 bytes in no image format"
+    ) as refused:
         AssetStore(tmp_path).put(b"hello")
+    assert "hello" not in str(refused.value)
     assert list(tmp_path.iterdir()) == []
 
 

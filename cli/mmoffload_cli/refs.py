@@ -101,7 +101,8 @@ def refs(
     with sink.errors_to_exit(as_json, "no step was written (a run's steps appear all at once)"):
         model_dir = resolve_model_dir(model) if model is not None else None
         report = build_refs(
-            [item.path for item in expand_inputs(traces)],
+            # The run's own files (its rejects.jsonl) are no input to it.
+            [item.path for item in expand_inputs(traces, exclude=[run_dir, *([rejects] if rejects else [])])],
             run_dir,
             RefsOptions(
                 model_dir=model_dir,

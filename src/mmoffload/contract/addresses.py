@@ -50,6 +50,22 @@ def sniff_extension(data: bytes) -> str | None:
     return None
 
 
+def address_hash(location: str | Path) -> str | None:
+    """Return the content hash a stored name claims (``<h32>.<ext>``), or None for any other name.
+
+    ``location`` is a path or an object-store URL: its last segment is the name.
+    """
+    name = location.name if isinstance(location, Path) else urlsplit(location).path.rpartition("/")[2]
+    stem, dot, extension = name.partition(".")
+    if len(stem) == HASH_HEX_DIGITS and f"{dot}{extension}" in IMAGE_EXTENSIONS and _is_lower_hex(stem):
+        return stem
+    return None
+
+
+def _is_lower_hex(text: str) -> bool:
+    return all(char in "0123456789abcdef" for char in text)
+
+
 def file_uri(path: Path) -> str:
     """Return the ``file://`` URI of ``path``: absolute and percent-encoded."""
     return path.absolute().as_uri()
@@ -92,11 +108,13 @@ def uri_to_path(uri: str, where: Where | None = None) -> Path:
 
 
 def describe_bytes(data: bytes) -> str:
-    """Describe bytes that are no image, for an error message."""
+    """Describe bytes that are no image, for an error message: what they are not, never what they hold.
+
+    A refused file may be a secret (``--adopt-files /etc/shadow``): none of its bytes are shown.
+    """
     if not data:
         return "0 bytes"
-    head = data[:8]
-    return f"{len(data)} bytes starting {head!r}, which is no image format"
+    return f"{len(data):,} bytes in no image format (PNG, JPEG, WebP, GIF, BMP, TIFF)"
 
 
 def verify_hash(

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, BinaryIO
 from mmoffload.errors import MMOffloadError, UsageError
 from mmoffload.io.inputs import Input, is_stdio, iter_lines, open_input
 from mmoffload.io.outputs import (
-    TEMP_PREFIX,
     atomic_writer,
     check_distinct,
     check_output_path,
     check_writable_dir,
     open_output,
     remove_own_temps,
+    remove_stale_temps,
 )
 from mmoffload.io.rejects import rejected_line
 from mmoffload.offload.records import OffloadOptions, OffloadTask
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 
 # An image write takes milliseconds; a temp this old in the asset directory is a killed run's.
-STALE_TEMP_SECONDS = 3600
 
 
 def plan_outputs(
@@ -98,20 +97,6 @@ def plan_outputs(
         if not is_stdio(item.path) and item.path.resolve() == resolved:
             raise UsageError(f"Output `{resolved}` is the input; use in-place rewriting to replace it")
     return outputs
-
-
-def sweep_stale_temps(directory: Path, older_than: float = STALE_TEMP_SECONDS) -> int:
-    """Remove temporary files of killed runs older than ``older_than`` seconds; return how many."""
-    removed = 0
-    cutoff = time.time() - older_than
-    with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.name.startswith(TEMP_PREFIX) and entry.is_file():
-                with contextlib.suppress(FileNotFoundError):
-                    if entry.stat().st_mtime < cutoff:
-                        os.unlink(entry.path)
-                        removed += 1
-    return removed
 
 
 def offload_files(
@@ -168,8 +153,9 @@ def offload_files(
     temp_dirs = {path.parent for path in [*outputs, *rejects_paths] if not is_stdio(path)}
     if isinstance(store, AssetStore):
         store.root.mkdir(parents=True, exist_ok=True)
-        report.stale_temps_removed = sweep_stale_temps(store.root)
         temp_dirs.add(store.root)
+    # Killed runs' temporaries (dead owners) go from the store and the output directories.
+    report.stale_temps_removed = sum(remove_stale_temps(directory) for directory in temp_dirs)
     try:
         _offload_all(inputs, outputs, store, options, skip_invalid, rejects, workers, ray, advance, report)
     except BaseException:
