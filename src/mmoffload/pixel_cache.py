@@ -98,7 +98,7 @@ class PixelCache:
                 flight.waiters += 1
             try:
                 return flight.future.result(), False
-            except Exception:  # noqa: S112 - another caller's failure: try again with our own make
+            except Exception:  # another caller's failure: try again with our own make
                 continue
             finally:
                 with self._lock:
