@@ -184,7 +184,9 @@ def test_a_failed_materialization_answers_only_its_own_caller() -> None:
     first.start()
     while "k" not in cache._in_flight:
         threading.Event().wait(0.01)
-    second = threading.Thread(target=lambda: results.append(cache.get_or_make("k", lambda: {"x": np.ones(1)})))
+    second = threading.Thread(
+        target=lambda: results.append(cache.get_or_make("k", lambda: {"x": np.ones(1)}))
+    )
     second.start()
     while cache.waiting("k") != 1:
         threading.Event().wait(0.01)
