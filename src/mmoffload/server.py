@@ -39,8 +39,16 @@ from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 from vllm.multimodal.inputs import MultiModalKwargsItem
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+from mmoffload.decode_budget import DEFAULT_DECODE_BYTES
 from mmoffload.pixel_cache import DEFAULT_CACHE_BYTES
-from mmoffload.rawrefs import ERROR_TYPE, MODALITY, InvalidImageRefError
+from mmoffload.rawrefs import (
+    ERROR_TYPE,
+    MODALITY,
+    PROMPT_ERROR_TYPE,
+    InvalidImageRefError,
+    PromptLimits,
+    PromptRefusedError,
+)
 from mmoffload.vllm_engine import RawRefEngineInputs
 
 GENERATE_ROUTE = "/inference/v1/generate"
@@ -63,6 +71,8 @@ class ServerStats(msgspec.Struct):
     cache_entries: int
     cache_bytes: int
     materialize_seconds: float
+    decode_bytes_peak: int = 0
+    decode_waits: int = 0
 
 
 class RawRefServingTokens(ServingTokens):
@@ -90,6 +100,7 @@ def serve(
     vllm_args: Sequence[str] = (),
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     roots: Sequence[Path] | None = None,
+    decode_bytes: int = DEFAULT_DECODE_BYTES,
 ) -> None:
     """Run the server until interrupted.
 
@@ -100,6 +111,7 @@ def serve(
         vllm_args: further ``vllm serve`` arguments, passed through unchanged.
         cache_bytes: bound of the materialized-input cache.
         roots: allowed directories for image files (None: anywhere).
+        decode_bytes: bound of the images being decoded at once.
     """
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(prog="mmoffload serve"))
@@ -107,10 +119,12 @@ def serve(
         ["--model", str(model_dir), "--host", host, "--port", str(port), *REQUIRED_VLLM_ARGS, *vllm_args]
     )
     validate_parsed_serve_args(args)
-    uvloop.run(_run(args, model_dir, cache_bytes, roots))
+    uvloop.run(_run(args, model_dir, cache_bytes, roots, decode_bytes))
 
 
-async def _run(args: Any, model_dir: Path, cache_bytes: int, roots: Sequence[Path] | None) -> None:
+async def _run(
+    args: Any, model_dir: Path, cache_bytes: int, roots: Sequence[Path] | None, decode_bytes: int
+) -> None:
     # vLLM's own start-up sequence (run_server), with the route installed between app state and serving.
     _, sock = setup_server(args, reuse_port=False)
     try:
@@ -118,7 +132,7 @@ async def _run(args: Any, model_dir: Path, cache_bytes: int, roots: Sequence[Pat
             supported_tasks = await engine_client.get_supported_tasks()
             app = build_app(args, supported_tasks, engine_client.model_config)
             await init_app_state(engine_client, app.state, args, supported_tasks)
-            install_raw_refs(app, model_dir, cache_bytes=cache_bytes, roots=roots)
+            install_raw_refs(app, model_dir, cache_bytes=cache_bytes, roots=roots, decode_bytes=decode_bytes)
             shutdown = await serve_http(
                 app,
                 sock=sock,
@@ -138,6 +152,7 @@ def install_raw_refs(
     *,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     roots: Sequence[Path] | None = None,
+    decode_bytes: int = DEFAULT_DECODE_BYTES,
 ) -> RawRefEngineInputs:
     """Make a vLLM API app take raw refs on ``/inference/v1/generate``; return its engine side."""
     serving: ServingTokens = app.state.serving_tokens
@@ -151,12 +166,22 @@ def install_raw_refs(
         ),
         cache_bytes=cache_bytes,
         roots=roots,
+        limits=_engine_limits(model_config),
+        decode_bytes=decode_bytes,
     )
     engine_inputs.prepare()
     counts = {"requests": 0, "refused": 0}
 
     async def generate(raw_request: Request) -> Response:
         counts["requests"] += 1
+        try:
+            return await _generate(raw_request)
+        except RecursionError:
+            # JSON nested past the interpreter's limit, in the body or anywhere vLLM's parser walks it.
+            counts["refused"] += 1
+            return _error(400, "Expected a JSON request body nested less deeply", "BadRequestError")
+
+    async def _generate(raw_request: Request) -> Response:
         try:
             body = await raw_request.json()
         except ValueError as exc:
@@ -175,6 +200,9 @@ def install_raw_refs(
                 counts["refused"] += 1
                 param = f"features.kwargs_data.image[{exc.image}]" if exc.image is not None else "features"
                 return _error(400, str(exc), ERROR_TYPE, param)
+            except PromptRefusedError as exc:
+                counts["refused"] += 1
+                return _error(400, str(exc), PROMPT_ERROR_TYPE, "token_ids")
             # vLLM parses the rest; the checked items reach it through RawRefServingTokens.
             body = {**body, "features": {**features, "kwargs_data": {MODALITY: [None] * len(items)}}}
         try:
@@ -203,6 +231,8 @@ def install_raw_refs(
             cache_entries=len(engine_inputs.cache),
             cache_bytes=engine_inputs.cache.bytes,
             materialize_seconds=engine.materialize_seconds,
+            decode_bytes_peak=engine_inputs.decode_budget.peak,
+            decode_waits=engine_inputs.decode_budget.waits,
         )
         return JSONResponse(content=msgspec.to_builtins(report))
 
@@ -213,6 +243,15 @@ def install_raw_refs(
     app.add_api_route(GENERATE_ROUTE, generate, methods=["POST"])
     app.add_api_route(STATS_ROUTE, stats, methods=["GET"])
     return engine_inputs
+
+
+def _engine_limits(model_config: Any) -> PromptLimits:
+    """Return the engine's limits the route checks before reading any image."""
+    multimodal = model_config.multimodal_config
+    return PromptLimits(
+        max_model_len=model_config.max_model_len,
+        max_images=multimodal.get_limit_per_prompt(MODALITY) if multimodal is not None else None,
+    )
 
 
 def _error(status: int, message: str, error_type: str, param: str | None = None) -> JSONResponse:

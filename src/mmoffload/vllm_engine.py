@@ -29,6 +29,7 @@ from PIL import Image
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalKwargsItem, MultiModalKwargsItems
 
+from mmoffload.decode_budget import DEFAULT_DECODE_BYTES, DecodeBudget
 from mmoffload.families import Families, Family
 from mmoffload.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
 from mmoffload.rawrefs import (
@@ -36,10 +37,10 @@ from mmoffload.rawrefs import (
     EngineArrays,
     ImageRef,
     InvalidImageRefError,
+    PromptLimits,
     check_grid,
-    check_placeholder,
+    check_request,
     materialize_ref,
-    parse_features,
 )
 
 
@@ -62,6 +63,8 @@ class RawRefEngineInputs:
         device_normalizes: the engine's ``mm_device_do_normalize``.
         cache_bytes: bound of the materialized-input cache.
         roots: allowed directories for image files (None: anywhere).
+        limits: the engine's prompt length and per-prompt image limit, checked before any read.
+        decode_bytes: bound of the images being decoded at once (``DecodeBudget``).
     """
 
     def __init__(
@@ -72,6 +75,8 @@ class RawRefEngineInputs:
         device_normalizes: bool,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         roots: Sequence[Path] | None = None,
+        limits: PromptLimits | None = None,
+        decode_bytes: int = DEFAULT_DECODE_BYTES,
     ) -> None:
         self.families = Families(model_dir)
         self.model = str(model_dir)
@@ -79,6 +84,8 @@ class RawRefEngineInputs:
         self.device_normalizes = device_normalizes
         self.cache = PixelCache(cache_bytes)
         self.roots = roots
+        self.limits = limits or PromptLimits()
+        self.decode_budget = DecodeBudget(decode_bytes)
         self.stats = EngineStats()
 
     def prepare(self) -> None:
@@ -89,23 +96,25 @@ class RawRefEngineInputs:
     def items(self, features: object, token_ids: Sequence[int]) -> list[MultiModalKwargsItem]:
         """Run every check of section 3 and return one engine item per image, in order.
 
+        Everything that reads no image runs first, for every image (``check_request``).
         Blocking (reads, decodes and processes images): call it from a worker thread.
 
         Raises:
+            PromptRefusedError: the prompt is too long for the engine.
             InvalidImageRefError: the first failed check, naming the image index.
         """
-        refs = parse_features(features, self.families)
-        return [self._item(ref, token_ids) for ref in refs]
+        refs = check_request(features, token_ids, self.families, self.limits, self.roots)
+        return [self._item(ref) for ref in refs]
 
-    def _item(self, ref: ImageRef, token_ids: Sequence[int]) -> MultiModalKwargsItem:
+    def _item(self, ref: ImageRef) -> MultiModalKwargsItem:
         self.stats.images += 1
         key = ref.cache_key(self.model)
         arrays, made = self.cache.get_or_make(key, lambda: self._materialize(ref))
         if not made:
             self.stats.cache_hits += 1
-            # A hit skips reading the file (the hash names its content) but not the grid check.
+            # A hit skips reading the file (the hash names its content; the URI was checked before)
+            # but not the grid check.
             check_grid(ref, tuple(int(v) for v in arrays[ref.family.grid_kwarg][0]))  # type: ignore[arg-type]
-        check_placeholder(ref, token_ids)
         return self._to_item(arrays)
 
     def _materialize(self, ref: ImageRef) -> EngineArrays:
@@ -118,7 +127,7 @@ class RawRefEngineInputs:
                 message = f"The model's processor failed on this image: {exc}"[:300]
                 raise InvalidImageRefError(7, message, ref.index) from exc
 
-        arrays = materialize_ref(ref, engine_arrays, self.roots)
+        arrays = materialize_ref(ref, engine_arrays, self.roots, self.decode_budget)
         self.stats.materialize_seconds += time.perf_counter() - started
         self.stats.images_materialized += 1
         return arrays
