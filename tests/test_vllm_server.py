@@ -9,16 +9,8 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,106 +30,22 @@ from tests.builders import (
     image_bytes,
     store_image,
 )
+from tests.vllm_helpers import Server, running_server
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
-REPO = Path(__file__).resolve().parent.parent
-SHIMS = Path(__file__).resolve().parent / "vllm_shims"
-START_TIMEOUT_S = 600
 GREEDY = {"max_tokens": 6, "temperature": 0.0, "logprobs": 0}
-
-
-@dataclass(frozen=True)
-class Server:
-    url: str
-    model_dir: Path
-    assets: Path
-    process: subprocess.Popen[bytes]
-
-    def post(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        request = urllib.request.Request(
-            self.url + "/inference/v1/generate",
-            json.dumps(body).encode(),
-            {"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=300) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    def get(self, route: str) -> tuple[int, Any]:
-        with urllib.request.urlopen(self.url + route, timeout=30) as response:
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _build_tiny_model(out_dir: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("make_tiny_vlm", REPO / "scripts" / "make_tiny_vlm.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build(out_dir)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("vllm")
-    model_dir = _build_tiny_model(root / "model")
-    private_tmp = root / "tmp"  # vLLM leaves IPC socket files in $TMPDIR at each start
-    private_tmp.mkdir()
-    port = _free_port()
-    env = {
-        **os.environ,
-        # The test-only torchvision shims must reach the server and the engine processes it spawns.
-        "PYTHONPATH": os.pathsep.join([str(SHIMS), str(REPO / "src"), str(REPO / "cli")]),
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "TMPDIR": str(private_tmp),
-        # Images under this directory get pixels normalized twice (the shims explain it).
-        "MMOFFLOAD_TEST_NORMALIZE_TWICE_DIR": str(root / "normalized-twice"),
-    }
-    command = [
-        sys.executable, "-c", "from mmoffload_cli.app import main; main()",
-        "serve", "--model", str(model_dir), "--port", str(port), "--",
-        "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
-        "--limit-mm-per-prompt", '{"image": 3, "video": 0}',
-    ]  # fmt: skip
-    log = (root / "server.log").open("wb")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            pytest.fail(
-                f"server exited with {process.returncode}: {(root / 'server.log').read_text()[-3000:]}"
-            )
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(
-                f"server not ready after {START_TIMEOUT_S} s: {(root / 'server.log').read_text()[-3000:]}"
-            )
-        time.sleep(1)
-    try:
-        yield Server(url, model_dir, root / "assets", process)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    # Images under this directory get pixels normalized twice (the shims explain it).
+    env = {"MMOFFLOAD_TEST_NORMALIZE_TWICE_DIR": str(root / "normalized-twice")}
+    with running_server(
+        root, vllm_args=["--limit-mm-per-prompt", '{"image": 3, "video": 0}'], env=env
+    ) as server:
+        yield server
 
 
 def image_prompt(

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 # Peak resident bytes per declared pixel while one image is decoded to RGB and made into engine inputs
 # by the model's processor (Qwen2-VL's Hugging Face processor: 14.0 measured on 4000^2 and 8000^2 PNGs,
@@ -22,6 +23,8 @@ from collections.abc import Iterator
 DECODE_BYTES_PER_PIXEL = 16
 # Room for two 8192 x 8192 images, or about a hundred 1280x720 screenshots, in flight.
 DEFAULT_DECODE_BYTES = 2 << 30
+# Holds at least this large give their freed memory back to the system when they end (about a 4 MP image).
+TRIM_BYTES = 64 << 20
 
 
 def decode_cost(width: int, height: int) -> int:
@@ -73,6 +76,31 @@ class DecodeBudget:
         try:
             yield
         finally:
+            if nbytes >= TRIM_BYTES:
+                return_freed_memory()
             with self._changed:
                 self.in_flight -= nbytes
                 self._changed.notify_all()
+
+
+def return_freed_memory() -> None:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    glibc keeps what a thread freed in that thread's own arena; a large decode on
+    each worker thread in turn would otherwise keep one image's memory per thread
+    (measured: 2.75 GB resident for six 8000 x 8000 decodes made one at a time).
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes  # here, not at import: the commands that decode nothing skip loading it
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None

@@ -489,4 +489,7 @@ def materialize_ref(
                 raise InvalidImageRefError(4, exc.message, ref.index) from exc
             if image is not header:
                 header.close()  # frees the decoded original while the processor runs on its RGB copy
-            return make_inputs(ref.family, image)
+            try:
+                return make_inputs(ref.family, image)
+            finally:
+                image.close()  # the pixels are freed before the budget is given back, not after
