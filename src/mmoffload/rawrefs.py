@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmoffload.assets import check_allowed, max_image_bytes, read_verified, uri_to_path
+from mmoffload.assets import check_allowed, is_object_uri, max_image_bytes, read_verified, uri_to_path
 from mmoffload.decode_budget import DecodeBudget, decode_cost
 from mmoffload.descriptors import DESCRIPTOR_KIND, HASH_PATTERN, validate_descriptor, validate_sidecar
 from mmoffload.errors import BadInputError, MMOffloadError, Where
@@ -323,14 +323,23 @@ def _parse_image(
     return ImageRef(index, outer_hash, uri, family, grid, offset, length)
 
 
-def check_location(ref: ImageRef, roots: Sequence[Path] | None = None) -> Path:
-    """Run check 3's URI part without reading: a local ``file://`` URI, under the allowed roots.
+def check_location(
+    ref: ImageRef, roots: Sequence[Path] | None = None, *, objects: bool = False
+) -> Path | str:
+    """Run check 3's URI part without reading: a local ``file://`` URI under the allowed roots.
 
     Runs on a cache hit too, so the answer to a ref never depends on what is cached.
 
+    Args:
+        ref: the parsed image.
+        roots: allowed directories (None: anywhere).
+        objects: also take an object-store URL (``s3://bucket/key``), returned as it is.
+
     Raises:
-        InvalidImageRefError: not a local file URI, or outside the roots.
+        InvalidImageRefError: not a local file URI (or object URL), or outside the roots.
     """
+    if objects and is_object_uri(ref.uri):
+        return ref.uri
     at = Where(image=ref.index)
     try:
         path = uri_to_path(ref.uri, at)
@@ -340,28 +349,36 @@ def check_location(ref: ImageRef, roots: Sequence[Path] | None = None) -> Path:
     return path
 
 
-def read_image(ref: ImageRef, roots: Sequence[Path] | None = None) -> bytes:
-    """Run check 3: read the file a ref names and verify its hash.
+def read_image(
+    ref: ImageRef, roots: Sequence[Path] | None = None, *, objects: bool = False, verify: bool = True
+) -> bytes:
+    """Run check 3: read the file (or object) a ref names and verify its hash.
 
-    Without allowed roots the file may lie anywhere, so every way it can fail
+    Without allowed roots a file may lie anywhere, so every way it can fail
     (missing, not a regular file, too large, unreadable, other content) is refused
     with one wording and no size: else the answers would map the server's files.
+
+    Args:
+        ref: the parsed image.
+        roots: allowed directories (None: anywhere).
+        objects: also read object-store URLs.
+        verify: check the bytes against ``ref.mm_hash`` (False: the caller hashes them).
 
     Raises:
         InvalidImageRefError: not a local file URI, outside the roots, unreadable, wrong hash.
     """
-    path = check_location(ref, roots)
+    location = check_location(ref, roots, objects=objects)
     at = Where(image=ref.index)
     try:
         # The guarded reader: allowed roots, regular files only, a bounded size, no hash leak.
-        return read_verified(path, ref.mm_hash, at, allowed_roots=roots)
+        return read_verified(location, ref.mm_hash if verify else None, at, allowed_roots=roots)
     except MMOffloadError as exc:
-        if roots is not None:
+        if roots is not None or isinstance(location, str):
             raise InvalidImageRefError(3, exc.message, ref.index) from exc
+        expected = f" with content hash `{ref.mm_hash}`" if verify else ""
         message = (
-            f"Expected a readable regular file of at most {max_image_bytes():,} bytes with content hash "
-            f"`{ref.mm_hash}` at `{ref.uri[:200]}` (the server names the failure only for files under "
-            "its allowed roots)"
+            f"Expected a readable regular file of at most {max_image_bytes():,} bytes{expected} at "
+            f"`{ref.uri[:200]}` (the server names the failure only for files under its allowed roots)"
         )
         raise InvalidImageRefError(3, message, ref.index) from None
 
@@ -458,9 +475,6 @@ def materialize_ref(
 ) -> EngineArrays:
     """Run checks 3 to 5 and 7 on one image: read, verify, decode, check the grid, make engine inputs.
 
-    The grid is checked from the image header, before any pixel is decoded; the
-    decode and ``make_inputs`` then run holding the image's cost from ``budget``.
-
     Args:
         ref: the parsed image.
         make_inputs: the engine side's processing (check 7), given the family and the RGB image.
@@ -470,7 +484,36 @@ def materialize_ref(
     Raises:
         InvalidImageRefError: the first failed check.
     """
-    data = read_image(ref, roots)
+    return materialize_bytes(ref, read_image(ref, roots), make_inputs, budget)
+
+
+def image_size(ref: ImageRef, data: bytes) -> tuple[int, int]:
+    """Return the (width, height) an image's header declares (check 4's pixel limit applies).
+
+    Raises:
+        InvalidImageRefError: (check 4) no image, or too many pixels.
+    """
+    try:
+        with open_image(data, ref.uri, Where(image=ref.index)) as header:
+            return header.size
+    except BadInputError as exc:
+        raise InvalidImageRefError(4, exc.message, ref.index) from exc
+
+
+def materialize_bytes(
+    ref: ImageRef,
+    data: bytes,
+    make_inputs: Callable[[Family, Image.Image], EngineArrays],
+    budget: DecodeBudget | None = None,
+) -> EngineArrays:
+    """Run checks 4, 5 and 7 on an image's verified bytes: decode, check the grid, make engine inputs.
+
+    The grid is checked from the image header, before any pixel is decoded; the
+    decode and ``make_inputs`` then run holding the image's cost from ``budget``.
+
+    Raises:
+        InvalidImageRefError: the first failed check.
+    """
     at = Where(image=ref.index)
     try:
         header = open_image(data, ref.uri, at)
@@ -491,5 +534,9 @@ def materialize_ref(
                 header.close()  # frees the decoded original while the processor runs on its RGB copy
             try:
                 return make_inputs(ref.family, image)
+            except InvalidImageRefError as exc:
+                if exc.image is not None:
+                    raise
+                raise InvalidImageRefError(exc.check, exc.message, ref.index) from exc  # names the image
             finally:
                 image.close()  # the pixels are freed before the budget is given back, not after

@@ -39,6 +39,7 @@ from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 from vllm.multimodal.inputs import MultiModalKwargsItem
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+from mmoffload.content_parts import CACHE_MISS_TYPE, CacheMissError
 from mmoffload.decode_budget import DEFAULT_DECODE_BYTES
 from mmoffload.pixel_cache import DEFAULT_CACHE_BYTES
 from mmoffload.rawrefs import (
@@ -189,22 +190,35 @@ def install_raw_refs(
         if not isinstance(body, dict):
             return _error(400, "Expected a JSON object as the request body", "BadRequestError")
         features = body.get("features")
+        parts = body.get("content_parts")
         token_ids = body.get("token_ids")
         items: list[MultiModalKwargsItem] = []
-        if features is not None:
+        if features is not None or parts is not None:
             if not (isinstance(token_ids, list) and all(type(t) is int for t in token_ids)):
                 return _error(400, "Expected `token_ids` as a list of ints", "BadRequestError")
+            if features is not None and parts is not None:
+                return _error(400, "Expected `features` or `content_parts`, got both", "BadRequestError")
+            where = "features.kwargs_data.image" if parts is None else "content_parts"
             try:
-                items = await asyncio.to_thread(engine_inputs.items, features, token_ids)
+                if parts is None:
+                    items = await asyncio.to_thread(engine_inputs.items, features, token_ids)
+                    features = {**features, "kwargs_data": {MODALITY: [None] * len(items)}}
+                else:
+                    # The parts become features: expanded ids, checked items, vLLM's own handler.
+                    token_ids, features, items = await asyncio.to_thread(
+                        engine_inputs.content_items, parts, token_ids
+                    )
             except InvalidImageRefError as exc:
                 counts["refused"] += 1
-                param = f"features.kwargs_data.image[{exc.image}]" if exc.image is not None else "features"
-                return _error(400, str(exc), ERROR_TYPE, param)
+                param = f"{where}[{exc.image}]" if exc.image is not None else where.split(".")[0]
+                error_type = CACHE_MISS_TYPE if isinstance(exc, CacheMissError) else ERROR_TYPE
+                return _error(400, str(exc), error_type, param)
             except PromptRefusedError as exc:
                 counts["refused"] += 1
                 return _error(400, str(exc), PROMPT_ERROR_TYPE, "token_ids")
             # vLLM parses the rest; the checked items reach it through RawRefServingTokens.
-            body = {**body, "features": {**features, "kwargs_data": {MODALITY: [None] * len(items)}}}
+            body = {**body, "token_ids": token_ids, "features": features}
+            body.pop("content_parts", None)
         try:
             request = GenerateRequest.model_validate(body)
         except ValidationError as exc:

@@ -29,6 +29,7 @@ from PIL import Image
 from transformers import BatchFeature
 from vllm.multimodal.inputs import MultiModalKwargsItem, MultiModalKwargsItems
 
+from mmoffload.content_parts import GridIndex, resolve_parts
 from mmoffload.decode_budget import DEFAULT_DECODE_BYTES, DecodeBudget
 from mmoffload.families import Families, Family
 from mmoffload.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
@@ -86,6 +87,8 @@ class RawRefEngineInputs:
         self.roots = roots
         self.limits = limits or PromptLimits()
         self.decode_budget = DecodeBudget(decode_bytes)
+        # The grids of verified images by content hash: how a uuid-only part finds its cache entry.
+        self.grids = GridIndex()
         self.stats = EngineStats()
 
     def prepare(self) -> None:
@@ -106,6 +109,38 @@ class RawRefEngineInputs:
         refs = check_request(features, token_ids, self.families, self.limits, self.roots)
         return [self._item(ref) for ref in refs]
 
+    def content_items(
+        self, parts: object, token_ids: Sequence[int]
+    ) -> tuple[list[int], dict[str, Any], list[MultiModalKwargsItem]]:
+        """Check a ``content_parts`` request (section 6); return its expanded ids, features and items.
+
+        Blocking: call it from a worker thread.
+
+        Raises:
+            PromptRefusedError: the prompt is too long for the engine.
+            CacheMissError: a uuid-only part the server holds no verified image for.
+            InvalidImageRefError: the first failed check, naming the part index.
+        """
+        family_name = self.families.model_family
+        if family_name is None:
+            raise InvalidImageRefError(1, f"The served model `{self.model}` has no known image family")
+        family = self.families.get(family_name)
+        resolved = resolve_parts(
+            parts,
+            token_ids,
+            family,
+            self._engine_arrays,
+            cache=self.cache,
+            grids=self.grids,
+            model=self.model,
+            limits=self.limits,
+            roots=self.roots,
+            budget=self.decode_budget,
+        )
+        self.stats.images += len(resolved.refs)
+        self.stats.cache_hits += resolved.cache_hits
+        return resolved.token_ids, resolved.features(), [self._to_item(arrays) for arrays in resolved.arrays]
+
     def _item(self, ref: ImageRef) -> MultiModalKwargsItem:
         self.stats.images += 1
         key = ref.cache_key(self.model)
@@ -115,19 +150,20 @@ class RawRefEngineInputs:
             # A hit skips reading the file (the hash names its content; the URI was checked before)
             # but not the grid check.
             check_grid(ref, tuple(int(v) for v in arrays[ref.family.grid_kwarg][0]))  # type: ignore[arg-type]
+        self.grids.put(ref.mm_hash, ref.family.name, ref.grid)
         return self._to_item(arrays)
 
     def _materialize(self, ref: ImageRef) -> EngineArrays:
+        return materialize_ref(ref, self._engine_arrays, self.roots, self.decode_budget)
+
+    def _engine_arrays(self, family: Family, image: Image.Image) -> EngineArrays:
+        # Check 7, timed and counted here: both request paths make every image through this.
         started = time.perf_counter()
-
-        def engine_arrays(family: Family, image: Image.Image) -> EngineArrays:
-            try:
-                return family.engine_pixels([image], device_normalizes=self.device_normalizes)
-            except Exception as exc:  # the processor's own failure is check 7's, for this image
-                message = f"The model's processor failed on this image: {exc}"[:300]
-                raise InvalidImageRefError(7, message, ref.index) from exc
-
-        arrays = materialize_ref(ref, engine_arrays, self.roots, self.decode_budget)
+        try:
+            arrays = family.engine_pixels([image], device_normalizes=self.device_normalizes)
+        except Exception as exc:  # the processor's own failure is check 7's
+            message = f"The model's processor failed on this image: {exc}"[:300]
+            raise InvalidImageRefError(7, message) from exc
         self.stats.materialize_seconds += time.perf_counter() - started
         self.stats.images_materialized += 1
         return arrays
