@@ -72,8 +72,43 @@ def running_server(
     serve_args: Sequence[str] = (),
     vllm_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    *,
+    stock: bool = False,
 ) -> Iterator[Server]:
-    """Run ``mmoffload serve`` on the tiny model under ``root`` (its allowed root) until the block ends."""
+    """Run ``mmoffload serve`` on the tiny model under ``root`` (its allowed root) until the block ends.
+
+    With ``stock``, run stock vLLM's API server instead (``--enable-scale-out``, local media under ``root``).
+    """
+    with running_servers([(root, serve_args, vllm_args, env, stock)]) as (server,):
+        yield server
+
+
+@contextlib.contextmanager
+def running_servers(
+    specs: Sequence[tuple[Path, Sequence[str], Sequence[str], dict[str, str] | None, bool]],
+) -> Iterator[list[Server]]:
+    """Start several servers at once (``running_server``'s arguments each), wait for all, stop all at the end."""
+    started: list[tuple[Server, Path, Any]] = []
+    try:
+        for root, serve_args, vllm_args, env, stock in specs:
+            started.append(_spawn(root, serve_args, vllm_args, env, stock))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for server, log_path, _ in started:
+            _wait_ready(server, log_path, deadline)
+        yield [server for server, _, _ in started]
+    finally:
+        for server, _, log in started:
+            server.process.terminate()
+            try:
+                server.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+            log.close()
+
+
+def _spawn(
+    root: Path, serve_args: Sequence[str], vllm_args: Sequence[str], env: dict[str, str] | None, stock: bool
+) -> tuple[Server, Path, Any]:
     model_dir = build_tiny_model(root / "model")
     private_tmp = root / "tmp"  # vLLM leaves IPC socket files in $TMPDIR at each start
     private_tmp.mkdir()
@@ -86,34 +121,33 @@ def running_server(
         "TMPDIR": str(private_tmp),
         **(env or {}),
     }
-    command = [
-        sys.executable, "-c", "from mmoffload_cli.app import main; main()",
-        "serve", "--model", str(model_dir), "--port", str(port), "--allow-root", str(root), *serve_args, "--",
-        "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager", *vllm_args,
-    ]  # fmt: skip
+    if stock:
+        head = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--port", str(port), "--enable-scale-out", "--allowed-local-media-path", str(root),
+        ]  # fmt: skip
+    else:
+        head = [
+            sys.executable, "-c", "from mmoffload_cli.app import main; main()",
+            "serve", "--model", str(model_dir), "--port", str(port), "--allow-root", str(root), *serve_args, "--",
+        ]  # fmt: skip
+    command = [*head, "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager", *vllm_args]
     log_path = root / "server.log"
     log = log_path.open("wb")
     process = subprocess.Popen(command, env=server_env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}: {log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after {START_TIMEOUT_S} s: {log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield Server(url, model_dir, root / "assets", process)
-    finally:
-        process.terminate()
+    return Server(f"http://127.0.0.1:{port}", model_dir, root / "assets", process), log_path, log
+
+
+def _wait_ready(server: Server, log_path: Path, deadline: float) -> None:
+    while True:
+        if server.process.poll() is not None:
+            pytest.fail(f"server exited with {server.process.returncode}: {log_path.read_text()[-3000:]}")
         try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+            with urllib.request.urlopen(server.url + "/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"server not ready after {START_TIMEOUT_S} s: {log_path.read_text()[-3000:]}")
+        time.sleep(1)
