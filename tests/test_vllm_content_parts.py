@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from mmoffload.inference_client import parse_completion
+from mmoffload_cli.app import app
 from tests.builders import QWEN_IMAGE_PAD, QWEN_VISION_END, QWEN_VISION_START, image_bytes, store_image
 from tests.vllm_helpers import Server, running_servers
 
@@ -147,3 +149,55 @@ def test_a_missing_file_is_a_400_not_a_500(
     status, refusal = ours.post(body)
     assert status == 400 and refusal["error"]["type"] == "invalid_mm_image_ref", refusal
     assert "Missing image file" in refusal["error"]["message"]
+
+
+def episode_file(assets: Path, path: Path) -> Path:
+    """Write 6 traces as one agent would make them: trace k shows images 0..k of one episode."""
+    from tests.test_generate_protocols import trace_prompt
+
+    lines = []
+    for turn in range(6):
+        tokens, sidecar = trace_prompt(assets, tuple(range(40, 41 + turn)))
+        node = {
+            "parent": None,
+            "token_ids": tokens,
+            "mask": [False] * len(tokens),
+            "multi_modal_data": sidecar,
+        }
+        lines.append(json.dumps({"id": f"turn{turn}", "nodes": [node]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def generated(server: Server, source: Path, out: Path, protocol: str) -> list[Any]:
+    arguments = ["generate", str(source), "--server", server.url, "-o", str(out), "--protocol", protocol]
+    result = CliRunner().invoke(
+        app, [*arguments, "--concurrency", "4", "--max-tokens", "3", "--temperature", "0", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["traces_completed"], report["images_sent"], report["protocol"]) == (6, 21, protocol)
+    return [trace["nodes"][1] for trace in map(json.loads, out.read_text().splitlines())]
+
+
+def test_generate_gives_equal_outputs_on_both_servers_and_protocols(
+    servers: tuple[Server, Server], assets: Path, tmp_path: Path
+) -> None:
+    ours, stock = servers
+    source = episode_file(assets, tmp_path / "traces.jsonl")
+    runs = {
+        "stock, content-parts": generated(stock, source, tmp_path / "a.jsonl", "content-parts"),
+        "ours, content-parts": generated(ours, source, tmp_path / "b.jsonl", "content-parts"),
+        "ours, mmraw": generate_mmraw(ours, source, tmp_path / "c.jsonl"),
+    }
+    first = runs["stock, content-parts"]
+    for name, nodes in runs.items():
+        assert [node["token_ids"] for node in nodes] == [node["token_ids"] for node in first], name
+        for node, reference in zip(nodes, first, strict=True):
+            assert (
+                max(abs(a - b) for a, b in zip(node["logprobs"], reference["logprobs"], strict=True)) < 1e-4
+            ), name
+
+
+def generate_mmraw(server: Server, source: Path, out: Path) -> list[Any]:
+    return generated(server, source, out, "mmraw")

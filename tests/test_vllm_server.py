@@ -72,7 +72,11 @@ def image_prompt(
 def vllm_own_request(
     server: Server, seeds: tuple[int, ...], size: tuple[int, int] = (200, 120)
 ) -> dict[str, Any]:
-    """The same prompt for vLLM's own processing: one unexpanded image pad per image, PIL images as data URLs."""
+    """The same prompt as stock vLLM takes it: one image pad per image, the PNGs as data URLs.
+
+    This server answers it on its own content_parts path; test_vllm_content_parts.py holds
+    that path against stock vLLM's processing.
+    """
     tokens, parts = [72, 105], []
     for seed in seeds:
         data = image_bytes(*size, seed=seed)
@@ -251,7 +255,13 @@ def test_generate_command_names_the_image_the_server_refused(server: Server, tmp
     trace = {"nodes": [{"token_ids": tokens, "mask": [False] * len(tokens), "multi_modal_data": sidecar}]}
     source, out = tmp_path / "traces.jsonl", tmp_path / "out.jsonl"
     source.write_text(json.dumps(trace) + "\n")
-    result = CliRunner().invoke(app, ["generate", str(source), "--server", server.url, "-o", str(out)])
+    arguments = ["generate", str(source), "--server", server.url, "-o", str(out)]
+    result = CliRunner().invoke(app, [*arguments, "--protocol", "mmraw"])
     assert result.exit_code == 2
     assert "invalid_mm_image_ref" in result.stderr and "image 0" in result.stderr
+    assert not out.exists()
+    # With content_parts the server expands from the image itself; the client finds the disagreement.
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 2, result.output
+    assert "image 0" in result.stderr
     assert not out.exists()
