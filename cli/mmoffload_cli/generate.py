@@ -83,7 +83,7 @@ def generate(
     \b
         mmoffload generate t.jsonl --server http://127.0.0.1:8000 -o out.jsonl
         mmoffload generate t.jsonl --server URL -o out.jsonl --temperature 0
-        mmoffload generate t.jsonl --server URL -o out.jsonl --protocol mmraw --concurrency 4
+        mmoffload generate t.jsonl --server URL -o o.jsonl --protocol mmraw
         mmoffload generate t.jsonl.gz --server URL -o - | gzip > out.jsonl.gz
     """
     to_stdout = is_stdio(output)
