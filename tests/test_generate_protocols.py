@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from mmoffload.errors import BadInputError, UsageError
-from mmoffload.families import Families
+from mmoffload.families import Families, Family
 from mmoffload.generate import generate_traces
 from mmoffload.inference_client import (
     InferenceClient,
@@ -33,9 +33,11 @@ from tests.builders import (
 Answer = Callable[[dict[str, Any]], tuple[int, dict[str, Any]]]
 
 
-def trace_prompt(assets: Path, seeds: tuple[int, ...]) -> tuple[list[int], dict[str, Any]]:
+def trace_prompt(
+    assets: Path, seeds: tuple[int, ...], family: Family | None = None
+) -> tuple[list[int], dict[str, Any]]:
     """Return an expanded Qwen prompt with one stored image per seed, and its sidecar."""
-    family = Families().get("qwen_vl")
+    family = family or Families().get("qwen_vl")
     tokens, items, hashes, spans = [1, 2], [], [], []
     for seed in seeds:
         stored = store_image(assets, image_bytes(seed=seed))

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from mmoffload.families import Families
 from mmoffload.inference_client import parse_completion
 from mmoffload_cli.app import app
 from tests.builders import QWEN_IMAGE_PAD, QWEN_VISION_END, QWEN_VISION_START, image_bytes, store_image
@@ -31,7 +32,9 @@ VLLM_ARGS = ["--limit-mm-per-prompt", json.dumps({"image": 4, "video": 0})]
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Server]]:
     ours, stock = tmp_path_factory.mktemp("ours"), tmp_path_factory.mktemp("stock")
     # Ours may also read stock's directory: one asset directory for both.
-    specs = [(ours, ("--allow-root", str(stock)), VLLM_ARGS, None, False), (stock, (), VLLM_ARGS, None, True)]
+    # Images under this directory get pixels normalized twice on ours (the shims explain it).
+    env = {"MMOFFLOAD_TEST_NORMALIZE_TWICE_DIR": str(stock / "normalized-twice")}
+    specs = [(ours, ("--allow-root", str(stock)), VLLM_ARGS, env, False), (stock, (), VLLM_ARGS, None, True)]
     with running_servers(specs) as started:
         yield started[0], started[1]
 
@@ -73,6 +76,36 @@ def test_content_parts_equal_stock_vllms_own_processing(
     status, theirs = stock.post(body)
     assert status == 200, theirs
     assert answer(mine) == answer(theirs)
+
+
+@pytest.mark.parametrize("seeds", [(30,), (31, 32)])
+def test_raw_refs_equal_stock_vllms_own_processing(
+    servers: tuple[Server, Server], assets: Path, seeds: tuple[int, ...]
+) -> None:
+    from tests.test_vllm_server import image_prompt
+
+    ours, stock = servers
+    status, mine = ours.post(image_prompt(ours, seeds, assets=assets))
+    assert status == 200, mine
+    status, theirs = stock.post(parts_request(assets, seeds))
+    assert status == 200, theirs
+    assert answer(mine)[:2] == answer(theirs)[:2]
+
+
+def test_pixels_normalized_twice_would_change_the_logprobs(
+    servers: tuple[Server, Server], assets: Path
+) -> None:
+    # The mismatch check 7 prevents: normalized pixels into an engine that normalizes on the device.
+    # vLLM accepts them without an error; only the numbers change.
+    from tests.test_vllm_server import image_prompt
+
+    ours, stock = servers
+    status, wrong = ours.post(image_prompt(ours, (33,), assets=assets.parent / "normalized-twice"))
+    assert status == 200, wrong
+    status, right = stock.post(parts_request(assets, (33,)))
+    assert status == 200, right
+    wrong_logprobs, right_logprobs = answer(wrong)[1], answer(right)[1]
+    assert max(abs(a - b) for a, b in zip(wrong_logprobs, right_logprobs, strict=True)) > 1e-3
 
 
 def test_the_openai_nested_form_is_accepted(servers: tuple[Server, Server], assets: Path) -> None:
@@ -151,13 +184,13 @@ def test_a_missing_file_is_a_400_not_a_500(
     assert "Missing image file" in refusal["error"]["message"]
 
 
-def episode_file(assets: Path, path: Path) -> Path:
+def episode_file(assets: Path, path: Path, family: Any) -> Path:
     """Write 6 traces as one agent would make them: trace k shows images 0..k of one episode."""
     from tests.test_generate_protocols import trace_prompt
 
     lines = []
     for turn in range(6):
-        tokens, sidecar = trace_prompt(assets, tuple(range(40, 41 + turn)))
+        tokens, sidecar = trace_prompt(assets, tuple(range(40, 41 + turn)), family)
         node = {
             "parent": None,
             "token_ids": tokens,
@@ -184,7 +217,7 @@ def test_generate_gives_equal_outputs_on_both_servers_and_protocols(
     servers: tuple[Server, Server], assets: Path, tmp_path: Path
 ) -> None:
     ours, stock = servers
-    source = episode_file(assets, tmp_path / "traces.jsonl")
+    source = episode_file(assets, tmp_path / "traces.jsonl", Families(ours.model_dir).get("qwen_vl"))
     runs = {
         "stock, content-parts": generated(stock, source, tmp_path / "a.jsonl", "content-parts"),
         "ours, content-parts": generated(ours, source, tmp_path / "b.jsonl", "content-parts"),
