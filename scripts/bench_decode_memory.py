@@ -27,9 +27,9 @@ sys.path[:0] = [str(REPO / "src"), str(REPO / "cli"), str(REPO)]
 from scripts.make_tiny_vlm import build  # noqa: E402
 from tests.builders import descriptor, image_bytes, sidecar, store_image  # noqa: E402
 
-from mmoffload.decode_budget import DecodeBudget, decode_cost  # noqa: E402
 from mmoffload.families import Families  # noqa: E402
-from mmoffload.rawrefs import (  # noqa: E402
+from mmoffload.inference.decode_budget import DecodeBudget, decode_cost  # noqa: E402
+from mmoffload.inference.refs import (  # noqa: E402
     EngineArrays,
     ImageRef,
     features_from_sidecars,

@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmoffload import wire
-from mmoffload.assets import AssetStore, StoredImage
-from mmoffload.families import IMAGE_TYPE, Families, Family, resolve_model_dir
-from mmoffload.families.base import to_rgb
+from mmoffload.contract import wire
+from mmoffload.contract.spans import IMAGE_TYPE
+from mmoffload.families import Families, Family, resolve_model_dir
+from mmoffload.families.pixel_cache import PixelCache
 from mmoffload.materialize import Materializer
-from mmoffload.pixel_cache import PixelCache
+from mmoffload.store.images import to_rgb
+from mmoffload.store.local import AssetStore, StoredImage
 
 
 def screenshot(width: int, height: int, seed: int) -> bytes:

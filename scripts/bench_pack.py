@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from mmoffload.contract.wire import MMImageRef, MMRefs, TrainingBatch, TrainingSample, encode
 from mmoffload.errors import MMOffloadError
-from mmoffload.packing import PackOptions, pack_batch
-from mmoffload.wire import MMImageRef, MMRefs, TrainingBatch, TrainingSample, encode
+from mmoffload.pack import PackOptions, pack_batch
 
 QWEN_IMAGE_PAD = 151655
 
@@ -92,7 +92,7 @@ def bench_pack(args: argparse.Namespace) -> None:
 
 
 def bench_partition(args: argparse.Namespace) -> None:
-    from mmoffload.packing import partition
+    from mmoffload.pack import partition
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.test_packing_reference import ref_partition

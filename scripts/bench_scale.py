@@ -30,8 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_offload import generate, screenshot  # The same generated rollouts.
 
-from mmoffload.assets import AssetStore, read_verified
 from mmoffload.offload import offload_files
+from mmoffload.store.local import AssetStore
+from mmoffload.store.read import read_verified
 
 
 def seconds(run: Callable[[], object]) -> float:
@@ -44,7 +45,7 @@ def offload_rows(root: Path, sizes: list[int], turns: int, ray_cpus: int) -> lis
     """Time offload locally and on Ray for each size (rollouts); return table rows."""
     import ray
 
-    from mmoffload.ray_backend import RayOptions
+    from mmoffload.runners.ray import RayOptions
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     start = seconds(lambda: ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False))
@@ -115,7 +116,7 @@ def s3_rows(root: Path, count: int) -> list[str]:
     try:
         import fsspec
 
-        from mmoffload.objectstore import ObjectStore
+        from mmoffload.store.objects import ObjectStore
 
         fsspec.filesystem("s3").mkdir("bench-assets")
         rng = random.Random(0)

@@ -42,8 +42,8 @@ from tests.builders import (  # noqa: E402
 )
 
 from mmoffload.families import Families, Family  # noqa: E402
-from mmoffload.inference_client import InferenceClient, build_request  # noqa: E402
-from mmoffload.rawrefs import features_from_sidecars, materialize_ref, parse_features  # noqa: E402
+from mmoffload.inference.client import InferenceClient, build_request  # noqa: E402
+from mmoffload.inference.refs import features_from_sidecars, materialize_ref, parse_features  # noqa: E402
 
 
 def two_image_prompt(model_dir: Path, assets: Path, size: tuple[int, int]) -> tuple[list[int], dict]:

@@ -43,7 +43,7 @@ from tests.builders import (  # noqa: E402
 from tests.vllm_helpers import running_servers  # noqa: E402
 
 from mmoffload.families import Families  # noqa: E402
-from mmoffload.inference_client import InferenceClient, build_parts_request, parse_completion  # noqa: E402
+from mmoffload.inference.client import InferenceClient, build_parts_request, parse_completion  # noqa: E402
 
 TURNS = 8
 SAMPLING = {"max_tokens": 4, "temperature": 0.0, "logprobs": 0}

@@ -24,9 +24,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, features
 
-from mmoffload.assets import content_hash
+from mmoffload.contract.addresses import content_hash
 from mmoffload.families import BUNDLED_CONFIGS, Families, Family
-from mmoffload.io import atomic_write
+from mmoffload.io.outputs import atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_ID = "mini-browse"

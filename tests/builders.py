@@ -9,8 +9,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from mmoffload.assets import AssetStore, StoredImage
-from mmoffload.wire import MicroBatch, MMImageRef, MMRefs, TrainingBatch, TrainingSample, encode
+from mmoffload.contract.wire import MicroBatch, MMImageRef, MMRefs, TrainingBatch, TrainingSample, encode
+from mmoffload.store.local import AssetStore, StoredImage
 
 
 def image_bytes(width: int = 64, height: int = 48, fmt: str = "PNG", seed: int = 0) -> bytes:

@@ -8,17 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from mmoffload.assets import (
-    AssetStore,
+from mmoffload.contract.addresses import (
     content_hash,
     file_uri,
     is_local_file_uri,
-    read_verified,
-    resolve_assets_dir,
     sniff_extension,
     uri_to_path,
 )
 from mmoffload.errors import BadInputError, IntegrityError
+from mmoffload.store.local import AssetStore, resolve_assets_dir
+from mmoffload.store.read import read_verified
 from tests.builders import image_bytes
 
 

@@ -8,9 +8,16 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from mmoffload.audit import FIGURES, AuditReport, Violation, audit, check_expectations, parse_expectation
+from mmoffload.audit import (
+    FIGURES,
+    AuditReport,
+    Violation,
+    audit,
+    check_expectations,
+    parse_expectation,
+)
+from mmoffload.contract.wire import EncodedTensor, MMImageRef, MMRefs, TrainingSample
 from mmoffload.errors import UsageError
-from mmoffload.wire import EncodedTensor, MMImageRef, MMRefs, TrainingSample
 from tests.builders import (
     QWEN_IMAGE_PAD,
     data_url,
@@ -259,7 +266,7 @@ def test_a_misaligned_per_token_array_is_caught(tmp_path: Path) -> None:
     report = audit([write_run(tmp_path / "run", ranks=[batches])])
 
     assert [(v.kind, v.index, v.reason) for v in report.violations] == [
-        ("misaligned", 0, f"Expected `loss_mask` with one entry per token ({n}), got {n - 1}"),
+        ("misaligned", 0, f"Expected `loss_mask` with one value per token ({n}), got {n - 1}"),
         ("misaligned", 1, f"Expected sum(`sequence_lengths`) == {n} tokens, got {n - 1}"),
     ]
 

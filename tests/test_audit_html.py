@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from mmoffload import rundir
 from mmoffload.audit import audit
+from mmoffload.contract import rundir
+from mmoffload.contract.wire import read_rank_file, read_training_batch
 from mmoffload.demo import run_demo
-from mmoffload.packing import PackOptions, pack_run
-from mmoffload.wire import read_rank_file, read_training_batch
+from mmoffload.pack import PackOptions, pack_run
 from mmoffload_cli.app import app
 from tests.browser import chromium, open_page, visible
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmoffload.content_parts import (
+from mmoffload.families import Families, Family
+from mmoffload.families.pixel_cache import PixelCache
+from mmoffload.inference.content_parts import (
     CacheMissError,
     GridIndex,
     ImagePart,
@@ -18,9 +20,7 @@ from mmoffload.content_parts import (
     parse_parts,
     resolve_parts,
 )
-from mmoffload.families import Families, Family
-from mmoffload.pixel_cache import PixelCache
-from mmoffload.rawrefs import InvalidImageRefError, PromptLimits, PromptRefusedError
+from mmoffload.inference.refs import InvalidImageRefError, PromptLimits, PromptRefusedError
 from tests.builders import (
     QWEN_IMAGE_PAD,
     QWEN_VISION_END,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from mmoffload.decode_budget import DECODE_BYTES_PER_PIXEL, DecodeBudget, decode_cost
+from mmoffload.inference.decode_budget import DECODE_BYTES_PER_PIXEL, DecodeBudget, decode_cost
 
 
 def wait_until(condition: object) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmoffload.descriptors import descriptor_problems, validate_descriptor, validate_sidecar
+from mmoffload.contract.descriptors import descriptor_problems, validate_descriptor, validate_sidecar
 from mmoffload.errors import BadInputError, Where
 from tests.builders import descriptor, sidecar
 

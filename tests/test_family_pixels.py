@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from mmoffload.families import Families, Family, resolve_model_dir
-from mmoffload.families.base import to_rgb
+from mmoffload.store.images import to_rgb
 
 PAD = -1.0  # a black pixel after (0 - 0.5) / 0.5
 

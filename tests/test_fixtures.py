@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from mmoffload.assets import content_hash, sniff_extension
+from mmoffload.contract.addresses import content_hash, sniff_extension
+from mmoffload.contract.spans import span_problems, type_ids_from_tokens
 from mmoffload.families import Families
-from mmoffload.spans import span_problems, type_ids_from_tokens
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"

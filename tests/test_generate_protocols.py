@@ -13,14 +13,14 @@ import pytest
 
 from mmoffload.errors import BadInputError, UsageError
 from mmoffload.families import Families, Family
-from mmoffload.generate import generate_traces
-from mmoffload.inference_client import (
+from mmoffload.inference.client import (
     InferenceClient,
     InferenceServerError,
     build_parts_request,
     check_expansion,
 )
-from mmoffload.rawrefs import InvalidImageRefError
+from mmoffload.inference.generate import generate_traces
+from mmoffload.inference.refs import InvalidImageRefError
 from tests.builders import (
     QWEN_IMAGE_PAD,
     QWEN_VISION_END,

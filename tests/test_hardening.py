@@ -23,14 +23,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from mmoffload import rundir, wire
-from mmoffload.assets import content_hash
+from mmoffload.contract import rundir, wire
+from mmoffload.contract.addresses import content_hash
 from mmoffload.errors import BadInputError
-from mmoffload.images import open_image
-from mmoffload.io import STAGING_PREFIX
+from mmoffload.io.staging import STAGING_PREFIX
 from mmoffload.offload import offload_files
-from mmoffload.packing import PackOptions, pack_run
-from mmoffload.traces import RefsOptions, build_refs
+from mmoffload.pack import PackOptions, pack_run
+from mmoffload.refs import RefsOptions, build_refs
+from mmoffload.store.images import open_image
 from mmoffload_cli import sink
 from mmoffload_cli.app import app
 

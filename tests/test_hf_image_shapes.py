@@ -6,11 +6,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from mmoffload.assets import AssetStore, content_hash, file_uri
 from mmoffload.audit import audit
+from mmoffload.contract.addresses import content_hash, file_uri
+from mmoffload.contract.imageparts import find_parts
 from mmoffload.errors import BadInputError, Where
-from mmoffload.imageparts import find_parts
 from mmoffload.offload import Offloader, offload_record
+from mmoffload.store.local import AssetStore
 from tests.builders import data_url, image_bytes
 
 PNG = image_bytes(seed=11)

@@ -2,8 +2,7 @@ import base64
 
 import pytest
 
-from mmoffload.errors import BadInputError, Where
-from mmoffload.imageparts import (
+from mmoffload.contract.imageparts import (
     ImageSource,
     decode_data_url,
     find_parts,
@@ -11,6 +10,7 @@ from mmoffload.imageparts import (
     rewrite_part,
     source_kind,
 )
+from mmoffload.errors import BadInputError, Where
 from tests.builders import data_url, image_bytes
 
 PNG = image_bytes()

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from mmoffload.errors import BadInputError
-from mmoffload.inference_client import (
+from mmoffload.families.pixel_cache import PixelCache
+from mmoffload.inference.client import (
     InferenceServerError,
     build_request,
     is_cache_miss,
     parse_completion,
     send_with_cache_retry,
 )
-from mmoffload.pixel_cache import PixelCache
-from mmoffload.rawrefs import decode_ref
+from mmoffload.inference.refs import decode_ref
 from tests.builders import QWEN_IMAGE_PAD, descriptor, image_bytes, sidecar, store_image
 
 REFS = ["mmraw:a", "mmraw:b"]
@@ -215,7 +215,7 @@ def test_entry_larger_than_the_budget_is_made_but_not_cached() -> None:
 
 def test_library_and_cli_import_no_vllm() -> None:
     code = (
-        "import sys, mmoffload, mmoffload.rawrefs, mmoffload.inference_client, mmoffload.generate, "
+        "import sys, mmoffload, mmoffload.inference.refs, mmoffload.inference.client, mmoffload.inference.generate, "
         "mmoffload_cli.app; print(sorted(m for m in ('vllm', 'torch', 'fastapi') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

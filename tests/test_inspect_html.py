@@ -12,10 +12,10 @@ import msgspec
 import pytest
 from typer.testing import CliRunner
 
-from mmoffload import rundir
+from mmoffload.contract import rundir
+from mmoffload.contract.wire import MicroBatch, MMRefs, encode, read_rank_file
 from mmoffload.demo import fixtures_dir, run_demo
-from mmoffload.packing import PackOptions, pack_run
-from mmoffload.wire import MicroBatch, MMRefs, encode, read_rank_file
+from mmoffload.pack import PackOptions, pack_run
 from mmoffload_cli.app import app
 from tests.browser import chromium, open_page, visible
 from tests.builders import QWEN_IMAGE_PAD

@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from mmoffload.audit import audit
+from mmoffload.contract.wire import read_rank_file, read_training_batch
 from mmoffload.errors import BadInputError, UsageError
-from mmoffload.io import expand_inputs, iter_lines
+from mmoffload.io.inputs import expand_inputs, iter_lines
 from mmoffload.offload import offload_record
-from mmoffload.wire import read_rank_file, read_training_batch
 from mmoffload_cli.app import app
 from tests.builders import data_url, image_bytes
 

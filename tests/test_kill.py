@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmoffload import rundir, wire
-from mmoffload.assets import IMAGE_EXTENSIONS, content_hash
-from mmoffload.io import TEMP_PREFIX
+from mmoffload.contract import rundir, wire
+from mmoffload.contract.addresses import IMAGE_EXTENSIONS, content_hash
+from mmoffload.io.outputs import TEMP_PREFIX
 from mmoffload.offload import offload_files
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,12 +13,14 @@ import safetensors.numpy
 from PIL import Image
 from typer.testing import CliRunner
 
-from mmoffload import rundir, wire
-from mmoffload.assets import StoredImage, content_hash
+from mmoffload.contract import rundir, wire
+from mmoffload.contract.addresses import content_hash
+from mmoffload.contract.spans import IMAGE_TYPE
 from mmoffload.errors import BadInputError, IntegrityError, UsageError, Where
-from mmoffload.families import IMAGE_TYPE, Families, Family, Grid, resolve_model_dir
+from mmoffload.families import Families, Family, Grid, resolve_model_dir
+from mmoffload.families.pixel_cache import PixelCache
 from mmoffload.materialize import Materializer, MissingImagePolicy
-from mmoffload.pixel_cache import PixelCache
+from mmoffload.store.local import StoredImage
 from mmoffload_cli.app import app
 from tests.builders import descriptor, image_bytes, store_image
 
@@ -188,7 +190,7 @@ def test_legacy_mm_kwargs_are_refused() -> None:
 
 def test_a_stream_of_the_wrong_length_is_rejected() -> None:
     short = msgspec.structs.replace(micro_batch([]), advantages=[0.0])
-    with pytest.raises(IntegrityError, match=r"Expected `advantages` with 2 entries, got 1"):
+    with pytest.raises(IntegrityError, match=r"Expected `advantages` with one value per token \(2\), got 1"):
         Materializer(FAMILIES).materialize(short)
 
 

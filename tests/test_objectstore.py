@@ -13,22 +13,23 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mmoffload.assets import content_hash, resolve_assets_dir
 from mmoffload.audit import audit
+from mmoffload.contract.addresses import content_hash
 from mmoffload.demo import fixtures_dir
 from mmoffload.errors import IntegrityError, UsageError
 from mmoffload.materialize import MissingImagePolicy, materialize_run
 from mmoffload.offload import offload_files
-from mmoffload.packing import PackOptions, pack_run
-from mmoffload.remap import Remap
-from mmoffload.traces import RefsOptions, build_refs
+from mmoffload.pack import PackOptions, pack_run
+from mmoffload.refs import RefsOptions, build_refs
+from mmoffload.store.local import resolve_assets_dir
+from mmoffload.store.remap import Remap
 from mmoffload_cli.app import app
 from tests.builders import data_url, image_bytes
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-from mmoffload.objectstore import ObjectStore  # noqa: E402  (needs fsspec's s3 client)
+from mmoffload.store.objects import ObjectStore  # noqa: E402  (needs fsspec's s3 client)
 
 QWEN_TRACES = fixtures_dir() / "traces" / "qwen_vl.jsonl"
 QWEN_MODEL = fixtures_dir() / "models" / "qwen3_vl"

@@ -7,9 +7,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from mmoffload.assets import AssetStore, content_hash, file_uri
+from mmoffload.contract.addresses import content_hash, file_uri
 from mmoffload.errors import BadInputError, IntegrityError, UsageError
-from mmoffload.io import TEMP_PREFIX
+from mmoffload.io.outputs import TEMP_PREFIX
 from mmoffload.offload import (
     OffloadOptions,
     RecordCounts,
@@ -18,6 +18,7 @@ from mmoffload.offload import (
     plan_outputs,
     sweep_stale_temps,
 )
+from mmoffload.store.local import AssetStore
 from tests.builders import data_url, image_bytes
 
 PNG = image_bytes(seed=1)

@@ -12,8 +12,8 @@ import msgspec
 from PIL import Image
 from typer.testing import CliRunner
 
-from mmoffload.assets import IMAGE_EXTENSIONS, content_hash
-from mmoffload.io import TEMP_PREFIX
+from mmoffload.contract.addresses import IMAGE_EXTENSIONS, content_hash
+from mmoffload.io.outputs import TEMP_PREFIX
 from mmoffload_cli.app import app
 from tests.builders import data_url, image_bytes
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mmoffload.assets import file_uri
+from mmoffload.contract.addresses import file_uri
 from mmoffload.offload import offload_files
 
 GOLDEN = Path(__file__).parent / "golden" / "offload"

@@ -3,10 +3,11 @@
 import msgspec
 import pytest
 
-from mmoffload.assets import AssetStore, content_hash
+from mmoffload.contract.addresses import content_hash
 from mmoffload.errors import BadInputError, UsageError, Where
-from mmoffload.io import TEMP_PREFIX
+from mmoffload.io.outputs import TEMP_PREFIX
 from mmoffload.offload import Offloader, offload_record
+from mmoffload.store.local import AssetStore
 from tests.builders import data_url, image_bytes
 
 PNG, JPEG = image_bytes(seed=7), image_bytes(fmt="JPEG", seed=8)
@@ -79,7 +80,7 @@ def test_an_image_that_cannot_be_synced_never_gets_its_name(tmp_path, monkeypatc
 
     store = AssetStore(tmp_path)
     with pytest.raises(UsageError, match="Cannot write output: Input/output error"), store.syncing():
-        monkeypatch.setattr("mmoffload.assets.os.fsync", fail)
+        monkeypatch.setattr("mmoffload.store.local.os.fsync", fail)
         store.put(PNG)
     assert list(tmp_path.iterdir()) == []
     assert not any(p.name.startswith(TEMP_PREFIX) for p in tmp_path.iterdir())

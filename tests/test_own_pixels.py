@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from mmoffload.families import Families, Family, resolve_model_dir
-from mmoffload.families.base import to_rgb
+from mmoffload.store.images import to_rgb
 
 FIXTURE_IMAGES = sorted((Path(__file__).parent.parent / "fixtures" / "images").iterdir())
 

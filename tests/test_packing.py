@@ -8,9 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from mmoffload.errors import BadInputError, IntegrityError, UsageError
-from mmoffload.packing import PackOptions, pack_batch, pack_run, partition
-from mmoffload.wire import (
+from mmoffload.contract.wire import (
     RANK_FILE_DECODER,
     MicroBatch,
     MMImageRef,
@@ -19,6 +17,8 @@ from mmoffload.wire import (
     TrainingBatch,
     TrainingSample,
 )
+from mmoffload.errors import BadInputError, IntegrityError, UsageError
+from mmoffload.pack import PackOptions, pack_batch, pack_run, partition
 from tests.builders import QWEN_IMAGE_PAD, QWEN_VISION_START, descriptor, qwen_sample, write_run
 
 KIMI_PAD = 163605

@@ -7,14 +7,14 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmoffload.packing import PackOptions, pack_batch
-from mmoffload.wire import (
+from mmoffload.contract.wire import (
     MICRO_BATCH_PER_TOKEN_FIELDS,
     MicroBatch,
     MMRefs,
     TrainingBatch,
     TrainingSample,
 )
+from mmoffload.pack import PackOptions, pack_batch
 from tests.builders import place_images
 
 PER_TOKEN = MICRO_BATCH_PER_TOKEN_FIELDS

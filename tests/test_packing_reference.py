@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mmoffload.contract.wire import MicroBatch, MMRefs, RoutedExperts, TrainingBatch, TrainingSample
 from mmoffload.errors import BadInputError
-from mmoffload.packing import PackOptions, pack_batch, partition
-from mmoffload.wire import MicroBatch, MMRefs, RoutedExperts, TrainingBatch, TrainingSample
+from mmoffload.pack import PackOptions, pack_batch, partition
 from tests.builders import place_images
 
 # --- The reference, from the spec text -------------------------------------------------------

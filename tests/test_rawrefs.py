@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmoffload.assets import content_hash
-from mmoffload.decode_budget import DecodeBudget, decode_cost
+from mmoffload.contract.addresses import content_hash
 from mmoffload.errors import BadInputError
 from mmoffload.families import Families, Family
-from mmoffload.rawrefs import (
+from mmoffload.inference.decode_budget import DecodeBudget, decode_cost
+from mmoffload.inference.refs import (
     InvalidImageRefError,
     PromptLimits,
     PromptRefusedError,

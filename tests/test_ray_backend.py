@@ -12,19 +12,20 @@ import msgspec
 import pytest
 from typer.testing import CliRunner
 
-from mmoffload.assets import AssetStore, StoredImage
 from mmoffload.audit import audit
 from mmoffload.demo import fixtures_dir
 from mmoffload.errors import MMOffloadError, Where
-from mmoffload.io import TEMP_PREFIX
+from mmoffload.io.outputs import TEMP_PREFIX
 from mmoffload.offload import offload_files
+from mmoffload.store.local import AssetStore, StoredImage
 from mmoffload_cli.app import app
 from tests.builders import data_url, image_bytes
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from mmoffload.ray_backend import RayOptions, offload_dataset  # noqa: E402
+from mmoffload.offload import offload_dataset  # noqa: E402
+from mmoffload.runners.ray import RayOptions  # noqa: E402
 
 FIXTURE_INPUTS = [
     fixtures_dir() / "traces" / "qwen_vl.jsonl",

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mmoffload.errors import UsageError
-from mmoffload.remap import Remap
+from mmoffload.store.remap import Remap
 from mmoffload_cli.app import app
 
 

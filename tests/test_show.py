@@ -9,9 +9,9 @@ import msgspec
 import pytest
 from typer.testing import CliRunner
 
-from mmoffload import rundir
+from mmoffload.contract import rundir
+from mmoffload.contract.wire import read_rank_file, read_training_batch
 from mmoffload.demo import run_demo
-from mmoffload.wire import read_rank_file, read_training_batch
 from mmoffload_cli.app import app
 
 

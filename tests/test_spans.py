@@ -9,13 +9,13 @@ import msgspec
 import pytest
 
 from mmoffload.audit import audit
+from mmoffload.contract.spans import span_problems, token_window
+from mmoffload.contract.wire import MMRefs, TrainingBatch
 from mmoffload.errors import BadInputError, IntegrityError
-from mmoffload.families import Families
+from mmoffload.families import DEFAULT_TOKEN_NAMES, Families
 from mmoffload.materialize import Materializer
-from mmoffload.packing import PackOptions, pack_batch
-from mmoffload.spans import span_problems, token_window
-from mmoffload.traces import RefsOptions, build_refs
-from mmoffload.wire import MMRefs, TrainingBatch
+from mmoffload.pack import PackOptions, pack_batch
+from mmoffload.refs import RefsOptions, build_refs
 from tests.builders import (
     QWEN_IMAGE_PAD,
     QWEN_VISION_END,
@@ -38,13 +38,13 @@ def type_ids(tokens: list[int]) -> list[int]:
 
 
 def test_a_window_collapses_runs_and_marks_the_token_and_the_span() -> None:
-    assert token_window(TOKENS, 883, (3, 880)) == (
+    assert token_window(TOKENS, 883, (3, 880), DEFAULT_TOKEN_NAMES) == (
         "... 105 <|vision_start|> [ <|image_pad|> x880 ] >><|vision_end|><< 10 11"
     )
 
 
 def test_a_window_shows_an_offset_one_too_far() -> None:
-    (problem, stray) = span_problems(type_ids(TOKENS), [(4, 880)], TOKENS)
+    (problem, stray) = span_problems(type_ids(TOKENS), [(4, 880)], TOKENS, DEFAULT_TOKEN_NAMES)
     assert problem.message == (
         "span [4, 884) is not all image tokens: token 883 has type 0: "
         "... <|vision_start|> <|image_pad|> [ <|image_pad|> x879 >><|vision_end|><< ] 10 11"
@@ -59,7 +59,7 @@ def test_a_window_shows_an_offset_one_too_far() -> None:
 def test_a_window_shows_a_pad_replaced_inside_a_span() -> None:
     tokens = list(TOKENS)
     tokens[300] = 72
-    (problem,) = span_problems(type_ids(tokens), [(3, 880)], tokens)
+    (problem,) = span_problems(type_ids(tokens), [(3, 880)], tokens, DEFAULT_TOKEN_NAMES)
     assert problem.window == (
         "... 105 <|vision_start|> [ <|image_pad|> x297 >>72<< <|image_pad|> x582 ] <|vision_end|> 10 ..."
     )

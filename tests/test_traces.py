@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
+from mmoffload.contract.wire import TRAINING_BATCH_DECODER, TrainingBatch
 from mmoffload.errors import BadInputError, IntegrityError, UsageError
 from mmoffload.families import resolve_model_dir
 from mmoffload.families.qwen_vl import QwenVL
-from mmoffload.traces import RefsOptions, build_refs
-from mmoffload.wire import TRAINING_BATCH_DECODER, TrainingBatch
+from mmoffload.refs import RefsOptions, build_refs
 from tests.builders import descriptor, image_bytes, sidecar, store_image
 
 PAD, START, END = 151655, 151652, 151653

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mmoffload.families import Families
-from mmoffload.inference_client import parse_completion
+from mmoffload.inference.client import parse_completion
 from mmoffload_cli.app import app
 from tests.builders import QWEN_IMAGE_PAD, QWEN_VISION_END, QWEN_VISION_START, image_bytes, store_image
 from tests.vllm_helpers import Server, running_servers

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from mmoffload.decode_budget import decode_cost
 from mmoffload.families import Families
-from mmoffload.inference_client import build_request
-from mmoffload.rawrefs import decode_ref
+from mmoffload.inference.client import build_request
+from mmoffload.inference.decode_budget import decode_cost
+from mmoffload.inference.refs import decode_ref
 from tests.builders import (
     QWEN_IMAGE_PAD,
     QWEN_VISION_END,

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from mmoffload.assets import StoredImage
 from mmoffload.families import Families
-from mmoffload.inference_client import InferenceClient, InferenceServerError, build_request, parse_completion
-from mmoffload.rawrefs import decode_ref, encode_ref
+from mmoffload.inference.client import InferenceClient, InferenceServerError, build_request, parse_completion
+from mmoffload.inference.refs import decode_ref, encode_ref
+from mmoffload.store.local import StoredImage
 from mmoffload_cli.app import app
 from tests.builders import (
     QWEN_IMAGE_PAD,

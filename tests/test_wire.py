@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from mmoffload import wire
+from mmoffload.contract import wire
 
 DESCRIPTOR = {
     "kind": "prime_raw_mm_item",

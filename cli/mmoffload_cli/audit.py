@@ -10,13 +10,13 @@ import typer
 from rich import box
 from rich.table import Table
 
-from mmoffload.assets import default_allowed_roots
 from mmoffload.audit import AuditReport, Expectation
 from mmoffload.audit import audit as audit_paths
 from mmoffload.families import resolve_model_dir
-from mmoffload.io import expand_inputs
-from mmoffload.ray_backend import RayOptions
-from mmoffload.remap import Remap
+from mmoffload.io.inputs import expand_inputs
+from mmoffload.runners.ray import RayOptions
+from mmoffload.store.local import default_allowed_roots
+from mmoffload.store.remap import Remap
 from mmoffload_cli import options, sink
 
 SHOWN_VIOLATIONS = 10
@@ -89,8 +89,8 @@ def audit(
             allowed_roots=allow_root or default_roots(inputs),
         )
         if html_out is not None:
-            from mmoffload.audit_html import audit_page  # Only --html needs the page and its plots.
-            from mmoffload.io import atomic_write
+            from mmoffload.io.outputs import atomic_write
+            from mmoffload.views.audit_html import audit_page  # Only --html needs the page and its plots.
 
             atomic_write(html_out, audit_page(paths, report).encode())
     sink.emit_report(report, "audit", as_json=as_json, quiet=quiet)

@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from mmoffload.errors import UsageError
-from mmoffload.generate import generate_traces
-from mmoffload.io import is_stdio
+from mmoffload.inference.generate import generate_traces
+from mmoffload.io.inputs import is_stdio
 from mmoffload_cli import options, sink
 
 

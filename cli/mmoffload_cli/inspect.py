@@ -9,9 +9,11 @@ import typer
 
 from mmoffload.errors import UsageError
 from mmoffload.families import Families, resolve_model_dir
-from mmoffload.inspect_html import TokenText, inspect_page
-from mmoffload.io import is_stdio, open_output
-from mmoffload.show import select
+from mmoffload.io.inputs import is_stdio
+from mmoffload.io.outputs import open_output
+from mmoffload.views.inspect_html import inspect_page
+from mmoffload.views.show import select
+from mmoffload.views.token_stream import TokenText
 from mmoffload_cli import options, sink
 from mmoffload_cli.show import MicroBatchIndex, Rank, SampleIndex, Step, Target
 

@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from mmoffload.assets import default_allowed_roots
-from mmoffload.io import check_writable_dir
+from mmoffload.io.outputs import check_writable_dir
 from mmoffload.materialize import MissingImagePolicy, materialize_run
-from mmoffload.remap import Remap
+from mmoffload.store.local import default_allowed_roots
+from mmoffload.store.remap import Remap
 from mmoffload_cli import options, sink
 from mmoffload_cli.options import AllowRoot, Json, Model, Quiet, Verbose
 

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from mmoffload.assets import resolve_assets_dir
 from mmoffload.errors import UsageError
-from mmoffload.io import expand_inputs, is_stdio
+from mmoffload.io.inputs import expand_inputs, is_stdio
 from mmoffload.offload import OffloadOptions, offload_files, plan_outputs
-from mmoffload.ray_backend import RayOptions
+from mmoffload.runners.ray import RayOptions
+from mmoffload.store.local import resolve_assets_dir
 from mmoffload_cli import sink
 from mmoffload_cli.options import Assets, Json, Output, Quiet, Ray, RayAddress, Verbose, Workers
 

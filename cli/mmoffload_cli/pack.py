@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mmoffload.packing import DEFAULT_PAD_TOKEN_ID, Balance, PackOptions, PackReport, pack_run
+from mmoffload.pack import DEFAULT_PAD_TOKEN_ID, Balance, PackOptions, PackReport, pack_run
 from mmoffload_cli import options, sink
 
 Run = Annotated[Path, typer.Argument(metavar="RUN", help="Run directory to pack.", show_default=False)]

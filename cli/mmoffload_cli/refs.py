@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from mmoffload.assets import default_allowed_roots
 from mmoffload.families import resolve_model_dir
-from mmoffload.io import expand_inputs
-from mmoffload.remap import Remap
-from mmoffload.traces import RefsOptions, build_refs
+from mmoffload.io.inputs import expand_inputs
+from mmoffload.refs import RefsOptions, build_refs
+from mmoffload.store.local import default_allowed_roots
+from mmoffload.store.remap import Remap
 from mmoffload_cli import options, sink
 
 Traces = Annotated[

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from mmoffload.decode_budget import DEFAULT_DECODE_BYTES
 from mmoffload.errors import UsageError
-from mmoffload.pixel_cache import DEFAULT_CACHE_BYTES
+from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES
+from mmoffload.inference.decode_budget import DEFAULT_DECODE_BYTES
 from mmoffload_cli import sink
 
 
@@ -68,7 +68,7 @@ def serve(
         if not (model / "config.json").is_file():
             raise UsageError(f"Expected a model directory with `config.json`, got `{model}`")
         try:
-            from mmoffload.server import serve as run_server
+            from mmoffload.inference.server import serve as run_server
         except ImportError as exc:
             raise UsageError(f"`mmoffload serve` needs vLLM: pip install 'mmoffload[vllm]' ({exc})") from exc
         run_server(

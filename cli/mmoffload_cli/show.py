@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import msgspec
 import typer
 
-from mmoffload.show import named, select
+from mmoffload.views.show import named, select
 from mmoffload_cli import sink
 
 Target = Annotated[

@@ -21,8 +21,8 @@ import msgspec
 from mmoffload.audit import AuditReport, audit
 from mmoffload.errors import UsageError
 from mmoffload.offload import OffloadReport, offload_files
-from mmoffload.packing import PackOptions, PackReport, pack_run
-from mmoffload.traces import RefsOptions, RefsReport, build_refs
+from mmoffload.pack import PackOptions, PackReport, pack_run
+from mmoffload.refs import RefsOptions, RefsReport, build_refs
 
 # The same sequence length as scripts/smoke.sh, so the demo's figures are the smoke run's.
 DEMO_SEQ_LEN = 4096

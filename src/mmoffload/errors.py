@@ -59,6 +59,18 @@ class MMOffloadError(Exception):
         self.where = where
         super().__init__(f"{message} - at {where}" if where and str(where) else message)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuilt as it is, whatever a subclass's __init__ takes: errors cross process boundaries
+        # (pool and Ray workers) as themselves.
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls: type[MMOffloadError], args: tuple[object, ...], state: dict[str, object]) -> MMOffloadError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class BadInputError(MMOffloadError):
     """The input is malformed or breaks the contract (a line, record, part or image)."""

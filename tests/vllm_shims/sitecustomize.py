@@ -128,7 +128,7 @@ PATCHES: dict[str, Callable[[types.ModuleType], None]] = {
     "transformers.models.qwen3_vl.processing_qwen3_vl": lambda m: _drop_video_processor(m.Qwen3VLProcessor),
 }
 if os.environ.get(NORMALIZE_TWICE_ENV):
-    PATCHES["mmoffload.vllm_engine"] = _normalize_twice
+    PATCHES["mmoffload.inference.engine"] = _normalize_twice
 
 
 class _ShimFinder(importlib.abc.MetaPathFinder):

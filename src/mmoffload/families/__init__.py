@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from mmoffload.errors import BadInputError, UsageError, Where
-from mmoffload.families.base import IMAGE_TYPE, TEXT_TYPE, VIDEO_TYPE, Family, ForwardPolicy, Grid, read_json
+from mmoffload.families.base import Family, ForwardPolicy, Grid, read_json
 from mmoffload.families.kimi_k25 import KimiK25
 from mmoffload.families.qwen_vl import QwenVL
 
@@ -19,15 +19,17 @@ FAMILIES: dict[str, type[Family]] = {
     KimiK25.name: KimiK25,
 }
 
+# Special-token names of every family's published ids (they do not collide), for messages.
+DEFAULT_TOKEN_NAMES: dict[int, str] = {
+    token_id: name for family in FAMILIES.values() for name, token_id in family.default_token_ids.items()
+}
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@[\w./-]+)?")
 DEFAULT_CONFIG = "defaults"
 
 __all__ = [
+    "DEFAULT_TOKEN_NAMES",
     "FAMILIES",
-    "IMAGE_TYPE",
-    "TEXT_TYPE",
-    "VIDEO_TYPE",
     "Families",
     "Family",
     "ForwardPolicy",

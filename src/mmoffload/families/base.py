@@ -16,14 +16,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from mmoffload.errors import BadInputError, UsageError, Where
-from mmoffload.extras import require
 
 if TYPE_CHECKING:  # Pillow is the materialize extra's: the core never decodes pixels.
     from PIL import Image
 
 Grid = tuple[int, int, int]
-
-TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,17 +244,6 @@ def write_levels(pairs: np.ndarray, patches: np.ndarray, out: np.ndarray) -> Non
         np.take(pairs, index, out=words.reshape(index.shape), mode="wrap")
         return
     words[...] = np.take(pairs, index)[:, :, None, :]
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert an image to RGB, compositing transparency onto white as HF processors and vLLM do."""
-    if image.mode == "RGB":
-        return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        pil = require("PIL.Image", "Converting images")
-        background = pil.new("RGBA", image.size, (255, 255, 255, 255))
-        return pil.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from mmoffload.contract.spans import IMAGE_TYPE
 from mmoffload.errors import BadInputError
 from mmoffload.extras import require
-from mmoffload.families.base import IMAGE_TYPE, Family, ForwardPolicy, Grid, pair_table, to_rgb, write_levels
+from mmoffload.families.base import Family, ForwardPolicy, Grid, pair_table, write_levels
+from mmoffload.store.images import to_rgb
 
 if TYPE_CHECKING:
     from PIL import Image

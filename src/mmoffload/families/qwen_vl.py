@@ -17,20 +17,19 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from mmoffload.contract.spans import IMAGE_TYPE, VIDEO_TYPE
 from mmoffload.errors import BadInputError, UsageError
 from mmoffload.extras import require
 from mmoffload.families.base import (
-    IMAGE_TYPE,
-    VIDEO_TYPE,
     Family,
     ForwardPolicy,
     Grid,
     pair_table,
     read_json,
-    to_rgb,
     value_table,
     write_levels,
 )
+from mmoffload.store.images import to_rgb
 
 if TYPE_CHECKING:
     from PIL import Image

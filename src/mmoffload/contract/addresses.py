@@ -1,0 +1,104 @@
+"""Content addresses and image URIs (contract.md sections 1 and 2).
+
+An image is named ``<h32>.<ext>``: the first 32 hex digits of the SHA-256 of its
+exact bytes, and the format sniffed from those bytes (never from a claimed
+media type). Refs carry ``file://`` URIs, or object-store URLs where asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
+
+from mmoffload.errors import BadInputError, Where
+
+if TYPE_CHECKING:
+    pass
+
+
+HASH_HEX_DIGITS = 32
+
+
+# Magic numbers, checked against the bytes, never against a claimed media type.
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", ".png"),
+    (b"\xff\xd8\xff", ".jpg"),
+    (b"GIF87a", ".gif"),
+    (b"GIF89a", ".gif"),
+    (b"BM", ".bmp"),
+    (b"II*\x00", ".tiff"),
+    (b"MM\x00*", ".tiff"),
+)
+
+
+# URL schemes read as object-store assets (docs/scale.md); ``http(s)`` stays a remote source.
+OBJECT_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
+
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".webp", ".gif", ".bmp", ".tiff"})
+
+
+def content_hash(data: bytes) -> str:
+    """Return the image's ``mm_hash``: 32 lowercase hex digits of SHA-256."""
+    return hashlib.sha256(data).hexdigest()[:HASH_HEX_DIGITS]
+
+
+def sniff_extension(data: bytes) -> str | None:
+    """Return the file extension of the image format in ``data``, or None if it is none."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    for magic, extension in _MAGIC:
+        if data.startswith(magic):
+            return extension
+    return None
+
+
+def file_uri(path: Path) -> str:
+    """Return the ``file://`` URI of ``path``: absolute and percent-encoded."""
+    return path.absolute().as_uri()
+
+
+def is_local_file_uri(uri: str) -> bool:
+    """True for ``file://`` URIs whose host is empty or ``localhost``."""
+    if not uri.startswith("file:"):
+        return False
+    return urlsplit(uri).netloc in ("", "localhost")
+
+
+def is_object_uri(uri: str) -> bool:
+    """True for an object-store URL such as ``s3://bucket/key``."""
+    scheme, sep, _ = uri.partition("://")
+    return bool(sep) and scheme.lower() in OBJECT_SCHEMES
+
+
+def asset_location(uri: str, where: Where | None = None) -> Path | str:
+    """Return where a ref's image lives: a ``file://`` URI's local path, or an object-store URL as is.
+
+    Raises:
+        BadInputError: the URI is neither.
+    """
+    return uri if is_object_uri(uri) else uri_to_path(uri, where)
+
+
+def uri_to_path(uri: str, where: Where | None = None) -> Path:
+    """Return the local path a ``file://`` URI names.
+
+    Raises:
+        BadInputError: the URI is not a local ``file://`` URI, or names a NUL byte.
+    """
+    if not is_local_file_uri(uri):
+        raise BadInputError(f"Expected a local `file://` URI, got `{uri[:80]}`", where)
+    path = unquote(urlsplit(uri).path)
+    if "\0" in path:
+        raise BadInputError(f"Expected a `file://` URI without NUL bytes, got `{uri[:80]}`", where)
+    return Path(path)
+
+
+def describe_bytes(data: bytes) -> str:
+    """Describe bytes that are no image, for an error message."""
+    if not data:
+        return "0 bytes"
+    head = data[:8]
+    return f"{len(data)} bytes starting {head!r}, which is no image format"

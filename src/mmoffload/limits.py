@@ -1,0 +1,41 @@
+"""Limits read from the environment: one parser, one wording for a bad value."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from mmoffload.errors import UsageError
+
+if TYPE_CHECKING:
+    pass
+
+
+# The most bytes read for one referenced image (a 4K screenshot PNG is about 10 MB).
+MAX_IMAGE_BYTES_ENV_VAR = "MMOFFLOAD_MAX_IMAGE_BYTES"
+
+
+DEFAULT_MAX_IMAGE_BYTES = 128 << 20
+
+
+def max_image_bytes() -> int:
+    """Return the most bytes read for one image: ``$MMOFFLOAD_MAX_IMAGE_BYTES``, else 128 MiB.
+
+    Raises:
+        UsageError: the variable is not a whole number > 0.
+    """
+    return env_limit(MAX_IMAGE_BYTES_ENV_VAR, DEFAULT_MAX_IMAGE_BYTES)
+
+
+def env_limit(name: str, default: int) -> int:
+    """Return a positive whole-number limit from the environment variable ``name``, else ``default``.
+
+    Raises:
+        UsageError: the variable is set but is not a whole number > 0.
+    """
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise UsageError(f"Expected ${name} as a whole number > 0, got `{raw[:40]}`")
+    return int(raw)

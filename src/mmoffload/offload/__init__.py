@@ -1,0 +1,32 @@
+"""`mmoffload offload`: decode, hash and store each inline image once; rewrite its part to a ref."""
+
+from mmoffload.offload.dataset import offload_dataset
+from mmoffload.offload.records import (
+    CACHE_BYTES,
+    LineResult,
+    Offloader,
+    OffloadOptions,
+    OffloadTask,
+    RecordCounts,
+    offload_record,
+)
+from mmoffload.offload.report import REJECTS_SUFFIX, OffloadReport, RejectedLine
+from mmoffload.offload.stage import STALE_TEMP_SECONDS, offload_files, plan_outputs, sweep_stale_temps
+
+__all__ = [
+    "CACHE_BYTES",
+    "REJECTS_SUFFIX",
+    "STALE_TEMP_SECONDS",
+    "LineResult",
+    "OffloadOptions",
+    "OffloadReport",
+    "OffloadTask",
+    "Offloader",
+    "RecordCounts",
+    "RejectedLine",
+    "offload_dataset",
+    "offload_files",
+    "offload_record",
+    "plan_outputs",
+    "sweep_stale_temps",
+]
