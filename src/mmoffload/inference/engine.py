@@ -18,7 +18,7 @@ cached. Only ``mmoffload serve`` imports this module (it imports vLLM and torch)
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,13 @@ class EngineStats:
     materialize_seconds: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """An engine item not made yet: the engine process probably holds it (made by ``make`` if not)."""
+
+    make: Callable[[], MultiModalKwargsItem]
+
+
 class RawRefEngineInputs:
     """Turns a request's raw-ref ``features`` into vLLM multimodal kwargs items, checked and cached.
 
@@ -89,6 +96,8 @@ class RawRefEngineInputs:
         self.decode_budget = DecodeBudget(decode_bytes)
         # The grids of verified images by content hash: how a uuid-only part finds its cache entry.
         self.grids = GridIndex()
+        # vLLM's sender cache (what the engine process holds, by hash), set by the server; None: no IPC cache.
+        self.sender_cache: Any = None
         self.stats = EngineStats()
 
     def prepare(self) -> None:
@@ -96,7 +105,7 @@ class RawRefEngineInputs:
         if self.families.model_family is not None:
             self.families.get(self.families.model_family).prepare_pixels()
 
-    def items(self, features: object, token_ids: Sequence[int]) -> list[MultiModalKwargsItem]:
+    def items(self, features: object, token_ids: Sequence[int]) -> list[MultiModalKwargsItem | Deferred]:
         """Run every check of section 3 and return one engine item per image, in order.
 
         Everything that reads no image runs first, for every image (``check_request``).
@@ -111,7 +120,7 @@ class RawRefEngineInputs:
 
     def content_items(
         self, parts: object, token_ids: Sequence[int]
-    ) -> tuple[list[int], dict[str, Any], list[MultiModalKwargsItem]]:
+    ) -> tuple[list[int], dict[str, Any], list[MultiModalKwargsItem | Deferred]]:
         """Check a ``content_parts`` request (section 6); return its expanded ids, features and items.
 
         Blocking: call it from a worker thread.
@@ -139,9 +148,13 @@ class RawRefEngineInputs:
         )
         self.stats.images += len(resolved.refs)
         self.stats.cache_hits += resolved.cache_hits
-        return resolved.token_ids, resolved.features(), [self._to_item(arrays) for arrays in resolved.arrays]
+        items = [
+            self._item_for(arrays, ref.mm_hash)
+            for arrays, ref in zip(resolved.arrays, resolved.refs, strict=True)
+        ]
+        return resolved.token_ids, resolved.features(), items
 
-    def _item(self, ref: ImageRef) -> MultiModalKwargsItem:
+    def _item(self, ref: ImageRef) -> MultiModalKwargsItem | Deferred:
         self.stats.images += 1
         key = ref.cache_key(self.model)
         arrays, made = self.cache.get_or_make(key, lambda: self._materialize(ref))
@@ -151,6 +164,12 @@ class RawRefEngineInputs:
             # but not the grid check.
             check_grid(ref, tuple(int(v) for v in arrays[ref.family.grid_kwarg][0]))  # type: ignore[arg-type]
         self.grids.put(ref.mm_hash, ref.family.name, ref.grid)
+        return self._item_for(arrays, ref.mm_hash)
+
+    def _item_for(self, arrays: EngineArrays, mm_hash: str) -> MultiModalKwargsItem | Deferred:
+        # The engine process likely holds it already: leave the copy to be made only if it turns out not to.
+        if self.sender_cache is not None and self.sender_cache.is_cached_item(mm_hash):
+            return Deferred(lambda: self._to_item(arrays))
         return self._to_item(arrays)
 
     def _materialize(self, ref: ImageRef) -> EngineArrays:

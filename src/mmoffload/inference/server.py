@@ -42,7 +42,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES
 from mmoffload.inference.content_parts import CACHE_MISS_TYPE, CacheMissError
 from mmoffload.inference.decode_budget import DEFAULT_DECODE_BYTES
-from mmoffload.inference.engine import RawRefEngineInputs
+from mmoffload.inference.engine import Deferred, RawRefEngineInputs
 from mmoffload.inference.refs import (
     ERROR_TYPE,
     MODALITY,
@@ -58,7 +58,9 @@ STATS_ROUTE = "/mmoffload/v1/stats"
 REQUIRED_VLLM_ARGS = ("--enable-scale-out",)
 
 # The engine items of the request being served: set by the route, read inside vLLM's handler.
-_REQUEST_ITEMS: contextvars.ContextVar[list[MultiModalKwargsItem]] = contextvars.ContextVar("mmoffload_items")
+_REQUEST_ITEMS: contextvars.ContextVar[list[MultiModalKwargsItem | Deferred]] = contextvars.ContextVar(
+    "mmoffload_items"
+)
 
 
 class ServerStats(msgspec.Struct):
@@ -81,16 +83,34 @@ class RawRefServingTokens(ServingTokens):
 
     vLLM reads ``None`` kwargs entries as "take it from the engine's cache"; the route
     sends every entry as ``None`` to vLLM's parser and this hands vLLM the checked
-    items instead, before vLLM's own cache-handle validation runs on them.
+    items instead, before vLLM's own cache-handle validation runs on them. Then, as
+    vLLM's own processing does, each item goes through vLLM's sender cache: one the
+    engine process already holds (by its content hash, checked here) travels as
+    ``None``, so its pixels are not copied to the engine again.
     """
 
     def _validate_mm_cache_handles(
         self, mm_kwargs: dict[str, list[MultiModalKwargsItem | None]], mm_hashes: dict[str, list[str]]
     ) -> ErrorResponse | None:
         items = _REQUEST_ITEMS.get(None)
-        if items is not None:
-            mm_kwargs[MODALITY][:] = items
-        return super()._validate_mm_cache_handles(mm_kwargs, mm_hashes)
+        if items is None:
+            return super()._validate_mm_cache_handles(mm_kwargs, mm_hashes)
+        cache = self.online_renderer.renderer.mm_processor_cache
+        hashes = mm_hashes[MODALITY]
+        # On the event loop, with no await until the updates below: what the cache holds cannot change meanwhile.
+        held = [cache is not None and cache.is_cached_item(mm_hash) for mm_hash in hashes]
+        mm_kwargs[MODALITY][:] = [
+            None if is_held else item.make() if isinstance(item, Deferred) else item
+            for item, is_held in zip(items, held, strict=True)
+        ]
+        error = super()._validate_mm_cache_handles(mm_kwargs, mm_hashes)
+        if error is None and cache is not None:
+            for index, mm_hash in enumerate(hashes):
+                item = mm_kwargs[MODALITY][index]
+                mm_kwargs[MODALITY][index], _ = cache.get_and_update_item(
+                    None if item is None else (item, []), mm_hash
+                )
+        return error
 
 
 def serve(
@@ -170,6 +190,7 @@ def install_raw_refs(
         limits=_engine_limits(model_config),
         decode_bytes=decode_bytes,
     )
+    engine_inputs.sender_cache = serving.online_renderer.renderer.mm_processor_cache
     engine_inputs.prepare()
     counts = {"requests": 0, "refused": 0}
 
@@ -192,7 +213,7 @@ def install_raw_refs(
         features = body.get("features")
         parts = body.get("content_parts")
         token_ids = body.get("token_ids")
-        items: list[MultiModalKwargsItem] = []
+        items: list[MultiModalKwargsItem | Deferred] = []
         if features is not None or parts is not None:
             if not (isinstance(token_ids, list) and all(type(t) is int for t in token_ids)):
                 return _error(400, "Expected `token_ids` as a list of ints", "BadRequestError")
