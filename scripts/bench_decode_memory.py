@@ -2,7 +2,7 @@
 
 Six threads materialize six distinct 8000 x 8000 PNGs at once, through the
 server's own path (``materialize_ref``: read, hash, header, grid, decode, the
-model's processor), in a fresh process per configuration; the peak resident
+family's engine pixels, as ``mmoffload serve`` makes them), in a fresh process per configuration; the peak resident
 growth (``VmHWM`` after the runs minus ``VmRSS`` before, after resetting the
 peak) is reported beside the budget, and the ratio of the two peaks measured
 in this run.
