@@ -22,4 +22,19 @@ mmoffload audit "$run" --expect examples=4 --expect micro_batches_with_mm_refs=4
   --expect eager_mm_kwargs=0 --expect descriptors=12 --expect file_uris=12 \
   --expect data_uris=0 --expect missing_files=0 --expect type_ids_present=true
 
+# The chat-rollout path: the same rollouts as chat messages, rendered with a tiny tokenizer
+# (byte-level, the family's chat template) for each family, then refs, pack and audit.
+python="$(dirname "$(command -v mmoffload)")/python"  # the interpreter mmoffload runs on
+for config in qwen3_vl kimi_k25; do
+  chat="$work/chat_$config"
+  "$python" -c "import sys; from mmoffload.render.tiny import write_tiny_model; write_tiny_model(sys.argv[1], sys.argv[2])" \
+    "$chat/model" "$config"
+  mmoffload offload "$fixtures/rollouts/mini_browse.jsonl" --assets "$chat/run/assets/images" -o "$chat/offloaded.jsonl" -q
+  mmoffload render "$chat/offloaded.jsonl" --model "$chat/model" -o "$chat/episodes.jsonl" -q
+  mmoffload refs "$chat/episodes.jsonl" --run-dir "$chat/run" --model "$chat/model" -q
+  mmoffload pack "$chat/run" --seq-len 4096 -q
+  mmoffload audit "$chat/run" --verify-hashes --expect examples=4 --expect descriptors=12 \
+    --expect file_uris=12 --expect data_uris=0 --expect missing_files=0 -q
+done
+
 echo "smoke: ok"

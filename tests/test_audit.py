@@ -112,7 +112,7 @@ def test_a_kimi_ref_takes_one_placeholder_token(tmp_path: Path) -> None:
     wrong = replace(wrong, mm_token_type_ids=[0, 0, 0, 1, 1, 1])
     report = audit([write_run(tmp_path / "run2", [wrong])])
     assert (
-        "Expected placeholder length 1 for family `kimi_k25`, got 3"
+        "Expected placeholder length 1 for grid [1, 4, 6] of family `kimi_k25`, got 3"
         in only(report, "placeholder_mismatch").reason
     )
 
@@ -221,7 +221,10 @@ def test_a_wrong_placeholder_length_is_caught(tmp_path: Path) -> None:
 
     found = only(report, "placeholder_mismatch")
     assert (report.placeholder_mismatches, found.image) == (1, 1)
-    assert found.reason == "Expected placeholder length 8 for family `qwen_vl`, got 4"
+    assert found.reason == (
+        "Expected placeholder length 8 for grid [1, 4, 8] of family `qwen_vl`, got 4"
+        " (image features and image tokens would not match)"
+    )
 
 
 def test_a_placeholder_span_that_is_not_image_typed_is_caught(tmp_path: Path) -> None:

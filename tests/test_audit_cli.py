@@ -152,3 +152,14 @@ def test_a_missing_input_exits_2(tmp_path: Path) -> None:
 
 def test_no_input_at_all_exits_2() -> None:
     assert runner.invoke(app, ["audit"]).exit_code == 2
+
+
+def test_every_expect_example_in_the_help_is_a_figure_audit_knows() -> None:
+    from mmoffload.audit import parse_expectation
+    from mmoffload_cli.options import Expect
+
+    help_text = Expect.__metadata__[0].help
+    examples = help_text.split("e.g. ")[1].split(" (ops")[0].split(", ")
+    assert len(examples) == 3
+    for example in examples:
+        parse_expectation(example)  # An unknown figure raises.

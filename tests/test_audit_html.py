@@ -17,6 +17,7 @@ from mmoffload.demo import run_demo
 from mmoffload.pack import PackOptions, pack_run
 from mmoffload_cli.app import app
 from tests.browser import chromium, open_page, visible
+from tests.builders import write_run
 
 pytest.importorskip("matplotlib", reason="audit --html draws with matplotlib (the html extra)")
 
@@ -81,3 +82,18 @@ def test_truncation_per_rank_is_what_the_cut_dropped(runs: list[Path], tmp_path:
     rows = page.read_text().split("<tr data-rank=")[1:]
     cells = [row.split("<td>")[-1].split("<")[0] for row in rows]
     assert dropped > 0 and sum(int(cell.replace(",", "")) for cell in cells) == dropped
+
+
+def test_padding_and_fill_are_packs_own_even_when_samples_have_no_env_name(tmp_path: Path) -> None:
+    from mmoffload.views.audit_html import _rank_figures
+    from tests.test_packing import text_sample
+
+    # Samples without an env name (`refs` gives them ""): only the layout tells padding.
+    samples = [text_sample(n, first=100 * n, env_name="") for n in (10, 6, 5)]
+    run = write_run(tmp_path / "run", samples)
+    report = pack_run(run, PackOptions(seq_len=10, world_size=1, pad_multiple=4))
+    step = rundir.step_dir(run, 0)
+
+    (rank,) = _rank_figures([step / "train_rollouts.bin"], rundir.rank_paths(run, 0))
+    assert (rank.padding, rank.real) == (report.padding_tokens, report.real_tokens) == (7, 21)
+    assert rank.fill_ratio == report.fill_ratio == 21 / 30

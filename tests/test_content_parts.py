@@ -20,7 +20,7 @@ from mmoffload.inference.content_parts import (
     parse_parts,
     resolve_parts,
 )
-from mmoffload.inference.refs import InvalidImageRefError, PromptLimits, PromptRefusedError
+from mmoffload.inference.refs import InvalidImageRefError, PromptLimits, PromptRefusedError, materialize_bytes
 from tests.builders import (
     QWEN_IMAGE_PAD,
     QWEN_VISION_END,
@@ -53,7 +53,7 @@ class Server:
 
     def resolve(self, parts: Any, token_ids: list[int], limits: PromptLimits | None = None) -> ResolvedParts:
         return resolve_parts(
-            parts, token_ids, self.family, self.make,
+            parts, token_ids, self.family, lambda ref, data: materialize_bytes(ref, data, self.make),
             cache=self.cache, grids=self.grids, model="m", limits=limits, roots=self.roots,
         )  # fmt: skip
 

@@ -82,14 +82,22 @@ def test_mmoffload_demo_prints_one_json_report_and_exits_0(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     report = msgspec.json.decode(result.stdout, type=DemoReport)
     assert report.audit.ok and report.root == str(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kimi_k25", "qwen_vl"]
+    names = ["chat_kimi_k25", "chat_models", "chat_qwen_vl", "kimi_k25", "qwen_vl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
 
 
 def test_mmoffload_demo_shows_each_stage_and_ends_with_the_audit(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["demo", "--run-dir", str(tmp_path)])
 
     assert result.exit_code == 0, result.output
-    for title in ("offload (qwen_vl)", "refs (qwen_vl)", "pack (kimi_k25)", "audit (all runs)"):
+    titles = (
+        "offload (qwen_vl)",
+        "refs (qwen_vl)",
+        "pack (kimi_k25)",
+        "audit (all runs)",
+        "render (kimi_k25)",
+    )
+    for title in (*titles, "audit (chat-rollout runs)"):
         assert title in result.stdout
     assert result.stdout.rstrip().endswith("audit: ok, no violations")
 
@@ -104,3 +112,11 @@ def test_the_smoke_script_passes_on_the_fixtures() -> None:
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.rstrip().endswith("smoke: ok")
+
+
+def test_the_demo_chat_rollout_path_renders_both_families_and_audits_clean(demo_report: DemoReport) -> None:
+    assert [run.family for run in demo_report.chat_runs] == ["qwen_vl", "kimi_k25"]
+    assert [(run.render.rollouts, run.render.images) for run in demo_report.chat_runs] == [(4, 12), (4, 12)]
+    assert demo_report.chat_audit is not None and demo_report.chat_audit.ok, demo_report.chat_audit
+    assert (demo_report.chat_audit.examples, demo_report.chat_audit.descriptors) == (8, 24)
+    assert demo_report.ok

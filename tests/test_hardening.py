@@ -493,7 +493,7 @@ def test_non_utf8_lines_skipped_are_named_and_kept_whole(tmp_path: Path, command
     assert result.exit_code == 1, result.stderr
     (entry,) = [json.loads(line) for line in rejects.read_text().splitlines()]
     assert entry["line"] == 2 and "in.jsonl:2" in entry["reason"]
-    kept = entry.get("text_base64") or entry.get("record_base64")
+    kept = entry["text_base64"]
     assert base64.b64decode(kept) == raw
 
 

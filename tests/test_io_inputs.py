@@ -171,7 +171,7 @@ def test_audit_of_a_directory_of_runs_audits_each_and_sums(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert [run["run"] for run in report["runs"]] == [
-        str(tmp_path / "demo" / f) for f in ("kimi_k25", "qwen_vl")
+        str(tmp_path / "demo" / f) for f in ("chat_kimi_k25", "chat_qwen_vl", "kimi_k25", "qwen_vl")
     ]
     for figure in ("examples", "descriptors", "micro_batches", "unique_images", "image_bytes"):
         assert report[figure] == sum(run[figure] for run in report["runs"]) > 0, figure

@@ -256,7 +256,7 @@ def test_skipped_bad_lines_go_whole_to_the_rejects_file_with_their_reason(tmp_pa
     source = tmp_path / "in.jsonl"
     good = msgspec.json.encode(chat_record(data_url(PNG))) + b"\n"
     source.write_bytes(good + bad_json + b"\n" + good + bad_image + b"\r\n" + b"\xff\xfe\n")
-    report = offload_files([source], [tmp_path / "out.jsonl"], tmp_path / "assets", skip_bad_lines=True)
+    report = offload_files([source], [tmp_path / "out.jsonl"], tmp_path / "assets", skip_invalid=True)
     assert report.records == 2
     assert report.rejected_lines == 3
     assert report.rejects == [str(tmp_path / "out.jsonl.rejects.jsonl")]
@@ -274,7 +274,7 @@ def test_skipped_bad_lines_go_whole_to_the_rejects_file_with_their_reason(tmp_pa
 
 def test_no_rejects_file_is_written_when_nothing_was_rejected(tmp_path):
     source = write_jsonl(tmp_path / "in.jsonl", [chat_record(data_url(PNG))])
-    report = offload_files([source], [tmp_path / "out.jsonl"], tmp_path / "assets", skip_bad_lines=True)
+    report = offload_files([source], [tmp_path / "out.jsonl"], tmp_path / "assets", skip_invalid=True)
     assert report.rejects == []
     assert not (tmp_path / "out.jsonl.rejects.jsonl").exists()
 

@@ -80,7 +80,7 @@ def test_skipped_bad_lines_exit_1_and_land_in_the_rejects_file(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_bytes(msgspec.json.encode(record(data_url(PNG))) + b"\nnot json\n")
     result = invoke(
-        source, "-o", tmp_path / "out.jsonl", "--assets", tmp_path / "a", "--skip-bad-lines",
+        source, "-o", tmp_path / "out.jsonl", "--assets", tmp_path / "a", "--skip-invalid",
         "--rejects", tmp_path / "bad.jsonl", "--json",
     )  # fmt: skip
     assert result.exit_code == 1

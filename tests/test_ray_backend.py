@@ -115,7 +115,7 @@ def test_bad_lines_are_rejected_as_locally(tmp_path):
     source.write_bytes(
         good + b"\n{not json\n" + good.replace(b"base64,", b"base64,!!") + b"\n" + good + b"\n"
     )
-    local, on_ray = offload_both([source], tmp_path, skip_bad_lines=True, rejects=None)
+    local, on_ray = offload_both([source], tmp_path, skip_invalid=True, rejects=None)
     assert_same_outputs([source], tmp_path)
     assert on_ray.rejected_lines == local.rejected_lines == 2
     rejects = tmp_path / "ray" / "in.jsonl.rejects.jsonl"

@@ -194,7 +194,7 @@ def test_refs_skip_invalid_writes_the_rest_and_exits_1(tmp_path: Path) -> None:
         str(rejects),
     )
     (reject,) = [json.loads(line) for line in rejects.read_text().splitlines()]
-    assert reject["line"] == 2 and reject["record"]["traces"][0]["id"] == "img"
+    assert reject["line"] == 2 and json.loads(reject["text"])["traces"][0]["id"] == "img"
 
 
 def test_pack_of_a_run_without_steps_exits_2(tmp_path: Path) -> None:

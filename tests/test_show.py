@@ -73,3 +73,17 @@ def test_a_selection_that_does_not_exist_exits_2_with_one_line(
     code, out, err = show(run, *args)
     assert (code, out) == (2, "")
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_audit_and_show_agree_on_what_a_rank_file_is(run: Path, tmp_path: Path) -> None:
+    from mmoffload.audit import audit
+
+    # `rank_a.bin` names no rank: both read it as the TrainingBatch it holds.
+    loose = tmp_path / "rank_a.bin"
+    loose.write_bytes(rundir.training_batch_path(run, 0).read_bytes())
+    assert rundir.rank_of(loose) is None and rundir.rank_of(tmp_path / "rank_3.bin") == 3
+
+    report = audit([loose], allowed_roots=[run / "assets"])
+    assert (report.training_batches, report.rank_files) == (1, 0)
+    code, out, _ = show(loose)
+    assert code == 0 and json.loads(out)["type"] == "TrainingSample"

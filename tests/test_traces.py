@@ -406,7 +406,7 @@ def test_skip_invalid_writes_the_valid_samples_and_keeps_rejects_whole(tmp_path:
     assert (report.samples_written, report.rejected_records) == (1, 1)
     assert (report.lines, report.episodes, report.traces, report.images_referenced) == (2, 0, 1, 1)
     (reject,) = [json.loads(line) for line in Path(report.rejects_path).read_text().splitlines()]
-    assert reject["record"] == records[1]
+    assert json.loads(reject["text"]) == records[1]
     assert reject["line"] == 2 and "Expected placeholder length 8" in reject["reason"]
     assert len(read_step(run).examples) == 1
 
@@ -421,3 +421,22 @@ def test_a_step_that_cannot_be_written_is_named_and_no_step_is_written(tmp_path:
 
     # The steps of one run appear as a unit: step 0 is not written without step 1.
     assert sorted(p.name for p in blocker.parent.iterdir()) == ["step_1"]
+
+
+def test_sampled_node_without_logprobs_gets_zeros_counted_and_warned(tmp_path: Path) -> None:
+    trace = {
+        "nodes": [
+            {"token_ids": [1, 2], "mask": [False, False]},
+            {"parent": 0, "token_ids": [3, 4], "mask": [True, True], "sampled": True},
+        ]
+    }
+    report = build_refs([write_jsonl(tmp_path / "t.jsonl", [trace])], tmp_path / "run")
+    assert read_step(tmp_path / "run").examples[0].logprobs == [0.0, 0.0, 0.0, 0.0]
+    assert report.sampled_nodes_without_logprobs == 1
+    assert "1 sampled node(s) recorded no logprobs" in report.warnings[0]
+
+
+def test_sampled_node_with_an_empty_logprobs_list_is_still_an_error(tmp_path: Path) -> None:
+    trace = {"nodes": [{"token_ids": [3, 4], "mask": [True, True], "logprobs": []}]}
+    with pytest.raises(BadInputError, match=r"one logprob per true mask entry \(2\), got 0"):
+        build_refs([write_jsonl(tmp_path / "t.jsonl", [trace])], tmp_path / "run")

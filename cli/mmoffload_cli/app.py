@@ -17,7 +17,20 @@ import typer
 import mmoffload
 
 # Command name -> the module in this package that defines the function of that name.
-COMMANDS = ("offload", "refs", "pack", "audit", "demo", "materialize", "show", "inspect", "serve", "generate")
+COMMANDS = (
+    "offload",
+    "render",
+    "refs",
+    "pack",
+    "audit",
+    "demo",
+    "materialize",
+    "show",
+    "inspect",
+    "serve",
+    "generate",
+    "parity",
+)
 # `serve` passes the arguments after `--` on to vLLM.
 CONTEXT_SETTINGS = {"serve": {"allow_extra_args": True, "ignore_unknown_options": True}}
 

@@ -33,7 +33,8 @@ def demo(
 ) -> None:
     """Run offload, refs, pack and audit on the bundled fixtures.
 
-    Runs them on the Qwen-VL and Kimi K2.5 fixtures.
+    Runs them on the Qwen-VL and Kimi K2.5 fixtures; then the chat-rollout path: offload, render, refs, pack
+    and audit on the fixtures' chat rollouts (with the materialize extra).
     Shows each stage's report, then the audit of both runs; exits with the audit's
     code (0 when ok, 1 on violations).
 
@@ -53,7 +54,9 @@ def demo(
         if as_json or quiet:
             return
         if isinstance(report, AuditReport):
-            sink.emit_report(report, "audit (all runs)", as_json=False)
+            sink.emit_report(
+                report, f"audit ({'chat-rollout runs' if family == 'chat' else 'all runs'})", as_json=False
+            )
             sink.stdout.print(violations_table(report))
         else:
             sink.emit_report(report, f"{stage} ({family})", as_json=False)
@@ -63,5 +66,7 @@ def demo(
         report = run_demo(root, fixtures=fixtures, on_stage=show)
     if as_json:
         sink.emit_report(report, "demo", as_json=True)
-    if not report.audit.ok:
+    if report.chat_skipped and not (as_json or quiet):
+        sink.stderr.print(f"demo: {report.chat_skipped}", markup=False)
+    if not report.ok:
         raise typer.Exit(sink.EXIT_PROBLEMS)

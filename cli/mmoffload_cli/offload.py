@@ -12,7 +12,7 @@ from mmoffload.io.inputs import expand_inputs, is_stdio
 from mmoffload.offload import OffloadOptions, offload_files, plan_outputs
 from mmoffload.runners.ray import RayOptions
 from mmoffload.store.local import resolve_assets_dir
-from mmoffload_cli import sink
+from mmoffload_cli import options, sink
 from mmoffload_cli.options import Assets, Json, Output, Quiet, Ray, RayAddress, Verbose, Workers
 
 
@@ -42,13 +42,8 @@ def offload(
             "--adopt-files", help="Copy file:// sources outside the asset dir into it (content addressed)."
         ),
     ] = False,
-    skip_bad_lines: Annotated[
-        bool,
-        typer.Option(
-            "--skip-bad-lines",
-            help="Keep going past bad lines; write each, whole, with its reason to a rejects file (exit 1).",
-        ),
-    ] = False,
+    skip_invalid: options.SkipInvalid = False,
+    skip_bad_lines: options.SkipBadLines = False,
     rejects: Annotated[
         Path | None,
         typer.Option(
@@ -77,7 +72,7 @@ def offload(
 
     \b
         mmoffload offload rollouts.jsonl -o out.jsonl --assets RUN/assets/images
-        mmoffload offload a.jsonl b.jsonl -o out/ --workers 8 --skip-bad-lines
+        mmoffload offload a.jsonl b.jsonl -o out/ --workers 8 --skip-invalid
         mmoffload offload rollouts.jsonl --in-place
         mmoffload offload 'runs/*/results.jsonl.gz' -o out/ --assets DIR
         cat rollouts.jsonl | mmoffload offload - -o - --assets DIR | head
@@ -101,7 +96,7 @@ def offload(
                 outputs,
                 resolve_assets_dir(assets, None),
                 options=OffloadOptions(allow_remote, check_files, adopt_files),
-                skip_bad_lines=skip_bad_lines,
+                skip_invalid=skip_invalid or skip_bad_lines,
                 rejects=rejects,
                 workers=workers,
                 ray=RayOptions(address=ray_address) if ray or ray_address else None,

@@ -90,7 +90,7 @@ Expect = Annotated[
     typer.Option(
         "--expect",
         metavar="NAME<OP>VALUE",
-        help="Assert a figure, e.g. data_uris=0, examples>=1, fill_ratio<0.99 (ops: = == != < <= > >=; "
+        help="Assert a figure, e.g. data_uris=0, examples>=1, placeholder_mismatches==0 (ops: = == != < <= > >=; "
         "repeatable); a failed one exits 1.",
     ),
 ]
@@ -117,3 +117,12 @@ AllowRoot = Annotated[
         "and $VF_RENDERER_IMAGE_OFFLOAD_DIR when they exist, else any regular file).",
     ),
 ]
+SkipInvalid = Annotated[
+    bool,
+    typer.Option(
+        "--skip-invalid",
+        help="Keep going past invalid records; write each, whole, with its reason to a rejects file (exit 1).",
+    ),
+]
+# The old name of --skip-invalid in `offload`, still accepted.
+SkipBadLines = Annotated[bool, typer.Option("--skip-bad-lines", hidden=True)]

@@ -46,13 +46,6 @@ VerifyHashes = Annotated[
         help="Check each image file's content hash (existence is always checked).",
     ),
 ]
-SkipInvalid = Annotated[
-    bool,
-    typer.Option(
-        "--skip-invalid",
-        help="Write the valid samples and set each bad record aside, whole, with its reason; exit 1.",
-    ),
-]
 Rejects = Annotated[
     Path | None,
     typer.Option(
@@ -79,7 +72,7 @@ def refs(
     temperature: Temperature = 1.0,
     env_name: EnvName = "",
     verify_hashes: VerifyHashes = True,
-    skip_invalid: SkipInvalid = False,
+    skip_invalid: options.SkipInvalid = False,
     rejects: Rejects = None,
     remap: options.Remap = None,
     allow_root: options.AllowRoot = None,

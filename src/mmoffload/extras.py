@@ -15,6 +15,7 @@ from mmoffload.errors import UsageError
 EXTRAS: dict[str, str] = {
     "PIL": "materialize",
     "safetensors": "materialize",
+    "tokenizers": "materialize",
     "transformers": "materialize",
     "torch": "torch",
 }

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from mmoffload.errors import UsageError
-
-if TYPE_CHECKING:
-    pass
-
 
 # The most bytes read for one referenced image (a 4K screenshot PNG is about 10 MB).
 MAX_IMAGE_BYTES_ENV_VAR = "MMOFFLOAD_MAX_IMAGE_BYTES"

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
@@ -22,30 +22,25 @@ from mmoffload.audit.records import (
     micro_batch_record,
     packed_sequences,
     read_artifact,
-    ref_problems,
     sample_record,
 )
 from mmoffload.audit.report import FIGURES, AuditReport, Violation
 from mmoffload.contract.addresses import asset_location, is_local_file_uri, is_object_uri
-from mmoffload.contract.checks import length_problems
+from mmoffload.contract.checks import length_problems, ref_problems
 from mmoffload.contract.descriptors import DESCRIPTOR_KIND, descriptor_problems
 from mmoffload.contract.imageparts import ImageSource, iter_image_sources, source_kind
 from mmoffload.contract.spans import span_problems
+from mmoffload.contract.wire import (
+    RANK_FILE_DECODER,
+    TRAINING_BATCH_DECODER,
+    MMImageRef,
+)
 from mmoffload.errors import BadInputError, PathPart, Where, json_path
 from mmoffload.families import DEFAULT_TOKEN_NAMES, Families
 from mmoffload.io.inputs import decode_json_line, iter_lines, too_deep
 from mmoffload.store.backend import asset_size
 from mmoffload.store.read import check_allowed
 from mmoffload.store.remap import Remap
-
-if TYPE_CHECKING:
-    pass
-
-from mmoffload.contract.wire import (
-    RANK_FILE_DECODER,
-    TRAINING_BATCH_DECODER,
-    MMImageRef,
-)
 
 _SHOWN_SOURCE_CHARS = 60
 
@@ -184,12 +179,10 @@ class Auditor:
         if not isinstance(family, str):
             return None  # Not strict: reported as such, no family to ask.
         try:
-            expected = self.families.get(family).payload_placeholder_length(item.get("payload"))
+            owner = self.families.get(family)
+            return owner.placeholder_problem(owner.grid(item.get("payload")), length)
         except BadInputError as exc:
             return f"Cannot compute the placeholder length: {exc.message}"
-        if expected != length:
-            return f"Expected placeholder length {expected} for family `{family}`, got {length}"
-        return None
 
     def ref_sources(
         self, loc: Loc, image: int, uri: str, item: dict[str, Any], expected_hash: str | None

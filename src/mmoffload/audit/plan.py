@@ -6,15 +6,12 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mmoffload.contract import rundir
 from mmoffload.contract.descriptors import DESCRIPTOR_KIND
 from mmoffload.errors import PathPart, UsageError, Where
 from mmoffload.io.inputs import is_jsonl_name, is_stdio
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(slots=True)
@@ -57,7 +54,7 @@ def plan_inputs(paths: Sequence[str | os.PathLike[str]]) -> _Plan:
             raise UsageError("No such file or directory", Where(file=str(path)))
         elif path.suffix == ".bin":
             # The contract's names say what a file holds: rank_<R>.bin is a list of micro batches.
-            (loose.rank_files if path.name.startswith("rank_") else loose.training_batches).append(path)
+            (loose.rank_files if rundir.rank_of(path) is not None else loose.training_batches).append(path)
         else:
             raise UsageError(
                 "Expected a run directory, a .bin artifact or a .jsonl file", Where(file=str(path))

@@ -8,17 +8,10 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mmoffload.audit.report import AuditReport
 from mmoffload.contract.addresses import content_hash
-from mmoffload.contract.descriptors import HASH_PATTERN, descriptor_uri
-from mmoffload.errors import MMOffloadError, UsageError, Where
-from mmoffload.store.read import read_verified
-
-if TYPE_CHECKING:
-    pass
-
 from mmoffload.contract.wire import (
     MICRO_BATCH_PER_TOKEN_FIELDS,
     MICRO_BATCH_TOTAL_FIELDS,
@@ -27,6 +20,8 @@ from mmoffload.contract.wire import (
     MMRefs,
     TrainingSample,
 )
+from mmoffload.errors import MMOffloadError, UsageError, Where
+from mmoffload.store.read import read_verified
 
 
 @dataclass(slots=True)
@@ -178,17 +173,3 @@ def hash_file(path: Path | str) -> str:
         return content_hash(read_verified(path, None))
     except MMOffloadError as exc:
         return f"unreadable ({exc.message})"  # Vanished, special or too large: disagrees with every ref.
-
-
-def ref_problems(item: dict[str, Any], digest: str, uri: str, offset: int, previous_end: int) -> list[str]:
-    """Return what is wrong with a ref itself (its fields against each other and the previous ref)."""
-    problems: list[str] = []
-    if descriptor_uri(item) != uri:
-        problems.append("Expected the ref's `uri` to equal its descriptor's `raw_image_uri`")
-    if not HASH_PATTERN.fullmatch(digest):
-        problems.append(f"Expected the ref's `hash` as 32 lowercase hex digits, got `{digest[:40]}`")
-    if offset < previous_end:
-        problems.append(
-            f"Expected refs in token order without overlap, got offset {offset} before {previous_end}"
-        )
-    return problems

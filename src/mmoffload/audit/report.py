@@ -7,14 +7,11 @@ import difflib
 import operator
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
 from mmoffload.errors import UsageError
-
-if TYPE_CHECKING:
-    pass
 
 
 class Violation(msgspec.Struct):

@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from mmoffload.errors import BadInputError, Where
-
-if TYPE_CHECKING:
-    pass
-
+from mmoffload.errors import BadInputError, IntegrityError, Where
 
 HASH_HEX_DIGITS = 32
 
@@ -102,3 +97,29 @@ def describe_bytes(data: bytes) -> str:
         return "0 bytes"
     head = data[:8]
     return f"{len(data)} bytes starting {head!r}, which is no image format"
+
+
+def verify_hash(
+    data: bytes,
+    expected_hash: str,
+    path: Path | str,
+    where: Where | None = None,
+    *,
+    show_actual: bool = False,
+) -> None:
+    """Check that the bytes read from ``path`` (or an object-store URL) hash to ``expected_hash``.
+
+    A file's actual hash is shown only with ``show_actual`` (a file inside the allowed
+    roots): of any other file it would leak a fingerprint of whatever a ref names.
+
+    Raises:
+        IntegrityError: the content hashes to something else.
+    """
+    if (actual := content_hash(data)) != expected_hash:
+        is_file = isinstance(path, Path)
+        shown = file_uri(path) if is_file else path
+        # An object lies in the store the ref names, so its hash leaks nothing.
+        found = f"got `{actual}`" if show_actual or not is_file else "the file holds other content"
+        raise IntegrityError(
+            f"Content hash mismatch for `{shown}`: expected `{expected_hash}`, {found}", where
+        )

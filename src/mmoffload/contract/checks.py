@@ -7,8 +7,10 @@ A stage raises the first problem (refs, pack, materialize) or counts them all
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-from mmoffload.contract.spans import span_problems
+from mmoffload.contract.descriptors import HASH_PATTERN, descriptor_uri
+from mmoffload.contract.spans import order_problem, span_problems
 from mmoffload.contract.wire import MICRO_BATCH_PER_TOKEN_FIELDS, MICRO_BATCH_TOTAL_FIELDS, MicroBatch
 from mmoffload.errors import IntegrityError, Where
 
@@ -36,6 +38,18 @@ def length_problems(
     problems = [per_token_problem(name, values, num_tokens) for name, values in per_token.items()]
     problems += [total_problem(name, values, num_tokens) for name, values in (totals or {}).items()]
     return [problem for problem in problems if problem is not None]
+
+
+def ref_problems(item: dict[str, Any], digest: str, uri: str, offset: int, previous_end: int) -> list[str]:
+    """Return what is wrong with a ref itself (its fields against each other and the previous ref)."""
+    problems: list[str] = []
+    if descriptor_uri(item) != uri:
+        problems.append("Expected the ref's `uri` to equal its descriptor's `raw_image_uri`")
+    if not HASH_PATTERN.fullmatch(digest):
+        problems.append(f"Expected the ref's `hash` as 32 lowercase hex digits, got `{digest[:40]}`")
+    if problem := order_problem(offset, previous_end):
+        problems.append(problem)
+    return problems
 
 
 def check_micro_batch(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmoffload.contract.addresses import is_local_file_uri, is_object_uri
+from mmoffload.contract.spans import order_problem
 from mmoffload.errors import BadInputError, PathPart, Where, json_path
 
 DESCRIPTOR_KIND = "prime_raw_mm_item"
@@ -162,12 +163,8 @@ def validate_sidecar(sidecar: object, num_tokens: int, where: Where | None = Non
                 f"Expected `mm_hashes` entry as 32 lowercase hex digits, got `{digest!r}`", at
             )
         placeholder = _placeholder(raw, at)
-        if placeholder.offset < previous_end:
-            raise BadInputError(
-                f"Expected placeholders in token order without overlap, got offset {placeholder.offset} "
-                f"before the previous end {previous_end}",
-                at,
-            )
+        if problem := order_problem(placeholder.offset, previous_end):
+            raise BadInputError(problem, at)
         if placeholder.end > num_tokens:
             raise BadInputError(
                 f"Expected placeholder within the {num_tokens} tokens, got "

@@ -12,6 +12,18 @@ _STEP = re.compile(r"step_(\d+)")
 _RANK = re.compile(r"rank_(\d+)\.bin")
 
 
+def rank_of(path: str | os.PathLike[str]) -> int | None:
+    """Return the rank a file name says (``rank_<R>.bin``), or None: the one rule for what a rank file is."""
+    match = _RANK.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def step_of(directory: str | os.PathLike[str]) -> int | None:
+    """Return the step a directory name says (``step_<N>``), or None."""
+    match = _STEP.fullmatch(Path(directory).name)
+    return int(match.group(1)) if match else None
+
+
 def step_dir(run_dir: str | os.PathLike[str], step: int) -> Path:
     """Return ``RUN/rollouts/step_<N>``."""
     return Path(run_dir) / ROLLOUTS / f"step_{step}"
@@ -32,8 +44,8 @@ def steps(run_dir: str | os.PathLike[str]) -> list[int]:
     root = Path(run_dir) / ROLLOUTS
     if not root.is_dir():
         return []
-    found = (_STEP.fullmatch(p.name) for p in root.iterdir() if p.is_dir())
-    return sorted(int(m.group(1)) for m in found if m)
+    found = (step_of(p) for p in root.iterdir() if p.is_dir())
+    return sorted(step for step in found if step is not None)
 
 
 def rank_paths(run_dir: str | os.PathLike[str], step: int) -> list[Path]:
@@ -41,5 +53,5 @@ def rank_paths(run_dir: str | os.PathLike[str], step: int) -> list[Path]:
     directory = step_dir(run_dir, step)
     if not directory.is_dir():
         return []
-    ranked = {int(m.group(1)): p for p in directory.iterdir() if (m := _RANK.fullmatch(p.name))}
+    ranked = {rank: p for p in directory.iterdir() if (rank := rank_of(p)) is not None}
     return [ranked[rank] for rank in sorted(ranked)]

@@ -17,6 +17,13 @@ TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
 WINDOW_RUNS = 3
 
 
+def order_problem(offset: int, previous_end: int) -> str | None:
+    """Return why an image span starting at ``offset`` is out of token order or overlaps, if it does."""
+    if offset < previous_end:
+        return f"Expected placeholders in token order without overlap, got offset {offset} before the previous end {previous_end}"
+    return None
+
+
 def type_ids_from_tokens(token_ids: Sequence[int], token_types: dict[int, int]) -> list[int]:
     """Map each token through a family's token-type map (unknown tokens are text, 0)."""
     if not token_types:

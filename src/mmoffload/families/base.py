@@ -127,6 +127,16 @@ class Family(ABC):
         """Return the placeholder length a descriptor payload implies."""
         return self.placeholder_length(self.grid(payload, where))
 
+    def placeholder_problem(self, grid: Grid, length: int) -> str | None:
+        """Return why ``length`` is not ``grid``'s placeholder length, if it is not: one wording for every stage."""
+        expected = self.placeholder_length(grid)
+        if length == expected:
+            return None
+        return (
+            f"Expected placeholder length {expected} for grid {list(grid)} of family `{self.name}`, got {length} "
+            "(image features and image tokens would not match)"
+        )
+
     def pixels(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
         """Return the model's vision kwargs for ``images`` (RGB), in order.
 

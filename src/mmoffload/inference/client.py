@@ -24,6 +24,7 @@ from typing import Any
 from mmoffload.errors import MMOffloadError, UsageError
 from mmoffload.families import Families
 from mmoffload.inference.refs import (
+    GENERATE_ROUTE,
     MODALITY,
     InvalidImageRefError,
     check_placeholders,
@@ -32,7 +33,6 @@ from mmoffload.inference.refs import (
     parse_features,
 )
 
-GENERATE_ROUTE = "/inference/v1/generate"
 CACHE_MISS_TYPE = "missing_mm_cache_item"
 # The content_parts protocol's miss (inference.md section 6); stock vLLM answers a 400 saying "cache miss".
 PARTS_CACHE_MISS_TYPE = "mm_cache_miss"

@@ -30,7 +30,6 @@ from mmoffload.contract.descriptors import HASH_PATTERN
 from mmoffload.errors import BadInputError
 from mmoffload.families import Family, Grid
 from mmoffload.families.pixel_cache import PixelCache
-from mmoffload.inference.decode_budget import DecodeBudget
 from mmoffload.inference.refs import (
     MODALITY,
     EngineArrays,
@@ -42,13 +41,12 @@ from mmoffload.inference.refs import (
     check_placeholders,
     check_prompt_length,
     image_size,
-    materialize_bytes,
     read_image,
 )
 from mmoffload.limits import max_image_bytes
 
 if TYPE_CHECKING:
-    from PIL import Image
+    pass
 
 CACHE_MISS_TYPE = "mm_cache_miss"
 IMAGE_PART = "image_url"
@@ -220,14 +218,13 @@ def resolve_parts(
     parts: object,
     token_ids: Sequence[int],
     family: Family,
-    make_inputs: Callable[[Family, Image.Image], EngineArrays],
+    materialize: Callable[[ImageRef, bytes], EngineArrays],
     *,
     cache: PixelCache,
     grids: GridIndex,
     model: str,
     limits: PromptLimits | None = None,
     roots: Sequence[Path] | None = None,
-    budget: DecodeBudget | None = None,
 ) -> ResolvedParts:
     """Check a ``content_parts`` request and return its expanded prompt and every image's engine arrays.
 
@@ -236,8 +233,9 @@ def resolve_parts(
     (check 3, without reading); then per part its grid, from the verified cache (a
     ``uuid`` seen before: no read) or from the header of its bytes, read and
     verified against the ``uuid`` (check 3-4); then the expanded prompt's length and
-    the placeholders (check 6); then the images are made (checks 4-5, 7), once per
-    content hash (the cache's single flight), and remembered for uuid-only parts.
+    the placeholders (check 6); then the images are made by ``materialize`` (checks
+    4-5, 7: ``materialize_bytes`` with the engine's processing and decode budget), once
+    per content hash (the cache's single flight), and remembered for uuid-only parts.
 
     Raises:
         PromptRefusedError: the prompt is too long for the engine.
@@ -288,7 +286,7 @@ def resolve_parts(
         if arrays is None:
             arrays, made = cache.get_or_make(
                 ref.cache_key(model),
-                lambda ref=ref, data=data: materialize_bytes(ref, data, make_inputs, budget),
+                lambda ref=ref, data=data: materialize(ref, data),
             )
             hits += not made
             grids.put(ref.mm_hash, family.name, ref.grid)

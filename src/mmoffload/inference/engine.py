@@ -41,6 +41,7 @@ from mmoffload.inference.refs import (
     PromptLimits,
     check_grid,
     check_request,
+    materialize_bytes,
     materialize_ref,
 )
 
@@ -138,13 +139,12 @@ class RawRefEngineInputs:
             parts,
             token_ids,
             family,
-            self._engine_arrays,
+            self._materialize_bytes,
             cache=self.cache,
             grids=self.grids,
             model=self.model,
             limits=self.limits,
             roots=self.roots,
-            budget=self.decode_budget,
         )
         self.stats.images += len(resolved.refs)
         self.stats.cache_hits += resolved.cache_hits
@@ -174,6 +174,9 @@ class RawRefEngineInputs:
 
     def _materialize(self, ref: ImageRef) -> EngineArrays:
         return materialize_ref(ref, self._engine_arrays, self.roots, self.decode_budget)
+
+    def _materialize_bytes(self, ref: ImageRef, data: bytes) -> EngineArrays:
+        return materialize_bytes(ref, data, self._engine_arrays, self.decode_budget)
 
     def _engine_arrays(self, family: Family, image: Image.Image) -> EngineArrays:
         # Check 7, timed and counted here: both request paths make every image through this.

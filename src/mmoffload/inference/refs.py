@@ -28,6 +28,7 @@ from mmoffload.contract.descriptors import (
     validate_descriptor,
     validate_sidecar,
 )
+from mmoffload.contract.spans import IMAGE_TYPE
 from mmoffload.errors import BadInputError, MMOffloadError, Where
 from mmoffload.families import Families, Family, Grid
 from mmoffload.inference.decode_budget import DecodeBudget, decode_cost
@@ -38,6 +39,8 @@ from mmoffload.store.read import check_allowed, read_verified
 if TYPE_CHECKING:
     from PIL import Image
 
+# The route both the server and the client speak (vLLM's scale-out endpoint).
+GENERATE_ROUTE = "/inference/v1/generate"
 REF_PREFIX = "mmraw:"
 MODALITY = "image"
 # The ref's own fields (section 1); any other key (fingerprint, run_id...) is carried through.
@@ -428,15 +431,11 @@ def check_placeholder(ref: ImageRef, token_ids: Sequence[int]) -> None:
         InvalidImageRefError: a wrong length, a span past the prompt, or a non-image token in it.
     """
     try:
-        expected = ref.family.placeholder_length(ref.grid)
+        problem = ref.family.placeholder_problem(ref.grid, ref.length)
     except BadInputError as exc:
         raise InvalidImageRefError(6, exc.message, ref.index) from exc
-    if ref.length != expected:
-        raise InvalidImageRefError(
-            6,
-            f"Expected placeholder length {expected} for grid {list(ref.grid)}, got {ref.length}",
-            ref.index,
-        )
+    if problem:
+        raise InvalidImageRefError(6, problem, ref.index)
     end = ref.offset + ref.length
     if end > len(token_ids):
         raise InvalidImageRefError(
@@ -444,7 +443,7 @@ def check_placeholder(ref: ImageRef, token_ids: Sequence[int]) -> None:
             f"Expected placeholder within the {len(token_ids)} prompt tokens, got [{ref.offset}, {end})",
             ref.index,
         )
-    image_tokens = {token for token, kind in ref.family.token_types.items() if kind == 1}
+    image_tokens = {token for token, kind in ref.family.token_types.items() if kind == IMAGE_TYPE}
     for position in range(ref.offset, end):
         if token_ids[position] not in image_tokens:
             raise InvalidImageRefError(

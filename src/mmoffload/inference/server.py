@@ -45,6 +45,7 @@ from mmoffload.inference.decode_budget import DEFAULT_DECODE_BYTES
 from mmoffload.inference.engine import Deferred, RawRefEngineInputs
 from mmoffload.inference.refs import (
     ERROR_TYPE,
+    GENERATE_ROUTE,
     MODALITY,
     PROMPT_ERROR_TYPE,
     InvalidImageRefError,
@@ -52,7 +53,6 @@ from mmoffload.inference.refs import (
     PromptRefusedError,
 )
 
-GENERATE_ROUTE = "/inference/v1/generate"
 STATS_ROUTE = "/mmoffload/v1/stats"
 # vLLM arguments every mmoffload server needs: the scale-out routes carry /inference/v1/generate.
 REQUIRED_VLLM_ARGS = ("--enable-scale-out",)

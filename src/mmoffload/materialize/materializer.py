@@ -8,25 +8,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from mmoffload.contract.addresses import asset_location
-from mmoffload.contract.checks import check_micro_batch
-from mmoffload.contract.descriptors import descriptor_uri, validate_descriptor
-from mmoffload.contract.wire import WEIGHT_STREAMS, MicroBatch
+from mmoffload.contract.addresses import asset_location, verify_hash
+from mmoffload.contract.checks import check_micro_batch, ref_problems
+from mmoffload.contract.descriptors import validate_descriptor
+from mmoffload.contract.wire import WEIGHT_STREAMS, MicroBatch, MMImageRef
 from mmoffload.errors import BadInputError, IntegrityError, MissingImageError, Where
 from mmoffload.extras import require
 from mmoffload.families import DEFAULT_TOKEN_NAMES, Families, Family, ForwardPolicy, Grid
 from mmoffload.families.base import prepared_grid
 from mmoffload.families.pixel_cache import PixelCache
 from mmoffload.store.images import decode_rgb
-from mmoffload.store.read import read_verified, verify_hash
+from mmoffload.store.read import read_verified
 from mmoffload.store.remap import Remap
-
-if TYPE_CHECKING:
-    pass
 
 
 class MissingImagePolicy(enum.StrEnum):
@@ -174,28 +171,8 @@ class Materializer:
             return self._finish(MaterializedMicroBatch(None, None, kwargs, loss_mask, advantages, weights))
 
         self.stats.micro_batches_multimodal += 1
-        prepared: list[dict[str, np.ndarray] | None] = []
-        for index, (ref, grid) in enumerate(zip(refs, grids, strict=True)):
-            at = where.at(image=index)
-            image = self._image(family, ref.uri, ref.hash, at)
-            if image is not None and (made := prepared_grid(family, image)) != grid:
-                raise IntegrityError(
-                    f"Grid mismatch for `{ref.uri}`: expected {list(grid)} (descriptor), "
-                    f"got {list(made)} (processor)",
-                    at,
-                )
-            prepared.append(image)
-
-        # An image used twice in the micro batch is named once.
-        missing = tuple(
-            dict.fromkeys(r.uri for r, image in zip(refs, prepared, strict=True) if image is None)
-        )
-        if missing and self.missing_image_policy is MissingImagePolicy.ERROR:
-            raise IntegrityError(
-                f"Expected every image file of the micro batch, got {len(missing)} missing: "
-                + ", ".join(f"`{uri}`" for uri in missing),
-                where,
-            )
+        prepared = self._prepared_images(family, refs, grids, where)
+        missing = self._missing(refs, prepared, where)
         if missing:
             # A micro batch with a placeholder image must train nothing: every stream goes to zero,
             # and absent weight streams are written as zeros since a trainer's default may be 1.0.
@@ -204,17 +181,7 @@ class Materializer:
             loss_mask = np.zeros_like(loss_mask)
             advantages = np.zeros_like(advantages)
             weights = {name: np.zeros(len(input_ids), dtype=np.float32) for name in WEIGHT_STREAMS}
-        started = time.perf_counter()
-        pixels = family.pixel_rows(grids)
-        offset = 0
-        for image, grid in zip(prepared, grids, strict=True):
-            rows = pixels[offset : offset + family.pixel_shape(grid)[0]]
-            if image is None:
-                rows.fill(0)
-            else:
-                family.write_pixels(image, rows)
-            offset += len(rows)
-        self.stats.process_seconds += time.perf_counter() - started
+        pixels = self._pixels(family, prepared, grids)
         kwargs = {
             "input_ids": input_ids,
             family.pixel_kwarg: pixels,
@@ -230,6 +197,55 @@ class Materializer:
                 family.name, family.policy, kwargs, loss_mask, advantages, weights, missing
             )
         )
+
+    def _prepared_images(
+        self, family: Family, refs: Sequence[MMImageRef], grids: list[Grid], where: Where
+    ) -> list[dict[str, np.ndarray] | None]:
+        """Return each ref's image prepared by its family (None when its file is absent), grids checked."""
+        prepared: list[dict[str, np.ndarray] | None] = []
+        for index, (ref, grid) in enumerate(zip(refs, grids, strict=True)):
+            at = where.at(image=index)
+            image = self._image(family, ref.uri, ref.hash, at)
+            if image is not None and (made := prepared_grid(family, image)) != grid:
+                raise IntegrityError(
+                    f"Grid mismatch for `{ref.uri}`: expected {list(grid)} (descriptor), "
+                    f"got {list(made)} (processor)",
+                    at,
+                )
+            prepared.append(image)
+        return prepared
+
+    def _missing(
+        self, refs: Sequence[MMImageRef], prepared: list[dict[str, np.ndarray] | None], where: Where
+    ) -> tuple[str, ...]:
+        """Return the missing images' URIs (each once), or fail under policy ``error``."""
+        missing = tuple(
+            dict.fromkeys(r.uri for r, image in zip(refs, prepared, strict=True) if image is None)
+        )
+        if missing and self.missing_image_policy is MissingImagePolicy.ERROR:
+            raise IntegrityError(
+                f"Expected every image file of the micro batch, got {len(missing)} missing: "
+                + ", ".join(f"`{uri}`" for uri in missing),
+                where,
+            )
+        return missing
+
+    def _pixels(
+        self, family: Family, prepared: list[dict[str, np.ndarray] | None], grids: list[Grid]
+    ) -> np.ndarray:
+        """Write every image's pixel rows into one array; a missing image's rows are zeros."""
+        started = time.perf_counter()
+        pixels = family.pixel_rows(grids)
+        offset = 0
+        for image, grid in zip(prepared, grids, strict=True):
+            rows = pixels[offset : offset + family.pixel_shape(grid)[0]]
+            if image is None:
+                rows.fill(0)
+            else:
+                family.write_pixels(image, rows)
+            offset += len(rows)
+        self.stats.process_seconds += time.perf_counter() - started
+        return pixels
 
     def _validate_refs(self, micro_batch: MicroBatch, where: Where) -> tuple[Family, list[Grid]]:
         """Check the refs against each other, their family and the tokens; return family and grids."""
@@ -254,27 +270,12 @@ class Materializer:
         previous_end = 0
         for index, (ref, descriptor) in enumerate(zip(refs, descriptors, strict=True)):
             at = where.at(image=index)
-            if descriptor_uri(descriptor) != ref.uri:
-                raise BadInputError(
-                    f"Expected the ref's URI to be its descriptor's `{descriptor_uri(descriptor)}`, "
-                    f"got `{ref.uri}`",
-                    at,
-                )
-            if ref.offset < previous_end:
-                raise BadInputError(
-                    f"Expected refs in token order without overlap, got offset {ref.offset} before "
-                    f"the previous end {previous_end}",
-                    at,
-                )
+            if problems := ref_problems(descriptor, ref.hash, ref.uri, ref.offset, previous_end):
+                raise BadInputError(problems[0], at)
             previous_end = ref.offset + ref.length
             grid = family.grid(descriptor["payload"], at)
-            expected_length = family.placeholder_length(grid)
-            if ref.length != expected_length:
-                raise BadInputError(
-                    f"Expected placeholder length {expected_length} for grid {list(grid)} of family "
-                    f"`{family.name}`, got {ref.length}",
-                    at,
-                )
+            if problem := family.placeholder_problem(grid, ref.length):
+                raise BadInputError(problem, at)
             grids.append(grid)
         return family, grids
 

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,9 +15,6 @@ from mmoffload.extras import require
 from mmoffload.families import Families
 from mmoffload.io.outputs import atomic_write
 from mmoffload.materialize.materializer import MaterializedMicroBatch
-
-if TYPE_CHECKING:
-    pass
 
 
 def saved_path(save_dir: Path, step: int, rank_file: Path, index: int) -> Path:

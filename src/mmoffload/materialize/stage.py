@@ -18,7 +18,6 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -31,9 +30,6 @@ from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
 from mmoffload.materialize.materializer import Materializer, MissingImagePolicy
 from mmoffload.materialize.saving import check_free_space, save_micro_batch, saved_bytes, saved_path
 from mmoffload.store.remap import Remap
-
-if TYPE_CHECKING:
-    pass
 
 
 class MaterializeReport(msgspec.Struct, kw_only=True):

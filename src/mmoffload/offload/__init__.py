@@ -10,7 +10,7 @@ from mmoffload.offload.records import (
     RecordCounts,
     offload_record,
 )
-from mmoffload.offload.report import REJECTS_SUFFIX, OffloadReport, RejectedLine
+from mmoffload.offload.report import REJECTS_SUFFIX, OffloadReport
 from mmoffload.offload.stage import STALE_TEMP_SECONDS, offload_files, plan_outputs, sweep_stale_temps
 
 __all__ = [
@@ -23,7 +23,6 @@ __all__ = [
     "OffloadTask",
     "Offloader",
     "RecordCounts",
-    "RejectedLine",
     "offload_dataset",
     "offload_files",
     "offload_record",

@@ -20,6 +20,7 @@ from mmoffload.contract.imageparts import (
 )
 from mmoffload.errors import BadInputError, IntegrityError, MMOffloadError, Where
 from mmoffload.io.inputs import decode_json_line, too_deep
+from mmoffload.io.rejects import line_ending
 from mmoffload.store.backend import open_store
 from mmoffload.store.local import AssetStore, StoredImage
 from mmoffload.store.read import read_verified
@@ -360,8 +361,3 @@ def offload_line_result(offloader: Offloader, where: Where, line: bytes) -> Line
         return exc
     except RecursionError:
         return too_deep(where)
-
-
-def line_ending(line: bytes) -> bytes:
-    """Return the line's break (checked at the end only: lines can be megabytes)."""
-    return b"\r\n" if line.endswith(b"\r\n") else b"\n"

@@ -35,8 +35,9 @@ from mmoffload.io.outputs import (
     open_output,
     remove_own_temps,
 )
+from mmoffload.io.rejects import rejected_line
 from mmoffload.offload.records import OffloadOptions, OffloadTask
-from mmoffload.offload.report import OffloadReport, default_rejects, reject
+from mmoffload.offload.report import OffloadReport, default_rejects
 from mmoffload.runners import line_runner
 from mmoffload.store.backend import open_store
 from mmoffload.store.local import AssetStore
@@ -119,7 +120,7 @@ def offload_files(
     assets: str | os.PathLike[str] | AssetStore | ObjectStore,
     *,
     options: OffloadOptions | None = None,
-    skip_bad_lines: bool = False,
+    skip_invalid: bool = False,
     rejects: str | os.PathLike[str] | None = None,
     workers: int = 1,
     ray: RayOptions | None = None,
@@ -138,7 +139,7 @@ def offload_files(
             in ``.gz`` or ``.zst`` is written compressed.
         assets: the image asset directory or object-store URL, or a store on it.
         options: what to do with ``file://`` and remote sources.
-        skip_bad_lines: keep going past bad lines, writing each whole, with its reason,
+        skip_invalid: keep going past bad lines, writing each whole, with its reason,
             to a rejects file (``rejects``, else ``<output>.rejects.jsonl``).
         rejects: one rejects file for the whole run.
         workers: processes for decode, hash and write; output order is kept.
@@ -155,12 +156,12 @@ def offload_files(
             or an output or asset directory that cannot be written (all checked before any work).
     """
     started = time.perf_counter()
-    if skip_bad_lines and rejects is None and any(is_stdio(target) for target in outputs):
+    if skip_invalid and rejects is None and any(is_stdio(target) for target in outputs):
         raise UsageError("Expected `--rejects PATH` for bad lines when the output is stdout (`-`)")
     options = options or OffloadOptions()
     inputs, outputs = [Path(path) for path in inputs], [Path(path) for path in outputs]
     rejects = Path(rejects) if rejects is not None else None
-    rejects_paths = [rejects or default_rejects(target) for target in outputs] if skip_bad_lines else []
+    rejects_paths = [rejects or default_rejects(target) for target in outputs] if skip_invalid else []
     store = open_store(assets)
     _check_paths(inputs, outputs, rejects_paths, store)
     report = OffloadReport(inputs=len(inputs), assets=str(store.root))
@@ -170,7 +171,7 @@ def offload_files(
         report.stale_temps_removed = sweep_stale_temps(store.root)
         temp_dirs.add(store.root)
     try:
-        _offload_all(inputs, outputs, store, options, skip_bad_lines, rejects, workers, ray, advance, report)
+        _offload_all(inputs, outputs, store, options, skip_invalid, rejects, workers, ray, advance, report)
     except BaseException:
         # A stop (Ctrl-C, SIGTERM) can land just as a temporary is made; none may stay behind.
         for directory in temp_dirs:
@@ -185,7 +186,7 @@ def _offload_all(
     outputs: list[Path],
     store: AssetStore | ObjectStore,
     options: OffloadOptions,
-    skip_bad_lines: bool,
+    skip_invalid: bool,
     rejects: Path | None,
     workers: int,
     ray: RayOptions | None,
@@ -205,11 +206,11 @@ def _offload_all(
                 advance(len(line))
                 report.jsonl_bytes_in += len(line)
                 if isinstance(result, MMOffloadError):
-                    if not skip_bad_lines:
+                    if not skip_invalid:
                         raise result
                     if rejects_path not in reject_files:
                         reject_files[rejects_path] = commits.enter_context(atomic_writer(rejects_path))
-                    reject_files[rejects_path].write(reject(where, line, result))
+                    reject_files[rejects_path].write(rejected_line(where, line, result))
                     report.rejected_lines += 1
                     continue
                 written, counts = result

@@ -8,6 +8,7 @@ from typing import Literal
 
 import msgspec
 
+from mmoffload.contract.packed import fill_ratio
 from mmoffload.errors import UsageError
 
 # Optional float streams: the value for a sample without the stream in a bin where
@@ -149,5 +150,6 @@ def add_step(report: PackReport, step: StepPackReport) -> None:
     report.dummies += step.dummies
     report.real_tokens += step.real_tokens
     report.padding_tokens += step.padding_tokens
-    slots = report.seq_len * report.micro_batches_per_rank * report.world_size
-    report.fill_ratio = report.real_tokens / slots if slots else 0.0
+    report.fill_ratio = fill_ratio(
+        report.real_tokens, report.micro_batches_per_rank * report.world_size, report.seq_len
+    )

@@ -18,6 +18,7 @@ import msgspec
 
 from mmoffload.contract import rundir
 from mmoffload.contract.checks import check_micro_batch
+from mmoffload.contract.packed import fill_ratio
 from mmoffload.contract.wire import (
     MicroBatch,
     TrainingBatch,
@@ -130,7 +131,6 @@ def pack_batch(
         micro_batches.append(micro_batch)
     ranks, dummies = _assign_ranks(micro_batches, options)
     real_tokens = sum(piece.length for piece in pieces)
-    total_slots = options.seq_len * sum(len(rank) for rank in ranks)
     return ranks, StepPackReport(
         **msgspec.structs.asdict(truncation(pieces)),
         step=step,
@@ -140,7 +140,7 @@ def pack_batch(
         dummies=dummies,
         real_tokens=real_tokens,
         padding_tokens=sum(len(mb.input_ids) for mb in micro_batches) - real_tokens,
-        fill_ratio=real_tokens / total_slots if total_slots else 0.0,
+        fill_ratio=fill_ratio(real_tokens, sum(len(rank) for rank in ranks), options.seq_len),
     )
 
 

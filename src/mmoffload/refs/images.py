@@ -35,14 +35,9 @@ def sidecar_images(sidecar: object, num_tokens: int, where: Where, context: Cont
         at = where.at(image=index)
         family_name = image.descriptor["family"]
         family = context.families.get(family_name, at)
-        expected = family.placeholder_length(family.grid(image.descriptor["payload"], at))
-        if image.placeholder.length != expected:
-            raise BadInputError(
-                f"Expected placeholder length {expected} for the `{family_name}` payload "
-                f"{image.descriptor['payload']}, got {image.placeholder.length} "
-                "(image features and image tokens would not match)",
-                at,
-            )
+        grid = family.grid(image.descriptor["payload"], at)
+        if problem := family.placeholder_problem(grid, image.placeholder.length):
+            raise BadInputError(problem, at)
         descriptor = image.descriptor
         uri = context.options.remap(descriptor["raw_image_uri"])
         if uri != descriptor["raw_image_uri"]:

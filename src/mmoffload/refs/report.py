@@ -46,6 +46,8 @@ class RefsReport(msgspec.Struct, kw_only=True):
     rejects_path: str | None = None
     type_ids_cross_checked: bool = True
     samples_type_ids_from_placeholders: int = 0
+    # Sampled nodes that recorded no `logprobs` (null or absent): 0.0 placed on their trainable tokens.
+    sampled_nodes_without_logprobs: int = 0
     # Each family the samples used, with its config (a model directory or "defaults").
     families: dict[str, str] = msgspec.field(default_factory=dict)
     warnings: list[str] = msgspec.field(default_factory=list)

@@ -9,18 +9,16 @@ placeholder length, their content hash and the token stream's image tokens.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import msgspec
 
 from mmoffload.contract import rundir
 from mmoffload.contract.wire import TrainingBatch, TrainingSample, encode
-from mmoffload.errors import BadInputError, IntegrityError, MMOffloadError, UsageError, Where
+from mmoffload.errors import BadInputError, IntegrityError, UsageError, Where
 from mmoffload.families import Families
 from mmoffload.io.inputs import iter_lines, too_deep
 from mmoffload.io.outputs import (
@@ -30,6 +28,7 @@ from mmoffload.io.outputs import (
     check_output_path,
     check_writable_dir,
 )
+from mmoffload.io.rejects import rejected_line
 from mmoffload.io.staging import staged_run
 from mmoffload.refs.report import Context, RefsOptions, RefsReport
 from mmoffload.refs.samples import Pending, fill_group_advantages
@@ -88,7 +87,7 @@ def build_refs(
                     exc = too_deep(where) if isinstance(caught, RecursionError) else caught
                     if rejects is None:
                         raise exc from caught
-                    _write_reject(rejects, line, where, exc)
+                    rejects.write(rejected_line(where, line, exc))
                     # A rejected line counts in no figure but its own.
                     for name, value in counted.items():
                         setattr(report, name, value)
@@ -112,6 +111,11 @@ def build_refs(
         report.steps_left = leftover
     report.families = families.configs()
     report.warnings = families.warnings() + _earlier_steps_warnings(report, options.overwrite)
+    if report.sampled_nodes_without_logprobs:
+        report.warnings.append(
+            f"{report.sampled_nodes_without_logprobs} sampled node(s) recorded no logprobs: 0.0 placed on "
+            "their trainable tokens (an importance ratio against them is not the sampler's)"
+        )
     return report
 
 
@@ -178,19 +182,3 @@ def _write_steps(
                 stale.unlink()
             report.steps.append(step)
     report.steps_written = len(report.steps)
-
-
-def _write_reject(out: BinaryIO, line: bytes, where: Where, exc: MMOffloadError) -> None:
-    """Append a rejected record, whole, with its reason and location."""
-    entry: dict[str, Any] = {"file": where.file, "line": where.line, "reason": str(exc)}
-    try:
-        msgspec.json.decode(line)
-        entry["record"] = msgspec.Raw(line.strip())
-    except (msgspec.DecodeError, RecursionError):
-        # Not JSON (or too deep to re-read): the exact text, or its bytes when it is not UTF-8.
-        text = line.rstrip(b"\r\n")
-        try:
-            entry["record"] = text.decode()
-        except UnicodeDecodeError:
-            entry["record_base64"] = base64.b64encode(text).decode()
-    out.write(msgspec.json.encode(entry) + b"\n")

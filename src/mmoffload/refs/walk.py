@@ -8,6 +8,7 @@ import msgspec
 import numpy as np
 
 from mmoffload.contract.checks import per_token_problem
+from mmoffload.contract.spans import order_problem
 from mmoffload.errors import BadInputError, PathPart, Where
 from mmoffload.refs.images import Image, image_end, mm_kwargs_error, sidecar_images
 from mmoffload.refs.records import PATH_PART, RECORD_DECODER, Node, Part, Record, first_present, under
@@ -87,12 +88,8 @@ def _trace_samples(trace: Record, episode: Record | None, where: Where, context:
         start = 0 if parent is None else starts[parent] + len(parts[parent].tokens)
         part = _node_part(node, start, at, context)
         previous_end = 0 if parent is None else image_ends[parent]
-        if part.images and part.images[0].ref.offset < previous_end:
-            raise BadInputError(
-                f"Expected placeholders in token order without overlap, got offset "
-                f"{part.images[0].ref.offset} before the previous end {previous_end}",
-                part.images[0].where,
-            )
+        if part.images and (problem := order_problem(part.images[0].ref.offset, previous_end)):
+            raise BadInputError(problem, part.images[0].where)
         parts.append(part)
         starts.append(start)
         image_ends.append(image_end(part.images, previous_end))
@@ -161,7 +158,11 @@ def _node_part(node: Node, start: int, where: Where, context: Context) -> Part:
         raise mm_kwargs_error(where)
     n = len(node.token_ids)
     mask = _mask(node.mask, n, under(where, "mask")) if node.mask is not None else [False] * n
-    logprobs = _expand_logprobs(mask, node.logprobs or [], under(where, "logprobs"))
+    if node.logprobs is None and True in mask:
+        # A sampled node that says it has none (render drops logprobs that are not the rendered
+        # tokens'): 0.0 on its trainable tokens, counted and warned about, never an error.
+        context.report.sampled_nodes_without_logprobs += 1
+    logprobs = _expand_logprobs(mask, node.logprobs or [], under(where, "logprobs"), node.logprobs is None)
     advantages = per_token_advantages(node.advantages, n, under(where, "advantages"))
     sidecar_where = under(where, "multi_modal_data")
     images = sidecar_images(node.multi_modal_data, start + n, sidecar_where, context)
@@ -184,9 +185,11 @@ def _mask(values: list[bool | int], n: int, where: Where) -> list[bool]:
     return list(map(bool, values))
 
 
-def _expand_logprobs(mask: list[bool], given: list[float], where: Where) -> list[float]:
-    """Place one logprob per true mask entry on its token, 0.0 elsewhere."""
+def _expand_logprobs(mask: list[bool], given: list[float], where: Where, none: bool = False) -> list[float]:
+    """Place one logprob per true mask entry on its token, 0.0 elsewhere (everywhere when ``none``)."""
     trainable = mask.count(True)
+    if none:
+        return [0.0] * len(mask)
     if len(given) != trainable:
         raise BadInputError(
             f"Expected one logprob per true mask entry ({trainable}), got {len(given)}", where

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mmoffload.contract.addresses import (
     content_hash,
@@ -28,10 +27,6 @@ from mmoffload.contract.addresses import (
 )
 from mmoffload.errors import BadInputError, UsageError, Where
 from mmoffload.io.outputs import atomic_write
-
-if TYPE_CHECKING:
-    pass
-
 
 ASSETS_ENV_VAR = "VF_RENDERER_IMAGE_OFFLOAD_DIR"
 

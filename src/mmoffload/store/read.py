@@ -7,15 +7,11 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from mmoffload.contract.addresses import content_hash, file_uri
+from mmoffload.contract.addresses import verify_hash
 from mmoffload.errors import BadInputError, IntegrityError, MissingImageError, Where
 from mmoffload.limits import MAX_IMAGE_BYTES_ENV_VAR, max_image_bytes
 from mmoffload.store.backend import asset_size, read_asset
-
-if TYPE_CHECKING:
-    pass
 
 
 def read_verified(
@@ -118,29 +114,3 @@ def check_allowed(path: Path, allowed_roots: Sequence[Path] | None, where: Where
             where,
         )
     return resolved
-
-
-def verify_hash(
-    data: bytes,
-    expected_hash: str,
-    path: Path | str,
-    where: Where | None = None,
-    *,
-    show_actual: bool = False,
-) -> None:
-    """Check that the bytes read from ``path`` (or an object-store URL) hash to ``expected_hash``.
-
-    A file's actual hash is shown only with ``show_actual`` (a file inside the allowed
-    roots): of any other file it would leak a fingerprint of whatever a ref names.
-
-    Raises:
-        IntegrityError: the content hashes to something else.
-    """
-    if (actual := content_hash(data)) != expected_hash:
-        is_file = isinstance(path, Path)
-        shown = file_uri(path) if is_file else path
-        # An object lies in the store the ref names, so its hash leaks nothing.
-        found = f"got `{actual}`" if show_actual or not is_file else "the file holds other content"
-        raise IntegrityError(
-            f"Content hash mismatch for `{shown}`: expected `{expected_hash}`, {found}", where
-        )

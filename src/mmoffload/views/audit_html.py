@@ -7,8 +7,8 @@ silent (docs/inspect.md says the same):
 
 - Images and reference counts are over trainer-bound refs: rank files when a
   run has any, else its TrainingBatch files (as audit counts ``descriptors``).
-- Padding is a token whose ``env_names`` entry is ``""`` (packing writes that
-  only for padding); real tokens are the rest.
+- Padding is known from the micro batch's layout (``contract.packed.padding_tokens``); real
+  tokens are the rest, less those of dummies (they train nothing).
 - Fill ratio of a rank = its real tokens / (its micro batches x the longest
   micro batch of the step): the rank files do not record ``seq_len``.
 - A sequence is truncated when its real tokens are a strict prefix of a sample
@@ -29,6 +29,8 @@ from typing import Any
 import msgspec
 
 from mmoffload.audit import AuditReport, binary_artifacts
+from mmoffload.contract import rundir
+from mmoffload.contract.packed import fill_ratio, padding_tokens
 from mmoffload.contract.wire import MicroBatch, TrainingSample, read_rank_file, read_training_batch
 from mmoffload.errors import UsageError
 from mmoffload.views.page_parts import page, read_image, thumbnail_html
@@ -46,17 +48,18 @@ class RankFigures:
     dummies: int = 0
     tokens: int = 0
     padding: int = 0
-    capacity: int = 0
+    dummy_tokens: int = 0
+    seq_len: int = 0
     truncated_sequences: int = 0
     tokens_dropped: int = 0
 
     @property
     def real(self) -> int:
-        return self.tokens - self.padding
+        return self.tokens - self.padding - self.dummy_tokens
 
     @property
     def fill_ratio(self) -> float:
-        return self.real / self.capacity if self.capacity else 0.0
+        return fill_ratio(self.real, self.micro_batches, self.seq_len)
 
 
 @dataclass(slots=True)
@@ -100,7 +103,7 @@ def audit_page(paths: Sequence[Path], report: AuditReport) -> str:
 
 
 def _records(path: Path) -> Sequence[TrainingSample | MicroBatch]:
-    return read_rank_file(path) if path.name.startswith("rank_") else read_training_batch(path).examples
+    return read_rank_file(path) if rundir.rank_of(path) is not None else read_training_batch(path).examples
 
 
 def _rank_figures(training_batches: Sequence[Path], rank_files: Sequence[Path]) -> list[RankFigures]:
@@ -111,13 +114,17 @@ def _rank_figures(training_batches: Sequence[Path], rank_files: Sequence[Path]) 
         by_step[path.parent].append((path, read_rank_file(path)))
     figures: list[RankFigures] = []
     for step_dir, files in by_step.items():
-        longest = max((len(mb.input_ids) for _, batches in files for mb in batches), default=0)
+        # Rank files do not record seq_len: the step's longest micro batch (unpadded) stands in for it,
+        # exact whenever some bin was filled (docs/inspect.md).
+        seq_len = max(
+            (len(mb.input_ids) - padding_tokens(mb) for _, batches in files for mb in batches), default=0
+        )
         index = _sample_index(samples_by_dir.get(step_dir, []))
         for path, batches in files:
             rank = RankFigures(f"{step_dir.parent.parent.name}/{step_dir.name}/{path.stem}")
             for batch in batches:
                 _add_micro_batch(rank, batch, index)
-            rank.capacity = rank.micro_batches * longest
+            rank.seq_len = seq_len
             figures.append(rank)
     return figures
 
@@ -133,12 +140,14 @@ def _add_micro_batch(
     rank: RankFigures, batch: MicroBatch, index: dict[tuple[int, ...], list[list[int]]]
 ) -> None:
     n = len(batch.input_ids)
-    padding = [name == "" for name in batch.env_names] if len(batch.env_names) == n else [False] * n
+    pad = padding_tokens(batch)
+    padding = [False] * (n - pad) + [True] * pad
     rank.micro_batches += 1
     rank.tokens += n
-    rank.padding += sum(padding)
+    rank.padding += pad
     if n and not any(batch.loss_mask):
         rank.dummies += 1
+        rank.dummy_tokens += n - pad
         return  # A dummy copies a real micro batch: its sequences are counted there.
     start = 0
     for length in batch.sequence_lengths:

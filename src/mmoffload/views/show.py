@@ -18,7 +18,6 @@ Selection rules (docs/inspect.md says the same):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,6 @@ from mmoffload.errors import UsageError, Where
 # Per-token arrays longer than this are summarised (unless full): the first and last few entries.
 SUMMARY_EDGE = 8
 _PER_TOKEN = {"token_ids", "input_ids", *SAMPLE_PER_TOKEN_FIELDS, *MICRO_BATCH_PER_TOKEN_FIELDS}
-_RANK_FILE = re.compile(r"rank_(\d+)\.bin")
-_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +92,11 @@ def select(
         raise UsageError("No such file or directory", Where(file=str(path)))
     if step is not None or rank is not None:
         raise UsageError("--step and --rank select within a run directory; give the run, not a file")
-    step_match = _STEP_DIR.fullmatch(path.parent.name)
-    file_step = int(step_match.group(1)) if step_match else None
-    if match := _RANK_FILE.fullmatch(path.name):
+    file_step = rundir.step_of(path.parent)
+    if (rank := rundir.rank_of(path)) is not None:
         if sample is not None:
             raise UsageError("A rank file holds micro batches: use --micro-batch, not --sample")
-        return _pick_micro_batch(path, micro_batch or 0, file_step, int(match.group(1)))
+        return _pick_micro_batch(path, micro_batch or 0, file_step, rank)
     if micro_batch is not None:
         raise UsageError("A TrainingBatch holds samples: use --sample, not --micro-batch")
     return _pick_sample(path, sample or 0, file_step)
