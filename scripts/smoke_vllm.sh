@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end smoke run of the inference side, through the `mmoffload` command: offload the fixture
 # Qwen-VL traces, serve a tiny random-weight Qwen2-VL with `mmoffload serve` (vLLM), complete each
-# trace's last prompt with `mmoffload generate` (every image sent as an mmraw: ref), then refs, pack
+# trace's last prompt with `mmoffload generate` (every image sent as a content_parts part: file:// URL
+# and content-hash uuid; the server's expansion checked), then refs, pack
 # and audit the result. 4 traces gain 1 sampled branch each: 8 samples, 24 image refs. Last, the
 # same traces with every turn as context are completed once more, and `mmoffload parity` checks that
 # the Hugging Face model gives every token the server sampled the log-prob the server reported.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,24 @@ def test_reading_checks_existence_and_content(tmp_path: Path) -> None:
         read_verified(stored.path, stored.hash)
     with pytest.raises(IntegrityError, match="Missing image file"):
         read_verified(tmp_path / "gone.png", None)
+
+
+def test_a_directory_is_refused_and_its_descriptor_closed(tmp_path: Path) -> None:
+    open_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(200):
+        with pytest.raises(BadInputError, match="got a directory"):
+            read_verified(tmp_path, "0" * 32)
+    assert len(os.listdir("/proc/self/fd")) == open_before
+
+
+def test_a_file_over_the_limit_is_refused_and_its_descriptor_closed(tmp_path: Path) -> None:
+    path = tmp_path / "big.png"
+    path.write_bytes(image_bytes())
+    open_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        with pytest.raises(BadInputError, match="over the 10-byte limit"):
+            read_verified(path, None, max_bytes=10)
+    assert len(os.listdir("/proc/self/fd")) == open_before
 
 
 def test_the_asset_directory_is_explicit_then_environment_then_run(

@@ -9,6 +9,7 @@ import typer
 
 from mmoffload.errors import UsageError
 from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES
+from mmoffload.inference.decode_budget import DEFAULT_DECODE_BYTES
 from mmoffload_cli import sink
 
 
@@ -32,6 +33,15 @@ def serve(
             "--cache-bytes", min=0, metavar="BYTES", help="Bound of the materialized-image cache, in bytes."
         ),
     ] = DEFAULT_CACHE_BYTES,
+    decode_bytes: Annotated[
+        int,
+        typer.Option(
+            "--decode-bytes",
+            min=0,
+            metavar="BYTES",
+            help="Bound of the images being decoded at once, in bytes (16 per pixel); more wait in line.",
+        ),
+    ] = DEFAULT_DECODE_BYTES,
     allow_root: Annotated[
         list[Path] | None,
         typer.Option(
@@ -68,4 +78,5 @@ def serve(
             vllm_args=list(ctx.args),
             cache_bytes=cache_bytes,
             roots=allow_root,
+            decode_bytes=decode_bytes,
         )
