@@ -37,7 +37,7 @@ mmoffload offload "$fixtures/traces/qwen_vl.jsonl" --assets "$run/assets/images"
 port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 mkdir -p "$work/tmp"
 PYTHONPATH="$server_path" VLLM_CPU_KVCACHE_SPACE=1 TMPDIR="$work/tmp" \
-  mmoffload serve --model "$work/model" --port "$port" -- \
+  mmoffload serve --model "$work/model" --port "$port" --allow-root "$run/assets/images" -- \
   --dtype float32 --max-model-len 4096 --enforce-eager --limit-mm-per-prompt '{"image": 4, "video": 0}' \
   >"$work/server.log" 2>&1 &
 server_pid=$!
