@@ -10,6 +10,8 @@ import base64
 import importlib.util
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scripts.as_context import as_context
 from typer.testing import CliRunner
 
+from mmoffload.contract.wire import MicroBatch, MMImageRef, encode, read_rank_file
 from mmoffload.families import Families
 from mmoffload.inference.client import InferenceClient, InferenceServerError, build_request, parse_completion
 from mmoffload.inference.refs import decode_ref, encode_ref
@@ -105,7 +109,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     command = [
         sys.executable, "-c", "from mmoffload_cli.app import main; main()",
         "serve", "--model", str(model_dir), "--port", str(port), "--",
-        "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
+        # float32 as parity's end-to-end test compares with the Hugging Face model in float32.
+        "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
         "--limit-mm-per-prompt", '{"image": 3, "video": 0}',
     ]  # fmt: skip
     log = (root / "server.log").open("wb")
@@ -347,3 +352,109 @@ def test_generate_command_names_the_image_the_server_refused(server: Server, tmp
     assert result.exit_code == 2
     assert "invalid_mm_image_ref" in result.stderr and "image 0" in result.stderr
     assert not out.exists()
+
+
+def _context_only(source: Path, out: Path, twice: Path, twice_trace: str) -> None:
+    """Write the offloaded fixture traces with every turn as context, ready for one sampled turn.
+
+    The images of ``twice_trace`` are copied under ``twice``, where the server normalizes
+    pixels twice (the shims), and its refs point there.
+    """
+    lines = []
+    for line in source.read_text().splitlines():
+        record = as_context(json.loads(line))
+        if record["traces"][0]["id"] == twice_trace:
+            for uri in set(re.findall(r"file://[^\"]+", line)):
+                path = Path(uri.removeprefix("file://"))
+                twice.mkdir(exist_ok=True)
+                shutil.copy(path, twice / path.name)
+            record = json.loads(
+                json.dumps(record).replace(f"file://{source.parent}/assets", f"file://{twice}")
+            )
+        lines.append(json.dumps(record))
+    out.write_text("\n".join(lines) + "\n")
+
+
+def test_parity_end_to_end_flags_each_damaged_sample(server: Server, tmp_path: Path) -> None:
+    # offload -> generate -> refs -> pack -> parity on the fixture traces (3 screenshots each), then
+    # the run damaged: pixels normalized twice at inference, two samples' images swapped, a file gone.
+    twice = server.assets.parent / "normalized-twice"
+    run, assets = tmp_path / "run", tmp_path / "assets"
+    model = str(server.model_dir)
+    roots = ["--allow-root", str(assets), "--allow-root", str(twice)]
+    steps = [
+        ["offload", str(REPO / "fixtures" / "traces" / "qwen_vl.jsonl"), "--assets", str(assets),
+         "-o", str(tmp_path / "offloaded.jsonl")],
+        ["generate", str(tmp_path / "context.jsonl"), "--server", server.url, "-o", str(tmp_path / "gen.jsonl"),
+         "--max-tokens", "8", "--temperature", "0"],
+        ["refs", str(tmp_path / "gen.jsonl"), "--run-dir", str(run), "--model", model, *roots],
+        ["pack", str(run), "--seq-len", "8192"],
+    ]  # fmt: skip
+    for number, args in enumerate(steps):
+        if number == 1:
+            _context_only(tmp_path / "offloaded.jsonl", tmp_path / "context.jsonl", twice, "trace-0003")
+        result = CliRunner().invoke(app, [*args, "-q"])
+        assert result.exit_code == 0, result.output
+
+    def parity() -> tuple[int, dict[str, dict[str, Any]]]:
+        result = CliRunner().invoke(app, ["parity", str(run), "--model", model, "--json", *roots])
+        assert result.exit_code in (0, 1), result.output
+        report = json.loads(result.stdout)
+        return result.exit_code, {_sample_name(s): s for s in report["per_sample"]}
+
+    code, samples = parity()
+    damaged = [name for name, s in samples.items() if "normalized-twice" in s["images"][0]["uri"]]
+    clean = sorted(set(samples) - set(damaged))
+    assert code == 1 and len(samples) == 4 and len(damaged) == 1
+    assert samples[damaged[0]]["status"] == "over_threshold"
+    assert [samples[name]["status"] for name in clean] == ["ok"] * 3
+    clean_kl = max(samples[name]["kl"] for name in clean)
+    assert clean_kl < 1e-4
+
+    rank_file = run / "rollouts" / "step_0" / "rank_0.bin"
+    micro_batches = read_rank_file(rank_file)
+    first, second = _same_grid_pair([samples[name] for name in clean])
+    _swap(micro_batches, first, second)
+    rank_file.write_bytes(encode(micro_batches))
+    code, swapped = parity()
+    assert code == 1
+    pair = {_sample_name(first), _sample_name(second)}
+    assert {name for name, s in swapped.items() if s["status"] != "ok"} == {damaged[0], *pair}
+
+    last = next(name for name in clean if name not in pair)
+    gone = samples[last]["images"][1]
+    Path(gone["uri"].removeprefix("file://")).unlink()
+    code, missing = parity()
+    assert code == 1
+    assert missing[last]["status"] == "missing_image" and missing[last]["kl"] is None
+    kls = {name: samples[name]["kl"] for name in clean} | {"normalized_twice": samples[damaged[0]]["kl"]}
+    kls |= {f"swapped_{name}": swapped[name]["kl"] for name in sorted(pair)}
+    print("parity end to end:", json.dumps(kls))
+
+
+def _sample_name(sample: dict[str, Any]) -> str:
+    return f"r{sample['rank']}-mb{sample['micro_batch']}-s{sample['index']}"
+
+
+def _same_grid_pair(samples: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return two samples, each with its image index to swap: other files, the same placeholder length."""
+    for a in samples:
+        for b in samples:
+            for i, image in enumerate(a["images"]):
+                for j, other in enumerate(b["images"]):
+                    if a is not b and image["hash"] != other["hash"] and image["length"] == other["length"]:
+                        return {**a, "swap": i}, {**b, "swap": j}
+    raise AssertionError("no two images of one grid in different samples")
+
+
+def _swap(micro_batches: list[MicroBatch], first: dict[str, Any], second: dict[str, Any]) -> None:
+    """Give each sample's chosen image the other's file and hash: valid files, wrong pixels."""
+    spans = [(s["micro_batch"], s["images"][s["swap"]]["offset"]) for s in (first, second)]
+    found = []
+    for number, offset in spans:
+        images = micro_batches[number].mm_refs.images
+        found.append((images, next(k for k, ref in enumerate(images) if ref.offset == offset)))
+    (a_list, a), (b_list, b) = found
+    ra, rb = a_list[a], b_list[b]
+    a_list[a] = MMImageRef(rb.item, rb.hash, rb.uri, ra.offset, ra.length)
+    b_list[b] = MMImageRef(ra.item, ra.hash, ra.uri, rb.offset, rb.length)

@@ -34,6 +34,7 @@ COMMANDS = (
     "inspect",
     "serve",
     "generate",
+    "parity",
 )
 # `serve` passes the arguments after `--` on to vLLM.
 CONTEXT_SETTINGS = {"serve": {"allow_extra_args": True, "ignore_unknown_options": True}}
