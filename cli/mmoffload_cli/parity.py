@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich import box
 from rich.table import Table
-from rich.text import Text
 
 from mmoffload.errors import UsageError
 from mmoffload.io.outputs import open_output
@@ -167,12 +166,12 @@ def _worst_table(report: ParityReport) -> Table:
             _number(sample.rank),
             str(sample.micro_batch),
             str(sample.index),
-            Text(str(sample.status)),
+            sink.cell(str(sample.status)),
             _number(sample.kl),
             _number(sample.mean_abs_diff),
             _number(sample.max_abs_diff),
             f"{sample.tokens:,}",
-            Text(images or "-"),
+            sink.cell(images or "-"),  # File names: user text.
         )
     return table
 
