@@ -100,7 +100,8 @@ def bench_server(
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TMPDIR": str(tmp)}
     command = [
         sys.executable, "-c", "from mmoffload_cli.app import main; main()", "serve", "--model", str(model_dir),
-        "--port", str(port), "--cache-bytes", str(cache_bytes), "--", "--dtype", "bfloat16",
+        "--port", str(port), "--cache-bytes", str(cache_bytes), "--allow-root", str(assets), "--",
+        "--dtype", "bfloat16",
         "--max-model-len", "4096", "--enforce-eager", "--limit-mm-per-prompt", '{"image": 2, "video": 0}',
     ]  # fmt: skip
     log = (tmp / "server.log").open("wb")

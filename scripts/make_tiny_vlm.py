@@ -1,6 +1,6 @@
 """Build a tiny random-weight Qwen2-VL model directory for tests and the vLLM smoke run (no download).
 
-About 20 M parameters: 2 text layers of width 128, a 1-layer vision tower with
+About 40 M parameters (an untied, scaled output layer; see below): 2 text layers of width 128, a 1-layer vision tower with
 patch 16 (the grid the fixtures' Qwen3-VL descriptors use), the Qwen special
 tokens at their real ids and the byte-level tokenizer and Qwen-VL chat template of
 ``mmoffload.render.tiny`` (the fixtures' byte-level text). The image processor, tokenizer and chat
@@ -31,6 +31,14 @@ SPECIAL_TOKENS = {
 # Small enough for a CPU engine, large enough for the fixtures' 1280x720 screenshots (880 tokens).
 MIN_PIXELS, MAX_PIXELS = 32 * 32, 1280 * 720
 PATCH_SIZE = 16
+# Random init makes a model images barely move: logits nearly flat (std 0.23 over 151,936 tokens),
+# image embeddings no larger than text ones, attention nearly uniform (a later token sees the mean of
+# 880 patch features, much the same for any two screenshots) and, with tied embeddings, a model that
+# repeats its last token with probability 1. Scaled up: an untied output layer (sharp logits, no
+# echo), the vision merger's output (image tokens dominate the context) and the text attention's
+# queries and keys (a token attends to particular patches). Swapping one screenshot of three then
+# moves a greedy completion's mismatch KL from about 1e-4 to about 6 (docs/parity.md).
+LM_HEAD_SCALE, VISION_OUTPUT_SCALE, ATTENTION_SCALE = 8.0, 32.0, 16.0
 
 
 def build(out_dir: Path, seed: int = 0) -> Path:
@@ -50,7 +58,7 @@ def build(out_dir: Path, seed: int = 0) -> Path:
             "num_key_value_heads": 2,
             "max_position_embeddings": 8192,
             "rope_parameters": {"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
-            "tie_word_embeddings": True,
+            "tie_word_embeddings": False,
             "bos_token_id": SPECIAL_TOKENS["<|endoftext|>"],
             "eos_token_id": SPECIAL_TOKENS["<|im_end|>"],
         },
@@ -68,9 +76,16 @@ def build(out_dir: Path, seed: int = 0) -> Path:
         video_token_id=SPECIAL_TOKENS["<|video_pad|>"],
         vision_start_token_id=SPECIAL_TOKENS["<|vision_start|>"],
         vision_end_token_id=SPECIAL_TOKENS["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
     )
-    model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
+    model = Qwen2VLForConditionalGeneration(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LM_HEAD_SCALE)
+        model.model.visual.merger.mlp[2].weight.mul_(VISION_OUTPUT_SCALE)
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(ATTENTION_SCALE)
+            layer.self_attn.k_proj.weight.mul_(ATTENTION_SCALE)
+    model = model.to(torch.bfloat16)
 
     # Byte-level text (id = byte value, as the fixtures' traces) and a Qwen-VL chat template with
     # image parts and tool calls, so vLLM's chat routes render what `mmoffload render` renders.

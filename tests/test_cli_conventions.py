@@ -120,3 +120,17 @@ def test_materialize_save_prints_its_estimate_before_writing(tmp_path: Path) -> 
     megabytes = float(result.stderr.split("saving about ")[1].split(" MB")[0].replace(",", ""))
     written = sum(p.stat().st_size for p in save.rglob("*.safetensors"))
     assert written <= megabytes * 1e6 * 1.01 and written >= megabytes * 1e6 * 0.9
+
+
+def test_serve_refuses_to_start_without_a_root_to_read_images_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VF_RENDERER_IMAGE_OFFLOAD_DIR", raising=False)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+
+    result = CliRunner().invoke(app, ["serve", "--model", str(model)])
+
+    assert result.exit_code == 2
+    assert "--allow-root DIR" in result.stderr and "never reads just any file" in result.stderr

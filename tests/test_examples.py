@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Why an example cannot run here, by what it names.
 NEEDS = (
     (re.compile(r"^mmoffload (serve|generate)\b"), "a vLLM server (tests/test_vllm_server.py runs one)"),
+    (re.compile(r"^mmoffload parity\b"), "a model with weights (no test machine downloads one)"),
     (re.compile(r"--ray\b"), "a Ray cluster (tests/test_ray_backend.py starts a local one)"),
     (re.compile(r"--assets s3://"), "S3 (tests/test_objectstore.py runs moto's server)"),
     (re.compile(r"/models/|ORG/NAME|Qwen/"), "a model from the Hugging Face hub"),

@@ -161,29 +161,48 @@ def test_concurrent_callers_share_one_materialization() -> None:
     assert all(arrays is results[0][0] for arrays, _ in results)
 
 
-def test_failed_materialization_reaches_every_waiter_and_is_not_cached() -> None:
+def test_a_failed_materialization_answers_only_its_own_caller() -> None:
+    # Two requests name one hash: the first sent the wrong file. The second waits on the
+    # first's read, and on its failure reads its own file instead of taking the error.
     cache = PixelCache()
     gate = threading.Event()
 
-    def fail() -> dict[str, np.ndarray]:
+    def wrong_file() -> dict[str, np.ndarray]:
         gate.wait(5)
-        raise BadInputError("bad image")
+        raise BadInputError("Content hash mismatch for `file:///other.png`")
 
     errors: list[BaseException] = []
+    results: list[tuple[dict[str, np.ndarray], bool]] = []
 
-    def call() -> None:
+    def bad() -> None:
         try:
-            cache.get_or_make("k", fail)
+            cache.get_or_make("k", wrong_file)
         except BadInputError as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=call) for _ in range(3)]
-    for thread in threads:
-        thread.start()
+    first = threading.Thread(target=bad)
+    first.start()
+    while "k" not in cache._in_flight:
+        threading.Event().wait(0.01)
+    second = threading.Thread(
+        target=lambda: results.append(cache.get_or_make("k", lambda: {"x": np.ones(1)}))
+    )
+    second.start()
+    while cache.waiting("k") != 1:
+        threading.Event().wait(0.01)
     gate.set()
-    for thread in threads:
-        thread.join()
-    assert len(errors) == 3 and len(cache) == 0
+    first.join()
+    second.join()
+    assert [str(error) for error in errors] == ["Content hash mismatch for `file:///other.png`"]
+    assert len(results) == 1 and results[0][1] is True and results[0][0]["x"].tolist() == [1.0]
+    assert len(cache) == 1
+
+
+def test_failed_materialization_is_not_cached() -> None:
+    cache = PixelCache()
+    with pytest.raises(BadInputError):
+        cache.get_or_make("k", lambda: (_ for _ in ()).throw(BadInputError("bad image")))
+    assert len(cache) == 0
     arrays, made = cache.get_or_make("k", lambda: {"x": np.zeros(1)})
     assert made and arrays["x"].shape == (1,)
 

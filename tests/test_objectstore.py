@@ -273,3 +273,41 @@ def test_assets_given_as_a_file_url_are_a_directory(tmp_path):
     report = offload_files([QWEN_TRACES], [tmp_path / "out.jsonl"], (tmp_path / "a b").as_uri())
     assert report.unique_images_written == len(list((tmp_path / "a b").iterdir()))
     assert (tmp_path / "a b").as_uri() + "/" in (tmp_path / "out.jsonl").read_text()
+
+
+@pytest.mark.parametrize("store", ["file://", "object"])
+def test_audit_verify_hashes_of_chat_jsonl_finds_an_overwritten_image(
+    tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> None:
+    assets = str(tmp_path / "assets") if store == "file://" else f"{request.getfixturevalue('bucket')}/images"
+    figure = "file_uris" if store == "file://" else "object_uris"
+    raw = tmp_path / "chat.jsonl"
+    raw.write_text("".join(json.dumps(chat_record(data_url(image_bytes(seed=n)))) + "\n" for n in (1, 2)))
+    offloaded = tmp_path / "chat.offloaded.jsonl"
+    offload_files([raw], [offloaded], assets)
+
+    whole = runner.invoke(app, ["audit", str(offloaded), "--verify-hashes", "--json"])
+    assert whole.exit_code == 0, whole.stdout
+    assert json.loads(whole.stdout)[figure] == 2
+
+    # The first image's stored name now holds other (valid image) bytes.
+    first = json.loads(offloaded.read_text().splitlines()[0])["messages"][0]["content"][0]["image_url"]["url"]
+    if store == "file://":
+        Path(first.removeprefix("file://")).write_bytes(image_bytes(seed=9))
+    else:
+        import fsspec
+
+        with fsspec.open(first, "wb") as out:
+            out.write(image_bytes(seed=9))
+    result = runner.invoke(app, ["audit", str(offloaded), "--verify-hashes", "--json"])
+
+    assert result.exit_code == 1, result.stdout
+    report = json.loads(result.stdout)
+    assert (report[figure], report["hash_mismatches"], report["ok"]) == (2, 1, False)
+    (violation,) = report["violations"]
+    assert violation["kind"] == "hash_mismatch" and content_hash(image_bytes(seed=1)) in violation["reason"]
+
+
+def chat_record(url: str) -> dict:
+    part = {"type": "image_url", "image_url": {"url": url}}
+    return {"messages": [{"role": "user", "content": [part]}]}

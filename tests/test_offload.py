@@ -9,14 +9,13 @@ import pytest
 
 from mmoffload.contract.addresses import content_hash, file_uri
 from mmoffload.errors import BadInputError, IntegrityError, UsageError
-from mmoffload.io.outputs import TEMP_PREFIX
+from mmoffload.io.outputs import TEMP_PREFIX, remove_stale_temps
 from mmoffload.offload import (
     OffloadOptions,
     RecordCounts,
     offload_files,
     offload_record,
     plan_outputs,
-    sweep_stale_temps,
 )
 from mmoffload.store.local import AssetStore
 from tests.builders import data_url, image_bytes
@@ -377,7 +376,7 @@ def test_stale_temporaries_are_swept_and_fresh_ones_kept(tmp_path):
     stale.write_bytes(b"x")
     fresh.write_bytes(b"x")
     os.utime(stale, (0, 0))
-    assert sweep_stale_temps(tmp_path) == 1
+    assert remove_stale_temps(tmp_path) == 1
     assert [p.name for p in tmp_path.iterdir()] == [fresh.name]
 
 

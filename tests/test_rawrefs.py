@@ -14,9 +14,13 @@ from PIL import Image
 from mmoffload.contract.addresses import content_hash
 from mmoffload.errors import BadInputError
 from mmoffload.families import Families, Family
+from mmoffload.inference.decode_budget import DecodeBudget, decode_cost
 from mmoffload.inference.refs import (
     InvalidImageRefError,
-    check_placeholder,
+    PromptLimits,
+    PromptRefusedError,
+    check_location,
+    check_request,
     decode_ref,
     encode_ref,
     features_from_node,
@@ -59,19 +63,31 @@ def unnormalized(family: Family, image: Image.Image) -> dict[str, np.ndarray]:
     return family.engine_pixels([image], device_normalizes=True)
 
 
-def check(features: dict[str, Any], tokens: list[int]) -> list[dict[str, np.ndarray]]:
-    """Run every check on every image, as the server does, and return the engine arrays."""
-    refs = parse_features(features, Families())
+def check(
+    features: dict[str, Any],
+    tokens: list[int],
+    roots: list[Path] | None = None,
+    limits: PromptLimits | None = None,
+    reads: list[int] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Run every check on every image, as the server does, and return the engine arrays.
+
+    ``reads`` collects the index of every image whose file is read.
+    """
+    refs = check_request(features, tokens, Families(), limits, roots)
     out = []
     for ref in refs:
-        out.append(materialize_ref(ref, unnormalized))
-        check_placeholder(ref, tokens)
+        if reads is not None:
+            reads.append(ref.index)
+        out.append(materialize_ref(ref, unnormalized, roots))
     return out
 
 
-def refused(features: dict[str, Any], tokens: list[int]) -> InvalidImageRefError:
+def refused(
+    features: dict[str, Any], tokens: list[int], roots: list[Path] | None = None
+) -> InvalidImageRefError:
     with pytest.raises(InvalidImageRefError) as info:
-        check(features, tokens)
+        check(features, tokens, roots)
     return info.value
 
 
@@ -199,7 +215,7 @@ def test_check_3_missing_file(tmp_path: Path) -> None:
     tokens, features = prompt(tmp_path)
     fields = decode_ref(features["kwargs_data"]["image"][1])
     Path(fields["raw_image_uri"].removeprefix("file://")).unlink()
-    error = refused(features, tokens)
+    error = refused(features, tokens, roots=[tmp_path])
     assert (error.check, error.image) == (3, 1) and "Missing image file" in error.message
 
 
@@ -207,8 +223,39 @@ def test_check_3_tampered_file(tmp_path: Path) -> None:
     tokens, features = prompt(tmp_path)
     path = Path(decode_ref(features["kwargs_data"]["image"][0])["raw_image_uri"].removeprefix("file://"))
     path.write_bytes(image_bytes(seed=9))
-    error = refused(features, tokens)
+    error = refused(features, tokens, roots=[tmp_path])
     assert (error.check, error.image) == (3, 0) and "Content hash mismatch" in error.message
+
+
+def test_without_allowed_roots_every_read_failure_reads_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Else the answers tell a client which paths exist on the server, and how large they are.
+    tokens, features = prompt(tmp_path, seeds=(0,))
+    fields = decode_ref(features["kwargs_data"]["image"][0])
+    data = Path(fields["raw_image_uri"].removeprefix("file://")).read_bytes()
+    monkeypatch.setenv("MMOFFLOAD_MAX_IMAGE_BYTES", str(len(data) + 10))
+    other = tmp_path / "other.png"
+    other.write_bytes(image_bytes(seed=5))
+    big = tmp_path / "big.png"
+    big.write_bytes(image_bytes(300, 300, seed=6))
+    messages = set()
+    for target in (tmp_path / "gone.png", other, big, tmp_path, Path("/dev/zero")):
+        rewrite_ref(features, 0, raw_image_uri=target.as_uri())
+        error = refused(features, tokens)
+        assert (error.check, error.image) == (3, 0)
+        messages.add(error.message.replace(target.as_uri(), "URI"))
+    assert messages == {
+        f"Expected a readable regular file of at most {len(data) + 10:,} bytes with content hash "
+        f"`{fields['mm_hash']}` at `URI` (the server names the failure only for files under its allowed roots)"
+    }
+
+
+def test_a_directory_inside_the_roots_is_refused_by_name(tmp_path: Path) -> None:
+    tokens, features = prompt(tmp_path, seeds=(0,))
+    rewrite_ref(features, 0, raw_image_uri=tmp_path.as_uri())
+    error = refused(features, tokens, roots=[tmp_path])
+    assert (error.check, error.image) == (3, 0) and "got a directory" in error.message
 
 
 def test_check_3_file_outside_the_allowed_roots(tmp_path: Path) -> None:
@@ -232,9 +279,12 @@ def test_check_4_bytes_that_do_not_decode(tmp_path: Path) -> None:
 
 def test_check_5_grid_mismatch(tmp_path: Path) -> None:
     tokens, features = prompt(tmp_path)
-    rewrite_ref(features, 1, payload={"image_grid_thw": [[1, 2, 8]]})
+    # Height and width swapped: the placeholder length agrees (check 6), the image does not (check 5).
+    grid = decode_ref(features["kwargs_data"]["image"][1])["payload"]["image_grid_thw"][0]
+    swapped = [grid[0], grid[2], grid[1]]
+    rewrite_ref(features, 1, payload={"image_grid_thw": [swapped]})
     error = refused(features, tokens)
-    assert (error.check, error.image) == (5, 1) and "[1, 2, 8]" in error.message
+    assert (error.check, error.image) == (5, 1) and f"descriptor's grid {swapped}" in error.message
 
 
 def test_check_6_wrong_placeholder_length(tmp_path: Path) -> None:
@@ -257,6 +307,81 @@ def test_checks_run_in_order_first_failure_wins(tmp_path: Path) -> None:
     features["mm_placeholders"]["image"][0]["length"] -= 4  # check 6
     features["kwargs_data"]["image"][1] = None  # check 1, reported first
     assert refused(features, tokens).check == 1
+
+
+def test_checks_that_read_nothing_run_for_every_image_before_any_read(tmp_path: Path) -> None:
+    tokens, features = prompt(tmp_path)
+    Path(decode_ref(features["kwargs_data"]["image"][0])["raw_image_uri"].removeprefix("file://")).unlink()
+    features["mm_placeholders"]["image"][1]["length"] -= 4
+    reads: list[int] = []
+    with pytest.raises(InvalidImageRefError) as info:
+        check(features, tokens, reads=reads)
+    assert (info.value.check, info.value.image, reads) == (6, 1, [])
+
+
+def test_a_prompt_the_engine_refuses_for_length_reads_no_image(tmp_path: Path) -> None:
+    tokens, features = prompt(tmp_path)
+    reads: list[int] = []
+    with pytest.raises(PromptRefusedError, match=f"maximum model length of {len(tokens)} tokens"):
+        check(features, tokens, limits=PromptLimits(max_model_len=len(tokens)), reads=reads)
+    assert reads == []
+    assert len(check(features, tokens, limits=PromptLimits(max_model_len=len(tokens) + 1))) == 2
+
+
+def test_more_images_than_the_per_prompt_limit_are_refused(tmp_path: Path) -> None:
+    tokens, features = prompt(tmp_path, seeds=(0, 1, 2))
+    with pytest.raises(InvalidImageRefError) as info:
+        check(features, tokens, limits=PromptLimits(max_images=2))
+    assert info.value.check == 1 and info.value.image is None
+    assert "At most 2 image(s) may be provided in one prompt" in info.value.message
+    assert "`--limit-mm-per-prompt`), got 3" in info.value.message
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_overlapping_or_identical_placeholders_name_the_later_image(tmp_path: Path, shift: int) -> None:
+    tokens, features = prompt(tmp_path, seeds=(0, 0))
+    first, second = features["mm_placeholders"]["image"]
+    second["offset"] = first["offset"] + shift
+    error = refused(features, tokens)
+    end = first["offset"] + first["length"]
+    assert (error.check, error.image) == (6, 1)
+    assert f"start at or after {end}, where image 0's ends" in error.message
+    assert f"got offset {first['offset'] + shift}" in error.message
+
+
+def test_deeply_nested_json_in_an_unwrapped_ref_is_a_check_2_refusal(tmp_path: Path) -> None:
+    tokens, features = prompt(tmp_path, seeds=(0,))
+    features["kwargs_data"]["image"][0] = 'mmraw:{"payload":' + "[" * 100_000 + "]" * 100_000 + "}"
+    error = refused(features, tokens)
+    assert (error.check, error.image) == (2, 0) and "nested too deeply" in error.message
+
+
+def test_an_outside_root_uri_is_refused_before_any_read(tmp_path: Path) -> None:
+    # The same check runs on a cache hit, so the answer never depends on the cache.
+    _, features = prompt(tmp_path / "assets", seeds=(0,))
+    ref = parse_features(features, Families())[0]
+    with pytest.raises(InvalidImageRefError, match="outside the allowed roots"):
+        check_location(ref, [tmp_path / "elsewhere"])
+    assert check_location(ref, [tmp_path]) == Path(ref.uri.removeprefix("file://"))
+    fields = decode_ref(features["kwargs_data"]["image"][0])
+    features["kwargs_data"]["image"][0] = "mmraw:" + json.dumps({**fields, "raw_image_uri": "http://x/a.png"})
+    with pytest.raises(InvalidImageRefError, match="local `file://` URI"):
+        check_location(parse_features(features, Families())[0], None)
+
+
+def test_a_large_decode_holds_its_cost_from_the_budget(tmp_path: Path) -> None:
+    _, features = prompt(tmp_path, seeds=(0,))
+    ref = parse_features(features, Families())[0]
+    budget = DecodeBudget(0)
+    seen: list[int] = []
+
+    def make(family: Family, image: Image.Image) -> dict[str, np.ndarray]:
+        seen.append(budget.in_flight)
+        return unnormalized(family, image)
+
+    materialize_ref(ref, make, None, budget)
+    width, height = Image.open(Path(ref.uri.removeprefix("file://"))).size
+    assert seen == [decode_cost(width, height)] and budget.in_flight == 0 and budget.peak == seen[0]
 
 
 def test_text_only_request_has_no_images() -> None:

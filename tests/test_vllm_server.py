@@ -9,22 +9,18 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
+import re
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from scripts.as_context import as_context
 from typer.testing import CliRunner
 
+from mmoffload.contract.wire import MicroBatch, MMImageRef, encode, read_rank_file
 from mmoffload.families import Families
 from mmoffload.inference.client import InferenceClient, InferenceServerError, build_request, parse_completion
 from mmoffload.inference.refs import decode_ref, encode_ref
@@ -38,106 +34,31 @@ from tests.builders import (
     image_bytes,
     store_image,
 )
+from tests.vllm_helpers import REPO, Server, running_server
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
-REPO = Path(__file__).resolve().parent.parent
-SHIMS = Path(__file__).resolve().parent / "vllm_shims"
-START_TIMEOUT_S = 600
 GREEDY = {"max_tokens": 6, "temperature": 0.0, "logprobs": 0}
-
-
-@dataclass(frozen=True)
-class Server:
-    url: str
-    model_dir: Path
-    assets: Path
-    process: subprocess.Popen[bytes]
-
-    def post(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        request = urllib.request.Request(
-            self.url + "/inference/v1/generate",
-            json.dumps(body).encode(),
-            {"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=300) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    def get(self, route: str) -> tuple[int, Any]:
-        with urllib.request.urlopen(self.url + route, timeout=30) as response:
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _build_tiny_model(out_dir: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("make_tiny_vlm", REPO / "scripts" / "make_tiny_vlm.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build(out_dir)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("vllm")
-    model_dir = _build_tiny_model(root / "model")
-    private_tmp = root / "tmp"  # vLLM leaves IPC socket files in $TMPDIR at each start
-    private_tmp.mkdir()
-    port = _free_port()
-    env = {
-        **os.environ,
-        # The test-only torchvision shims must reach the server and the engine processes it spawns.
-        "PYTHONPATH": os.pathsep.join([str(SHIMS), str(REPO / "src"), str(REPO / "cli")]),
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "TMPDIR": str(private_tmp),
-        # Images under this directory get pixels normalized twice (the shims explain it).
-        "MMOFFLOAD_TEST_NORMALIZE_TWICE_DIR": str(root / "normalized-twice"),
-    }
-    command = [
-        sys.executable, "-c", "from mmoffload_cli.app import main; main()",
-        "serve", "--model", str(model_dir), "--port", str(port), "--",
-        "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
-        "--limit-mm-per-prompt", '{"image": 3, "video": 0}',
-    ]  # fmt: skip
-    log = (root / "server.log").open("wb")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            pytest.fail(
-                f"server exited with {process.returncode}: {(root / 'server.log').read_text()[-3000:]}"
-            )
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(
-                f"server not ready after {START_TIMEOUT_S} s: {(root / 'server.log').read_text()[-3000:]}"
-            )
-        time.sleep(1)
-    try:
-        yield Server(url, model_dir, root / "assets", process)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    # Images under this directory get pixels normalized twice (the shims explain it).
+    env = {"MMOFFLOAD_TEST_NORMALIZE_TWICE_DIR": str(root / "normalized-twice")}
+    # The tests' own temporary directories hold images too: all of them under the session's base.
+    serve_args = ["--allow-root", str(tmp_path_factory.getbasetemp())]
+    # float32 as parity's end-to-end test compares with the Hugging Face model in float32.
+    vllm_args = [
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "4096",
+        "--limit-mm-per-prompt",
+        '{"image": 3, "video": 0}',
+    ]
+    with running_server(root, serve_args, vllm_args, env) as server:
+        yield server
 
 
 def image_prompt(
@@ -164,7 +85,11 @@ def image_prompt(
 def vllm_own_request(
     server: Server, seeds: tuple[int, ...], size: tuple[int, int] = (200, 120)
 ) -> dict[str, Any]:
-    """The same prompt for vLLM's own processing: one unexpanded image pad per image, PIL images as data URLs."""
+    """The same prompt as stock vLLM takes it: one image pad per image, the PNGs as data URLs.
+
+    This server answers it on its own content_parts path; test_vllm_content_parts.py holds
+    that path against stock vLLM's processing.
+    """
     tokens, parts = [72, 105], []
     for seed in seeds:
         data = image_bytes(*size, seed=seed)
@@ -203,22 +128,12 @@ def test_good_two_image_request_returns_tokens_and_logprobs(server: Server) -> N
 
 
 @pytest.mark.parametrize("seeds", [(3,), (4, 5)])
-def test_raw_refs_equal_vllms_own_processing(server: Server, seeds: tuple[int, ...]) -> None:
+def test_raw_refs_equal_content_parts(server: Server, seeds: tuple[int, ...]) -> None:
     status, ours = server.post(image_prompt(server, seeds))
     assert status == 200, ours
     status, theirs = server.post(vllm_own_request(server, seeds))
     assert status == 200, theirs
     assert choice(ours) == choice(theirs)
-
-
-def test_pixels_normalized_twice_would_change_the_logprobs(server: Server) -> None:
-    # The mismatch check 7 prevents: normalized pixels into an engine that normalizes on the device.
-    # vLLM accepts them without an error; only the numbers change.
-    status, wrong = server.post(image_prompt(server, (20,), assets=server.assets.parent / "normalized-twice"))
-    assert status == 200, wrong
-    _, right = server.post(vllm_own_request(server, (20,)))
-    wrong_logprobs, right_logprobs = choice(wrong)[1], choice(right)[1]
-    assert max(abs(a - b) for a, b in zip(wrong_logprobs, right_logprobs, strict=True)) > 1e-3
 
 
 def test_prior_turn_image_plus_a_new_one(server: Server) -> None:
@@ -343,7 +258,119 @@ def test_generate_command_names_the_image_the_server_refused(server: Server, tmp
     trace = {"nodes": [{"token_ids": tokens, "mask": [False] * len(tokens), "multi_modal_data": sidecar}]}
     source, out = tmp_path / "traces.jsonl", tmp_path / "out.jsonl"
     source.write_text(json.dumps(trace) + "\n")
-    result = CliRunner().invoke(app, ["generate", str(source), "--server", server.url, "-o", str(out)])
+    arguments = ["generate", str(source), "--server", server.url, "-o", str(out)]
+    result = CliRunner().invoke(app, [*arguments, "--protocol", "mmraw"])
     assert result.exit_code == 2
     assert "invalid_mm_image_ref" in result.stderr and "image 0" in result.stderr
     assert not out.exists()
+    # With content_parts the server expands from the image itself; the client finds the disagreement.
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 2, result.output
+    assert "image 0" in result.stderr
+    assert not out.exists()
+
+
+def _context_only(source: Path, out: Path, twice: Path, twice_trace: str) -> None:
+    """Write the offloaded fixture traces with every turn as context, ready for one sampled turn.
+
+    The images of ``twice_trace`` are copied under ``twice``, where the server normalizes
+    pixels twice (the shims), and its refs point there.
+    """
+    lines = []
+    for line in source.read_text().splitlines():
+        record = as_context(json.loads(line))
+        if record["traces"][0]["id"] == twice_trace:
+            for uri in set(re.findall(r"file://[^\"]+", line)):
+                path = Path(uri.removeprefix("file://"))
+                twice.mkdir(exist_ok=True)
+                shutil.copy(path, twice / path.name)
+            record = json.loads(
+                json.dumps(record).replace(f"file://{source.parent}/assets", f"file://{twice}")
+            )
+        lines.append(json.dumps(record))
+    out.write_text("\n".join(lines) + "\n")
+
+
+def test_parity_end_to_end_flags_each_damaged_sample(server: Server, tmp_path: Path) -> None:
+    # offload -> generate -> refs -> pack -> parity on the fixture traces (3 screenshots each), then
+    # the run damaged: pixels normalized twice at inference, two samples' images swapped, a file gone.
+    twice = server.assets.parent / "normalized-twice"
+    run, assets = tmp_path / "run", tmp_path / "assets"
+    model = str(server.model_dir)
+    roots = ["--allow-root", str(assets), "--allow-root", str(twice)]
+    steps = [
+        ["offload", str(REPO / "fixtures" / "traces" / "qwen_vl.jsonl"), "--assets", str(assets),
+         "-o", str(tmp_path / "offloaded.jsonl")],
+        ["generate", str(tmp_path / "context.jsonl"), "--server", server.url, "-o", str(tmp_path / "gen.jsonl"),
+         "--max-tokens", "8", "--temperature", "0"],
+        ["refs", str(tmp_path / "gen.jsonl"), "--run-dir", str(run), "--model", model, *roots],
+        ["pack", str(run), "--seq-len", "8192"],
+    ]  # fmt: skip
+    for number, args in enumerate(steps):
+        if number == 1:
+            _context_only(tmp_path / "offloaded.jsonl", tmp_path / "context.jsonl", twice, "trace-0003")
+        result = CliRunner().invoke(app, [*args, "-q"])
+        assert result.exit_code == 0, result.output
+
+    def parity() -> tuple[int, dict[str, dict[str, Any]]]:
+        result = CliRunner().invoke(app, ["parity", str(run), "--model", model, "--json", *roots])
+        assert result.exit_code in (0, 1), result.output
+        report = json.loads(result.stdout)
+        return result.exit_code, {_sample_name(s): s for s in report["per_sample"]}
+
+    code, samples = parity()
+    damaged = [name for name, s in samples.items() if "normalized-twice" in s["images"][0]["uri"]]
+    clean = sorted(set(samples) - set(damaged))
+    assert code == 1 and len(samples) == 4 and len(damaged) == 1
+    assert samples[damaged[0]]["status"] == "over_threshold"
+    assert [samples[name]["status"] for name in clean] == ["ok"] * 3
+    clean_kl = max(samples[name]["kl"] for name in clean)
+    assert clean_kl < 1e-4
+
+    rank_file = run / "rollouts" / "step_0" / "rank_0.bin"
+    micro_batches = read_rank_file(rank_file)
+    first, second = _same_grid_pair([samples[name] for name in clean])
+    _swap(micro_batches, first, second)
+    rank_file.write_bytes(encode(micro_batches))
+    code, swapped = parity()
+    assert code == 1
+    pair = {_sample_name(first), _sample_name(second)}
+    assert {name for name, s in swapped.items() if s["status"] != "ok"} == {damaged[0], *pair}
+
+    last = next(name for name in clean if name not in pair)
+    gone = samples[last]["images"][1]
+    Path(gone["uri"].removeprefix("file://")).unlink()
+    code, missing = parity()
+    assert code == 1
+    assert missing[last]["status"] == "missing_image" and missing[last]["kl"] is None
+    kls = {name: samples[name]["kl"] for name in clean} | {"normalized_twice": samples[damaged[0]]["kl"]}
+    kls |= {f"swapped_{name}": swapped[name]["kl"] for name in sorted(pair)}
+    print("parity end to end:", json.dumps(kls))
+
+
+def _sample_name(sample: dict[str, Any]) -> str:
+    return f"r{sample['rank']}-mb{sample['micro_batch']}-s{sample['index']}"
+
+
+def _same_grid_pair(samples: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return two samples, each with its image index to swap: other files, the same placeholder length."""
+    for a in samples:
+        for b in samples:
+            for i, image in enumerate(a["images"]):
+                for j, other in enumerate(b["images"]):
+                    if a is not b and image["hash"] != other["hash"] and image["length"] == other["length"]:
+                        return {**a, "swap": i}, {**b, "swap": j}
+    raise AssertionError("no two images of one grid in different samples")
+
+
+def _swap(micro_batches: list[MicroBatch], first: dict[str, Any], second: dict[str, Any]) -> None:
+    """Give each sample's chosen image the other's file and hash: valid files, wrong pixels."""
+    spans = [(s["micro_batch"], s["images"][s["swap"]]["offset"]) for s in (first, second)]
+    found = []
+    for number, offset in spans:
+        images = micro_batches[number].mm_refs.images
+        found.append((images, next(k for k, ref in enumerate(images) if ref.offset == offset)))
+    (a_list, a), (b_list, b) = found
+    ra, rb = a_list[a], b_list[b]
+    a_list[a] = MMImageRef(rb.item, rb.hash, rb.uri, ra.offset, ra.length)
+    b_list[b] = MMImageRef(ra.item, ra.hash, ra.uri, rb.offset, rb.length)

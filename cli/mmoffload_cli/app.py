@@ -2,19 +2,24 @@
 
 Each command's module is imported only when that command runs: ``offload`` needs
 none of the numpy, Pillow and processor code the trainer-side commands import,
-and start-up is a large share of a short offload.
+and start-up is a large share of a short offload. Typer itself is imported by
+``build``, after ``main`` has taken Ctrl-C over: an interrupted start-up is an
+exit 130 with one line, never a traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 from collections.abc import Iterable
-from typing import Annotated
-
-import typer
+from types import FrameType
+from typing import TYPE_CHECKING
 
 import mmoffload
+
+if TYPE_CHECKING:
+    import typer
 
 # Command name -> the module in this package that defines the function of that name.
 COMMANDS = (
@@ -30,6 +35,7 @@ COMMANDS = (
     "inspect",
     "serve",
     "generate",
+    "parity",
 )
 # `serve` passes the arguments after `--` on to vLLM.
 CONTEXT_SETTINGS = {"serve": {"allow_extra_args": True, "ignore_unknown_options": True}}
@@ -37,6 +43,8 @@ CONTEXT_SETTINGS = {"serve": {"allow_extra_args": True, "ignore_unknown_options"
 
 def build(commands: Iterable[str] = COMMANDS) -> typer.Typer:
     """Return the app with ``commands`` registered (all of them by default)."""
+    import typer
+
     app = typer.Typer(
         name="mmoffload",
         help="Raw image offload for multimodal RL: store each image once, pass file:// refs, "
@@ -49,27 +57,28 @@ def build(commands: Iterable[str] = COMMANDS) -> typer.Typer:
     for name in commands:
         command = getattr(importlib.import_module(f"mmoffload_cli.{name}"), name)
         app.command(context_settings=CONTEXT_SETTINGS.get(name))(command)
-    # The callback also keeps a one-command app a group, so `mmoffload offload ...` parses the same.
-    app.callback()(_root)
-    return app
 
+    def print_version(value: bool) -> None:
+        if value:
+            typer.echo(f"mmoffload {mmoffload.__version__}")
+            raise typer.Exit()
 
-def _print_version(value: bool) -> None:
-    if value:
-        typer.echo(f"mmoffload {mmoffload.__version__}")
-        raise typer.Exit()
-
-
-def _root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "-V", "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    def root(
+        version: bool = typer.Option(
+            False,
+            "-V",
+            "--version",
+            callback=print_version,
+            is_eager=True,
+            help="Print the version and exit.",
         ),
-    ] = False,
-) -> None:
-    """Raw image offload for multimodal RL: store each image once, pass file:// refs, let the
-    trainer make its own pixels."""
+    ) -> None:
+        """Raw image offload for multimodal RL: store each image once, pass file:// refs, let the
+        trainer make its own pixels."""
+
+    # The callback also keeps a one-command app a group, so `mmoffload offload ...` parses the same.
+    app.callback()(root)
+    return app
 
 
 def __getattr__(name: str) -> typer.Typer:
@@ -82,5 +91,13 @@ def __getattr__(name: str) -> typer.Typer:
 
 def main() -> None:
     """Entry point of the ``mmoffload`` console script."""
+    # Until a command's own handling takes over (and again after it), Ctrl-C exits 130 with one
+    # line: start-up (imports, parsing) is a large share of a short run.
+    signal.signal(signal.SIGINT, _interrupted)
     command = sys.argv[1] if len(sys.argv) > 1 else None
     build([command] if command in COMMANDS else COMMANDS)()
+
+
+def _interrupted(_signum: int, _frame: FrameType | None) -> None:
+    sys.stderr.write("error: interrupted (Ctrl-C)\n")
+    raise SystemExit(130)

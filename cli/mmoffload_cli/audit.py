@@ -123,10 +123,10 @@ def violations_table(report: AuditReport, shown: int | None = SHOWN_VIOLATIONS) 
     for violation in report.violations[:shown]:
         table.add_row(
             violation.kind,
-            short_path(violation.file),
+            sink.cell(short_path(violation.file)),
             sink.format_value(violation.index) if violation.index is not None else "",
             str(violation.image) if violation.image is not None else "",
-            sink.shorten(violation.reason + (f" at `{violation.path}`" if violation.path else "")),
+            sink.cell(violation.reason + (f" at `{violation.path}`" if violation.path else "")),
         )
     if shown is not None and (more := len(report.violations) - shown) > 0:
         table.caption = f"and {more:,} more (-v or --json lists them all)"

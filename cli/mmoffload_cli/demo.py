@@ -88,6 +88,7 @@ def demo(
         # The run is kept: its path is the one thing a quiet run prints (stdout, for scripts).
         sink.stdout.print(str(root), markup=False, soft_wrap=True)
     elif not (as_json or quiet):
-        sink.stderr.print(next_steps(root), markup=False, soft_wrap=True)
+        for line in next_steps(root).splitlines():  # One line at a time: a print escapes line breaks.
+            sink.stderr.print(line, markup=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(sink.EXIT_PROBLEMS)

@@ -51,13 +51,30 @@ def generate(
             "--sampling-json", metavar="JSON", help="Further vLLM sampling parameters as a JSON object."
         ),
     ] = None,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            "--protocol",
+            metavar="NAME",
+            help="content-parts (stock vLLM's: one pad per image, images by URL or uuid) or mmraw (raw refs).",
+        ),
+    ] = "content-parts",
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            "--concurrency", min=1, metavar="N", help="Records in flight at once (output order kept)."
+        ),
+    ] = 1,
     as_json: options.Json = False,
     quiet: options.Quiet = False,
     verbose: options.Verbose = False,
 ) -> None:
     """Complete the last prompt of each offloaded trace.
 
-    The completion is written back as a sampled node. Every image of the prompt is sent as an mmraw: ref (no pixels, no base64);
+    The completion is written back as a sampled node. Every image of the prompt is sent by reference (no pixels, no base64):
+    by default as stock vLLM's content_parts (file:// URL and content hash as uuid; an image the server already verified
+    as its uuid alone, resent with its URL on a cache miss), the server's expansion checked against the family's;
+    with --protocol mmraw as mmraw: refs. Connection errors and 5xx are retried 3 times.
     the new node carries the sampled tokens, mask true and one logprob per token,
     so refs, pack and audit take the output as they take any trace file.
 
@@ -66,6 +83,7 @@ def generate(
     \b
         mmoffload generate t.jsonl --server http://127.0.0.1:8000 -o out.jsonl
         mmoffload generate t.jsonl --server URL -o out.jsonl --temperature 0
+        mmoffload generate t.jsonl --server URL -o o.jsonl --protocol mmraw
         mmoffload generate t.jsonl.gz --server URL -o - | gzip > out.jsonl.gz
     """
     to_stdout = is_stdio(output)
@@ -85,7 +103,9 @@ def generate(
             sampling["seed"] = seed
         total = traces.stat().st_size if traces.is_file() else None
         with sink.progress_bar("generate", total, enabled=not quiet) as advance:
-            report = generate_traces(traces, output, server, sampling, advance=advance)
+            report = generate_traces(
+                traces, output, server, sampling, protocol=protocol, concurrency=concurrency, advance=advance
+            )
     if to_stdout:
         # The traces are stdout's: the report goes to stderr.
         if not quiet:

@@ -9,7 +9,7 @@ import typer
 
 from mmoffload.errors import UsageError
 from mmoffload.io.inputs import expand_inputs, is_stdio
-from mmoffload.offload import OffloadOptions, offload_files, plan_outputs
+from mmoffload.offload import REJECTS_SUFFIX, OffloadOptions, offload_files, plan_outputs
 from mmoffload.runners.ray import RayOptions
 from mmoffload.store.local import resolve_assets_dir
 from mmoffload_cli import options, sink
@@ -92,7 +92,9 @@ def offload(
     ):
         if to_stdout and json_output:
             raise UsageError("Expected one of `-o -` and `--json`: both would write to stdout")
-        expanded = expand_inputs(inputs)
+        # A directory or a glob finds no input among this command's own outputs (a second run's rereads).
+        own = [output, output.with_name(output.name + REJECTS_SUFFIX)] if isinstance(output, Path) else []
+        expanded = expand_inputs(inputs, exclude=[*own, *([rejects] if rejects else [])])
         outputs = plan_outputs(expanded, output, in_place)
         # Progress counts decompressed bytes: for a compressed input the size is only a guess.
         total = sum(
@@ -120,7 +122,5 @@ def offload(
     else:
         sink.emit_report(report, "offload", as_json=json_output, quiet=quiet)
     if report.rejected_lines:
-        sink.stderr.print(
-            sink.shorten(f"{report.rejected_lines} line(s) rejected, see {', '.join(report.rejects)}")
-        )
+        sink.stderr.print(f"{report.rejected_lines} line(s) rejected, see {', '.join(report.rejects)}")
         raise typer.Exit(sink.EXIT_PROBLEMS)

@@ -100,7 +100,10 @@ def refs(
     """
     with sink.errors_to_exit(as_json, "no step was written (a run's steps appear all at once)"):
         model_dir = resolve_model_dir(model) if model is not None else None
-        inputs = [item.path for item in expand_inputs(traces)]
+        # The run's own files (its rejects.jsonl) are no input to it.
+        inputs = [
+            item.path for item in expand_inputs(traces, exclude=[run_dir, *([rejects] if rejects else [])])
+        ]
         total = sum(path.stat().st_size for path in inputs if isinstance(path, Path) and path.is_file())
         with sink.progress_bar("refs", total, enabled=not quiet) as advance:
             report = build_refs(

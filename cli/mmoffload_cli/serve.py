@@ -9,6 +9,8 @@ import typer
 
 from mmoffload.errors import UsageError
 from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES
+from mmoffload.inference.decode_budget import DEFAULT_DECODE_BYTES
+from mmoffload.store.local import ASSETS_ENV_VAR, default_allowed_roots
 from mmoffload_cli import sink
 
 
@@ -32,12 +34,22 @@ def serve(
             "--cache-bytes", min=0, metavar="BYTES", help="Bound of the materialized-image cache, in bytes."
         ),
     ] = DEFAULT_CACHE_BYTES,
+    decode_bytes: Annotated[
+        int,
+        typer.Option(
+            "--decode-bytes",
+            min=0,
+            metavar="BYTES",
+            help="Bound of the images being decoded at once, in bytes (16 per pixel); more wait in line.",
+        ),
+    ] = DEFAULT_DECODE_BYTES,
     allow_root: Annotated[
         list[Path] | None,
         typer.Option(
             "--allow-root",
             metavar="DIR",
-            help="Serve only images under this directory (repeatable; default: any).",
+            help="Serve only images under this directory (repeatable; default: "
+            "$VF_RENDERER_IMAGE_OFFLOAD_DIR; with neither, serve refuses to start).",
         ),
     ] = None,
 ) -> None:
@@ -46,17 +58,25 @@ def serve(
     Image refs in requests are read, checked and processed here. Every vLLM route is kept (/health, /v1/models, the OpenAI endpoints);
     POST /inference/v1/generate takes features.kwargs_data entries as mmraw: refs.
     A bad ref gets HTTP 400 invalid_mm_image_ref and the engine keeps serving.
+    Image files are read only under --allow-root (or $VF_RENDERER_IMAGE_OFFLOAD_DIR):
+    with neither, serve refuses to start rather than read any file a client names.
     Arguments after `--` go to vLLM unchanged. Needs the `vllm` extra.
 
     Examples:
 
     \b
-        mmoffload serve --model /models/Qwen3-VL-8B-Instruct --port 8000
-        mmoffload serve --model tiny/ -- --enforce-eager --max-model-len 4096
+        mmoffload serve --model /models/Qwen3-VL-8B-Instruct --allow-root /runs/r1/assets
+        mmoffload serve --model tiny/ --allow-root A -- --enforce-eager --max-model-len 4096
     """
     with sink.errors_to_exit():
         if not (model / "config.json").is_file():
             raise UsageError(f"Expected a model directory with `config.json`, got `{model}`")
+        roots = allow_root or default_allowed_roots(None)
+        if not roots:
+            raise UsageError(
+                "Expected the directories image refs may point into: pass --allow-root DIR (where the "
+                f"rollouts' images are stored) or set ${ASSETS_ENV_VAR}; serve never reads just any file"
+            )
         try:
             from mmoffload.inference.server import serve as run_server
         except ImportError as exc:
@@ -67,5 +87,6 @@ def serve(
             port=port,
             vllm_args=list(ctx.args),
             cache_bytes=cache_bytes,
-            roots=allow_root,
+            roots=roots,
+            decode_bytes=decode_bytes,
         )

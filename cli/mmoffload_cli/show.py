@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import msgspec
 import typer
 
 from mmoffload.views.show import named, select
@@ -69,11 +68,8 @@ def pretty_json(value: Any, indent: str = "") -> str:
     """Indent objects and lists of objects, but keep a list of numbers or strings on one line."""
     inner = indent + "  "
     if isinstance(value, dict) and value:
-        items = (
-            f"{inner}{msgspec.json.encode(key).decode()}: {pretty_json(item, inner)}"
-            for key, item in value.items()
-        )
+        items = (f"{inner}{sink.json_text(key)}: {pretty_json(item, inner)}" for key, item in value.items())
         return "{\n" + ",\n".join(items) + "\n" + indent + "}"
     if isinstance(value, list) and any(isinstance(item, dict | list) for item in value):
         return "[\n" + ",\n".join(inner + pretty_json(item, inner) for item in value) + "\n" + indent + "]"
-    return msgspec.json.encode(value).decode()
+    return sink.json_text(value)

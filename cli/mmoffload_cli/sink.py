@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from mmoffload.errors import MMOffloadError, Where, json_path
+from mmoffload.errors import MMOffloadError, Where, json_path, shorten
 from mmoffload_cli import verbosity
 
 if TYPE_CHECKING:
@@ -28,20 +28,45 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_PROBLEMS, EXIT_CANNOT_RUN = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGPIPE = 128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGPIPE
 TRACEBACK_ENV_VAR = "MMOFFLOAD_TRACEBACK"
-# User text quoted in a message (between backticks) is cut to this many characters; a whole message too.
-QUOTE_CHARS, MESSAGE_CHARS = 200, 2000
+# Characters a terminal acts on instead of showing: C0 and C1 controls and DEL (ESC starts clear-screen,
+# window-title and OSC 8 hyperlink sequences; U+009B is CSI), line and paragraph separators, and the
+# bidi marks, embeddings, overrides and isolates that reorder what is shown (U+202E).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """Escape what a terminal would act on (``\\x1b``, ``\\x9b``, ``\\u202e``) and cut user text short.
+
+    The one function every printer's text goes through (errors, warnings, tables, report
+    rows, the stderr line of ``--json`` runs): see ``shorten`` for the cut.
+    """
+    return shorten(_UNPRINTABLE.sub(_escaped, text))
+
+
+def json_text(value: Any) -> str:
+    """Encode ``value`` as one line of JSON in which no character acts on a terminal.
+
+    msgspec escapes C0 controls; C1 controls, DEL and bidi characters are escaped here as
+    ``\\u009b`` or ``\\u202e``: the same JSON value, still valid JSON, shown inert.
+    """
+    return _UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", msgspec.json.encode(value).decode())
+
+
+class _Console(Console):
+    """A console whose text arguments are always passed through ``printable`` first."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
 
 # Markup is off: user text (file names, keys, URLs) prints as it is; our own markup opts in.
-stdout = Console(highlight=False, soft_wrap=True, markup=False)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
-
-_QUOTED = re.compile(f"`([^`]{{{QUOTE_CHARS + 1},}})`")
-
-
-def shorten(text: str) -> str:
-    """Cut each quoted span of user text to ``QUOTE_CHARS`` and the whole text to ``MESSAGE_CHARS``."""
-    text = _QUOTED.sub(lambda m: f"`{m.group(1)[:QUOTE_CHARS]}...` ({len(m.group(1)):,} chars)", text)
-    return text if len(text) <= MESSAGE_CHARS else f"{text[:MESSAGE_CHARS]}... ({len(text):,} chars)"
+stdout = _Console(highlight=False, soft_wrap=True, markup=False)
+stderr = _Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 class Terminated(BaseException):
@@ -104,6 +129,10 @@ def errors_to_exit(as_json: bool = False, on_interrupt: str = "nothing was writt
     except RecursionError:
         message = "Input nested too deep to process"
         fail(ErrorReport(message, "RecursionError", message), EXIT_CANNOT_RUN, as_json)
+    except MemoryError:
+        # Whatever ran out has been let go by now: there is room to say so.
+        message = "Out of memory (a line, an image or a batch larger than this machine can hold)"
+        fail(ErrorReport(message, "MemoryError", message), EXIT_CANNOT_RUN, as_json)
     except KeyboardInterrupt:
         message = f"interrupted (Ctrl-C): {on_interrupt}"
         fail(ErrorReport(message, "Interrupted", message), EXIT_SIGINT, as_json)
@@ -119,9 +148,9 @@ def fail(report: ErrorReport, code: int, as_json: bool = False) -> None:
     """Print one error line (user text escaped and cut short), with ``--json`` also the report; exit."""
     if os.environ.get(TRACEBACK_ENV_VAR):
         traceback.print_exc()
-    stderr.print(f"[bold red]error:[/] {escape(shorten(report.error))}", markup=True)
+    stderr.print(f"[bold red]error:[/] {escape(printable(report.error))}", markup=True)
     if as_json:
-        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
+        sys.stdout.write(json_text(report) + "\n")
     raise typer.Exit(code) from None
 
 
@@ -134,12 +163,12 @@ def report_table(report: msgspec.Struct, title: str) -> Table:
     table.add_column("value", justify="right", overflow="fold")
     for name, value in msgspec.structs.asdict(report).items():
         if isinstance(value, int | float | str | bool) or value is None:
-            table.add_row(name, format_figure(name, value))
+            table.add_row(name, cell(format_figure(name, value)))
         elif isinstance(value, dict) and value and all(isinstance(v, str) for v in value.values()):
             # Which config each family ran on (`qwen_vl=defaults`): always worth a line.
-            table.add_row(name, Text(", ".join(f"{key}={v}" for key, v in value.items())))
+            table.add_row(name, cell(", ".join(f"{key}={v}" for key, v in value.items())))
         elif verbosity.verbose() and isinstance(value, list) and all(isinstance(v, str | int) for v in value):
-            table.add_row(name, Text(", ".join(map(str, value))))
+            table.add_row(name, cell(", ".join(map(str, value))))
     return table
 
 
@@ -161,6 +190,11 @@ def human_bytes(count: int) -> str:
     return f"{size:,.1f} {unit}"
 
 
+def cell(text: str) -> Text:
+    """A table cell of user text: escaped and cut by ``printable``, never read as markup."""
+    return Text(printable(text))
+
+
 def format_value(value: Any) -> str:
     """Format a figure for people: thousands separators, short floats, lowercase booleans."""
     if isinstance(value, bool) or value is None:
@@ -175,12 +209,12 @@ def format_value(value: Any) -> str:
 def emit_report(report: msgspec.Struct, title: str, *, as_json: bool, quiet: bool = False) -> None:
     """Print a report: exactly one JSON document with ``--json``, else a table unless quiet."""
     if as_json:
-        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
+        sys.stdout.write(json_text(report) + "\n")
     elif not quiet:
         stdout.print(report_table(report, title))
     if not quiet:
         for warning in getattr(report, "warnings", None) or []:
-            stderr.print(f"warning: {warning}", markup=False)
+            stderr.print(f"warning: {warning}", markup=False)  # Escaped and cut by the console.
 
 
 @contextlib.contextmanager

@@ -7,17 +7,40 @@ Every error says what was expected, what was found and exactly where:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 PathPart = str | int
 
+# User text quoted in a message (between backticks) is cut to this many characters; a whole message
+# (or a report's reason) too, so that a 5 MB string in the data never becomes 5 MB of output.
+QUOTE_CHARS, MESSAGE_CHARS = 200, 2000
+
+_QUOTED = re.compile(f"`([^`]{{{QUOTE_CHARS + 1},}})`")
+
+
+def shorten(text: str) -> str:
+    """Cut each quoted span of user text to ``QUOTE_CHARS`` and the whole text to ``MESSAGE_CHARS``.
+
+    The one cut every message, reason and printed line goes through, saying how long the text
+    was; cutting again changes nothing (a message passes here as it is built and as it is printed).
+    """
+    text = _QUOTED.sub(lambda m: f"`{m.group(1)[: QUOTE_CHARS - 3]}...` ({len(m.group(1)):,} chars)", text)
+    if len(text) <= MESSAGE_CHARS:
+        return text
+    said = f"... ({len(text):,} chars)"
+    return text[: MESSAGE_CHARS - len(said)] + said
+
 
 def json_path(parts: Sequence[PathPart]) -> str:
-    """Render a JSON path the way msgspec does: ``$.prompt[2].content``."""
+    """Render a JSON path the way msgspec does: ``$.prompt[2].content`` (each key at most ``QUOTE_CHARS``)."""
     out = ["$"]
     for part in parts:
-        out.append(f"[{part}]" if isinstance(part, int) else f".{part}")
+        if isinstance(part, int):
+            out.append(f"[{part}]")
+        else:
+            out.append(f".{part}" if len(part) <= QUOTE_CHARS else f".{part[:QUOTE_CHARS]}...")
     return "".join(out)
 
 
@@ -55,9 +78,9 @@ class MMOffloadError(Exception):
     """Base of every error mmoffload raises on purpose."""
 
     def __init__(self, message: str, where: Where | None = None) -> None:
-        self.message = message
+        self.message = message = shorten(message)
         self.where = where
-        super().__init__(f"{message} - at {where}" if where and str(where) else message)
+        super().__init__(shorten(f"{message} - at {where}") if where and str(where) else message)
 
     def __reduce__(self) -> tuple[object, ...]:
         # Rebuilt as it is, whatever a subclass's __init__ takes: errors cross process boundaries

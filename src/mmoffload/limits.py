@@ -13,6 +13,15 @@ MAX_IMAGE_BYTES_ENV_VAR = "MMOFFLOAD_MAX_IMAGE_BYTES"
 DEFAULT_MAX_IMAGE_BYTES = 128 << 20
 
 
+# The most bytes one JSONL line may hold: a record of a long rollout with its screenshots inline runs
+# to hundreds of megabytes, and a line is held whole in memory (a newline-free decompression bomb
+# would otherwise grow without end).
+MAX_LINE_BYTES_ENV_VAR = "MMOFFLOAD_MAX_LINE_BYTES"
+
+
+DEFAULT_MAX_LINE_BYTES = 1 << 30
+
+
 def max_image_bytes() -> int:
     """Return the most bytes read for one image: ``$MMOFFLOAD_MAX_IMAGE_BYTES``, else 128 MiB.
 
@@ -20,6 +29,15 @@ def max_image_bytes() -> int:
         UsageError: the variable is not a whole number > 0.
     """
     return env_limit(MAX_IMAGE_BYTES_ENV_VAR, DEFAULT_MAX_IMAGE_BYTES)
+
+
+def max_line_bytes() -> int:
+    """Return the most bytes one input line may hold: ``$MMOFFLOAD_MAX_LINE_BYTES``, else 1 GiB.
+
+    Raises:
+        UsageError: the variable is not a whole number > 0.
+    """
+    return env_limit(MAX_LINE_BYTES_ENV_VAR, DEFAULT_MAX_LINE_BYTES)
 
 
 def env_limit(name: str, default: int) -> int:

@@ -117,7 +117,17 @@ def _normalize_twice(module: types.ModuleType) -> None:
             ref, lambda family, image: family.engine_pixels([image], device_normalizes=False)
         )
 
+    def _materialize_bytes(self: Any, ref: Any, data: bytes) -> Any:
+        if not Path(ref.uri.removeprefix("file://")).is_relative_to(directory):
+            return original_bytes(self, ref, data)
+        return module.materialize_bytes(
+            ref, data, lambda family, image: family.engine_pixels([image], device_normalizes=False)
+        )
+
+    original_bytes = module.RawRefEngineInputs._materialize_bytes
     module.RawRefEngineInputs._materialize = _materialize
+    # The content_parts path makes its images from bytes already read and verified.
+    module.RawRefEngineInputs._materialize_bytes = _materialize_bytes
 
 
 PATCHES: dict[str, Callable[[types.ModuleType], None]] = {

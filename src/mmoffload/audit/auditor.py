@@ -25,17 +25,13 @@ from mmoffload.audit.records import (
     sample_record,
 )
 from mmoffload.audit.report import FIGURES, AuditReport, Violation, add_schemes
-from mmoffload.contract.addresses import asset_location, is_local_file_uri, is_object_uri
+from mmoffload.contract.addresses import address_hash, asset_location, is_local_file_uri, is_object_uri
 from mmoffload.contract.checks import length_problems, ref_problems
 from mmoffload.contract.descriptors import DESCRIPTOR_KIND, descriptor_problems
 from mmoffload.contract.imageparts import ImageSource, iter_image_sources, source_kind
 from mmoffload.contract.spans import span_problems
-from mmoffload.contract.wire import (
-    RANK_FILE_DECODER,
-    TRAINING_BATCH_DECODER,
-    MMImageRef,
-)
-from mmoffload.errors import BadInputError, PathPart, Where, json_path
+from mmoffload.contract.wire import TRAINING_BATCH_DECODER, MMImageRef, iter_rank_file
+from mmoffload.errors import BadInputError, PathPart, UsageError, Where, json_path, shorten
 from mmoffload.families import DEFAULT_TOKEN_NAMES, Families
 from mmoffload.io.inputs import decode_json_line, iter_lines, too_deep
 from mmoffload.store.backend import asset_size
@@ -66,8 +62,11 @@ class Auditor:
         self.micro_batches: dict[Path, list[Packed]] = {}
 
     def violation(self, loc: Loc, kind: str, reason: str, **where: Any) -> None:
+        # Reasons quote user text: cut as every message is, so a 5 MB string is no 5 MB report.
         self.report.violations.append(
-            Violation(file=loc.file, index=loc.index, reason=reason, kind=kind, line=loc.line, **where)
+            Violation(
+                file=loc.file, index=loc.index, reason=shorten(reason), kind=kind, line=loc.line, **where
+            )
         )
 
     # --- binary artifacts
@@ -89,21 +88,25 @@ class Auditor:
                 self.report.samples_with_mm_refs += 1
 
     def rank_file(self, path: Path) -> None:
+        """Audit a rank file one micro batch at a time: memory bounded by one, whatever the file's size."""
+        packed = self.micro_batches.setdefault(path.parent, [])
+        index = -1
         try:
             with gc_paused():
-                batches = RANK_FILE_DECODER.decode(read_artifact(path))
+                for index, batch in enumerate(iter_rank_file(path)):
+                    self.report.micro_batches += 1
+                    packed.append(
+                        Packed(hash(tuple(batch.input_ids)), any(batch.loss_mask), packed_sequences(batch))
+                    )
+                    if self.record(Loc(str(path), index), micro_batch_record(batch), trainer_bound=True):
+                        self.report.micro_batches_with_mm_refs += 1
+        except OSError as exc:
+            raise UsageError(f"Cannot read input: {exc.strerror}", Where(file=str(path))) from exc
         except msgspec.DecodeError as exc:
-            self.violation(Loc(str(path), None), "undecodable", f"Not a list of MicroBatch: {exc}")
+            after = f" (after {index + 1:,} micro batches)" if index >= 0 else ""
+            self.violation(Loc(str(path), None), "undecodable", f"Not a list of MicroBatch{after}: {exc}")
             return
         self.report.rank_files += 1
-        self.report.micro_batches += len(batches)
-        self.micro_batches.setdefault(path.parent, []).extend(
-            Packed(hash(tuple(batch.input_ids)), any(batch.loss_mask), packed_sequences(batch))
-            for batch in batches
-        )
-        for index, batch in enumerate(batches):
-            if self.record(Loc(str(path), index), micro_batch_record(batch), trainer_bound=True):
-                self.report.micro_batches_with_mm_refs += 1
 
     def record(self, loc: Loc, record: Record, trainer_bound: bool) -> bool:
         """Check one sample or micro batch; return whether it has image refs."""
@@ -214,7 +217,11 @@ class Auditor:
         image: int | None = None,
         expected_hash: str | None = None,
     ) -> None:
-        """Count one image source; a local file is registered for the file check."""
+        """Count one image source; a stored file (local or object) is registered for the file check.
+
+        Its hash is checked against the ref's (``expected_hash``) and, when its name is a content
+        address (``<h32>.<ext>``), against the name: a JSONL image part has no other hash to check.
+        """
         kind = source_kind(source)
         if kind == "file":
             try:
@@ -223,8 +230,7 @@ class Auditor:
                 self.violation(loc, "bad_uri", exc.message, path=json_path(path), image=image)
                 return
             use = self.files.setdefault(file, FileUse(loc, image))
-            if expected_hash is not None:
-                use.hashes.add(expected_hash)
+            use.hashes.update(digest for digest in (expected_hash, address_hash(file)) if digest is not None)
             return
         shown = source if len(source) <= _SHOWN_SOURCE_CHARS else source[:_SHOWN_SOURCE_CHARS] + "..."
         if kind == "data":
@@ -258,6 +264,11 @@ class Auditor:
     def jsonl_value(self, loc: Loc, value: object) -> None:
         """Audit one decoded JSONL record."""
         for source in self.image_sources(loc, value, ()):
+            # Stored images in JSONL count as the trainer-bound refs do, local and object alike.
+            if is_local_file_uri(source.source):
+                self.report.file_uris += 1
+            elif is_object_uri(source.source):
+                self.report.object_uris += 1
             self.source(loc, source.source, source.path)
             if source.kind == "file":
                 self.report.images += 1

@@ -12,6 +12,7 @@ from mmoffload.contract import rundir
 from mmoffload.contract.descriptors import DESCRIPTOR_KIND
 from mmoffload.errors import PathPart, UsageError, Where
 from mmoffload.io.inputs import is_jsonl_name, is_stdio
+from mmoffload.io.staging import remove_dead_temps
 
 
 @dataclass(slots=True)
@@ -72,7 +73,8 @@ def _run_dirs(path: Path) -> list[Path]:
 
 
 def _run_group(path: Path) -> Group | None:
-    """Return a run's artifacts, or None when it has none."""
+    """Return a run's artifacts, or None when it has none (first removing killed processes' temporaries)."""
+    remove_dead_temps(path)
     run = Group(run=path)
     for step in rundir.steps(path):
         batch = rundir.training_batch_path(path, step)

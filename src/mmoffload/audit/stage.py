@@ -8,8 +8,9 @@ checked once, after all artifacts are read.
 
 Counting rules (the spec is silent on some; docs/audit.md says the same):
 
-- ``descriptors`` and ``file_uris`` count trainer-bound refs: those in rank files
-  when the run has any, else those in TrainingBatch files.
+- ``descriptors``, ``file_uris`` and ``object_uris`` count trainer-bound refs: those in
+  rank files when the run has any, else those in TrainingBatch files; ``file_uris`` and
+  ``object_uris`` also count each stored image source of JSONL records.
 - Problem figures (``non_strict_descriptors``, ``data_uris``, ``remote_uris``,
   ``eager_mm_kwargs``, ``placeholder_mismatches``, ``stray_image_tokens``) count
   every occurrence in every audited artifact, so a bad ref that is in both the

@@ -8,7 +8,6 @@ media type). Refs carry ``file://`` URIs, or object-store URLs where asked.
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -40,10 +39,6 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".webp", ".gif", ".bmp", ".tiff"})
 MEDIA_TYPES = {".jpg": "image/jpeg", **{ext: f"image/{ext[1:]}" for ext in IMAGE_EXTENSIONS if ext != ".jpg"}}
 
 
-# A stored image's name: 32 hex digits of its content hash and a sniffed extension.
-_STORED_NAME = re.compile(rf"([0-9a-f]{{{HASH_HEX_DIGITS}}})(\.[a-z]+)")
-
-
 def content_hash(data: bytes) -> str:
     """Return the image's ``mm_hash``: 32 lowercase hex digits of SHA-256."""
     return hashlib.sha256(data).hexdigest()[:HASH_HEX_DIGITS]
@@ -59,10 +54,20 @@ def sniff_extension(data: bytes) -> str | None:
     return None
 
 
-def stored_hash(location: str) -> str | None:
-    """Return the content hash a stored image's name (``<h32>.<ext>``) gives, or None for another name."""
-    match = _STORED_NAME.fullmatch(location.rpartition("/")[2])
-    return match.group(1) if match and match.group(2) in IMAGE_EXTENSIONS else None
+def address_hash(location: str | Path) -> str | None:
+    """Return the content hash a stored name claims (``<h32>.<ext>``), or None for any other name.
+
+    ``location`` is a path or an object-store URL: its last segment is the name.
+    """
+    name = location.name if isinstance(location, Path) else urlsplit(location).path.rpartition("/")[2]
+    stem, dot, extension = name.partition(".")
+    if len(stem) == HASH_HEX_DIGITS and f"{dot}{extension}" in IMAGE_EXTENSIONS and _is_lower_hex(stem):
+        return stem
+    return None
+
+
+def _is_lower_hex(text: str) -> bool:
+    return all(char in "0123456789abcdef" for char in text)
 
 
 def file_uri(path: Path) -> str:
@@ -107,11 +112,13 @@ def uri_to_path(uri: str, where: Where | None = None) -> Path:
 
 
 def describe_bytes(data: bytes) -> str:
-    """Describe bytes that are no image, for an error message."""
+    """Describe bytes that are no image, for an error message: what they are not, never what they hold.
+
+    A refused file may be a secret (``--adopt-files /etc/shadow``): none of its bytes are shown.
+    """
     if not data:
         return "0 bytes"
-    head = data[:8]
-    return f"{len(data)} bytes starting {head!r}, which is no image format"
+    return f"{len(data):,} bytes in no image format (PNG, JPEG, WebP, GIF, BMP, TIFF)"
 
 
 def verify_hash(

@@ -8,8 +8,10 @@ by position: never reorder fields, and only ever append new ones with defaults.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, BinaryIO, TypeVar
 
 import msgspec
 
@@ -129,6 +131,8 @@ MICRO_BATCH_TOTAL_FIELDS = ("sequence_lengths", "seq_lens", "lora_num_tokens")
 ENCODER = msgspec.msgpack.Encoder()
 TRAINING_BATCH_DECODER = msgspec.msgpack.Decoder(TrainingBatch)
 RANK_FILE_DECODER = msgspec.msgpack.Decoder(list[MicroBatch])
+MICRO_BATCH_DECODER = msgspec.msgpack.Decoder(MicroBatch)
+_RAW_DECODER = msgspec.msgpack.Decoder(msgspec.Raw)
 
 
 def encode(value: object) -> bytes:
@@ -154,6 +158,83 @@ def read_rank_file(path: str | os.PathLike[str]) -> list[MicroBatch]:
         BadInputError: it is not a msgpack list of ``MicroBatch``.
     """
     return _read(path, RANK_FILE_DECODER, "list of MicroBatch")
+
+
+def iter_rank_file(path: str | os.PathLike[str]) -> Iterator[MicroBatch]:
+    """Decode a ``rank_<R>.bin`` file one micro batch at a time: memory bounded by one, not the file.
+
+    Raises:
+        OSError: the file cannot be read.
+        msgspec.DecodeError: it is not a msgpack list of ``MicroBatch`` (after the micro batches
+            before the fault were yielded).
+    """
+    with open(path, "rb") as handle:
+        for item in iter_msgpack_array(handle):
+            yield MICRO_BATCH_DECODER.decode(item)
+
+
+# The first items of an array are read this many bytes at a time (then twice the largest item).
+_FIRST_WINDOW = 1 << 20
+# msgspec's message when a buffer holds more than one value: where the first one ends.
+_TRAILING = re.compile(r"trailing characters \(byte (\d+)\)")
+
+
+def iter_msgpack_array(handle: BinaryIO) -> Iterator[bytes]:
+    """Yield the encoded items of the msgpack array a file holds, one at a time.
+
+    msgspec decodes whole buffers only: each item's end is found by decoding a window
+    of the file that holds it as a ``Raw`` (a scan, no objects), so at most about two
+    items' bytes are held, whatever the file's size.
+
+    Raises:
+        msgspec.DecodeError: the file holds no msgpack array, or an item is malformed or cut short.
+    """
+    count = _array_length(handle)
+    buffer, window, ended = bytearray(), _FIRST_WINDOW, False
+    for _ in range(count):
+        while True:
+            if len(buffer) < window and not ended:
+                chunk = handle.read(window - len(buffer))
+                buffer += chunk
+                ended = not chunk
+            end = _first_value_end(buffer)
+            if end is not None:
+                break
+            if ended:
+                raise msgspec.DecodeError("Input data was truncated")
+            window *= 2
+        window = max(window, 2 * end)
+        yield bytes(buffer[:end])
+        del buffer[:end]
+    if buffer or handle.read(1):
+        raise msgspec.DecodeError("MessagePack data is malformed: trailing characters after the array")
+
+
+def _array_length(handle: BinaryIO) -> int:
+    """Read a msgpack array header (fixarray, array 16 or array 32); return its length."""
+    first = handle.read(1)
+    if first and 0x90 <= first[0] <= 0x9F:
+        return first[0] & 0x0F
+    size = {b"\xdc": 2, b"\xdd": 4}.get(first)
+    length = handle.read(size) if size else b""
+    if not size or len(length) != size:
+        raise msgspec.DecodeError("Expected `array`" + ("" if first else ", got an empty file"))
+    return int.from_bytes(length, "big")
+
+
+def _first_value_end(buffer: bytearray) -> int | None:
+    """Return where the first msgpack value in ``buffer`` ends, or None when it is cut short there."""
+    with memoryview(buffer) as view:
+        try:
+            _RAW_DECODER.decode(view)
+        except msgspec.DecodeError as exc:
+            if str(exc) == "Input data was truncated":
+                return None
+            trailing = _TRAILING.search(str(exc))
+            if trailing is None:
+                raise
+            return int(trailing.group(1))
+    return len(buffer)
 
 
 def _read(path: str | os.PathLike[str], decoder: msgspec.msgpack.Decoder[T], what: str) -> T:

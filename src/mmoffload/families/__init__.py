@@ -122,8 +122,10 @@ class Families:
         Raises:
             BadInputError: no family of that name is registered.
         """
+        family = self._load(name, where)
+        # Only a known family is reported as used: an unknown name (any string in the data) is an error.
         self.used.add(name)
-        return self._load(name, where)
+        return family
 
     def model(self) -> Family | None:
         """Return the model directory's family, if a model was given (not counted as used by data)."""

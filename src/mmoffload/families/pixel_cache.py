@@ -8,8 +8,10 @@ prepares: its resized uint8 patches, or a processor's float rows).
 
 The inference server shares one cache between concurrent requests:
 ``get_or_make`` lets requests for the same key wait for one materialization
-(single flight) instead of each making its own; a failure reaches every
-waiter and is never cached.
+(single flight) instead of each making its own. A failure is never cached and
+answers only the caller whose ``make`` failed: the key names content, but a
+failure belongs to the one file (or check) that caller sent, so each waiter
+then makes its own (or waits for another caller's success).
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ Arrays = dict[str, np.ndarray]
 DEFAULT_CACHE_BYTES = 2 << 30
 
 
+class _Flight:
+    """One materialization in flight: its result, and how many callers wait on it."""
+
+    __slots__ = ("future", "waiters")
+
+    def __init__(self) -> None:
+        self.future: Future[Arrays] = Future()
+        self.waiters = 0
+
+
 class PixelCache:
     """Least-recently-used prepared images, bounded by the bytes of their arrays."""
 
@@ -38,7 +50,7 @@ class PixelCache:
         self.misses = 0
         self._entries: OrderedDict[PixelKey, dict[str, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
-        self._in_flight: dict[PixelKey, Future[Arrays]] = {}
+        self._in_flight: dict[PixelKey, _Flight] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -64,35 +76,52 @@ class PixelCache:
     def get_or_make(self, key: PixelKey, make: Callable[[], Arrays]) -> tuple[Arrays, bool]:
         """Return the arrays of ``key``, making them once however many threads ask at the same time.
 
+        A caller finding ``key`` in flight waits for it; when that materialization
+        fails, the caller does not take on the failure (another request's file or
+        check) but tries again: it makes its own, or waits for another caller's.
+
         Returns:
             The arrays, and True when this call (not the cache or another caller) made them.
 
         Raises:
-            Exception: whatever ``make`` raised, in every caller waiting on it; nothing is cached.
+            Exception: whatever this caller's own ``make`` raised; nothing is cached.
         """
-        with self._lock:
-            arrays = self.get(key)
-            if arrays is not None:
-                return arrays, False
-            waiting = self._in_flight.get(key)
-            if waiting is None:
-                future: Future[Arrays] = Future()
-                self._in_flight[key] = future
-        if waiting is not None:
-            return waiting.result(), False
+        while True:
+            with self._lock:
+                arrays = self.get(key)
+                if arrays is not None:
+                    return arrays, False
+                flight = self._in_flight.get(key)
+                if flight is None:
+                    flight = self._in_flight[key] = _Flight()
+                    break
+                flight.waiters += 1
+            try:
+                return flight.future.result(), False
+            except Exception:  # another caller's failure: try again with our own make
+                continue
+            finally:
+                with self._lock:
+                    flight.waiters -= 1
         try:
             arrays = make()
         except BaseException as exc:
-            future.set_exception(exc)
+            flight.future.set_exception(exc)
             raise
         else:
             with self._lock:
                 self._put(key, arrays)
-            future.set_result(arrays)
+            flight.future.set_result(arrays)
             return arrays, True
         finally:
             with self._lock:
                 del self._in_flight[key]
+
+    def waiting(self, key: PixelKey) -> int:
+        """Return how many callers wait on the materialization of ``key`` in flight (0 when none)."""
+        with self._lock:
+            flight = self._in_flight.get(key)
+            return flight.waiters if flight is not None else 0
 
     def _put(self, key: PixelKey, arrays: Arrays) -> None:
         size = sum(array.nbytes for array in arrays.values())

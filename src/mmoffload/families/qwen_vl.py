@@ -221,6 +221,17 @@ class QwenVL(Family):
         return {"levels": patches, self.grid_kwarg: np.array([[1, grid_h, grid_w]], dtype=np.int64)}
 
     def engine_pixels(self, images: list[Image.Image], *, device_normalizes: bool) -> dict[str, np.ndarray]:
+        if device_normalizes and self.own_pixels:
+            # The trainer's own path (2-6x faster than the processor): the processor's unnormalized rows are
+            # exactly its resized levels as floats, each patch repeated over the temporal axis.
+            prepared = [self.prepare_image(image) for image in images]
+            levels = np.concatenate([item["levels"] for item in prepared])
+            rows = np.empty((len(levels), CHANNELS, self.temporal_patch_size, self.patch_size**2), np.float32)
+            rows[...] = levels[:, :, None, :]
+            return {
+                self.pixel_kwarg: rows.reshape(len(levels), -1),
+                self.grid_kwarg: np.concatenate([item[self.grid_kwarg] for item in prepared]),
+            }
         # The processor's own switches: on-device normalization wants pixels in [0, 255] as they are.
         out = self.image_processor(
             images=images,

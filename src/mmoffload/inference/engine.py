@@ -18,7 +18,7 @@ cached. Only ``mmoffload serve`` imports this module (it imports vLLM and torch)
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,15 +31,18 @@ from vllm.multimodal.inputs import MultiModalKwargsItem, MultiModalKwargsItems
 
 from mmoffload.families import Families, Family
 from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
+from mmoffload.inference.content_parts import GridIndex, resolve_parts
+from mmoffload.inference.decode_budget import DEFAULT_DECODE_BYTES, DecodeBudget
 from mmoffload.inference.refs import (
     MODALITY,
     EngineArrays,
     ImageRef,
     InvalidImageRefError,
+    PromptLimits,
     check_grid,
-    check_placeholder,
+    check_request,
+    materialize_bytes,
     materialize_ref,
-    parse_features,
 )
 
 
@@ -53,6 +56,13 @@ class EngineStats:
     materialize_seconds: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """An engine item not made yet: the engine process probably holds it (made by ``make`` if not)."""
+
+    make: Callable[[], MultiModalKwargsItem]
+
+
 class RawRefEngineInputs:
     """Turns a request's raw-ref ``features`` into vLLM multimodal kwargs items, checked and cached.
 
@@ -62,6 +72,8 @@ class RawRefEngineInputs:
         device_normalizes: the engine's ``mm_device_do_normalize``.
         cache_bytes: bound of the materialized-input cache.
         roots: allowed directories for image files (None: anywhere).
+        limits: the engine's prompt length and per-prompt image limit, checked before any read.
+        decode_bytes: bound of the images being decoded at once (``DecodeBudget``).
     """
 
     def __init__(
@@ -72,6 +84,8 @@ class RawRefEngineInputs:
         device_normalizes: bool,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         roots: Sequence[Path] | None = None,
+        limits: PromptLimits | None = None,
+        decode_bytes: int = DEFAULT_DECODE_BYTES,
     ) -> None:
         self.families = Families(model_dir)
         self.model = str(model_dir)
@@ -79,6 +93,12 @@ class RawRefEngineInputs:
         self.device_normalizes = device_normalizes
         self.cache = PixelCache(cache_bytes)
         self.roots = roots
+        self.limits = limits or PromptLimits()
+        self.decode_budget = DecodeBudget(decode_bytes)
+        # The grids of verified images by content hash: how a uuid-only part finds its cache entry.
+        self.grids = GridIndex()
+        # vLLM's sender cache (what the engine process holds, by hash), set by the server; None: no IPC cache.
+        self.sender_cache: Any = None
         self.stats = EngineStats()
 
     def prepare(self) -> None:
@@ -86,39 +106,86 @@ class RawRefEngineInputs:
         if self.families.model_family is not None:
             self.families.get(self.families.model_family).prepare_pixels()
 
-    def items(self, features: object, token_ids: Sequence[int]) -> list[MultiModalKwargsItem]:
+    def items(self, features: object, token_ids: Sequence[int]) -> list[MultiModalKwargsItem | Deferred]:
         """Run every check of section 3 and return one engine item per image, in order.
 
+        Everything that reads no image runs first, for every image (``check_request``).
         Blocking (reads, decodes and processes images): call it from a worker thread.
 
         Raises:
+            PromptRefusedError: the prompt is too long for the engine.
             InvalidImageRefError: the first failed check, naming the image index.
         """
-        refs = parse_features(features, self.families)
-        return [self._item(ref, token_ids) for ref in refs]
+        refs = check_request(features, token_ids, self.families, self.limits, self.roots)
+        return [self._item(ref) for ref in refs]
 
-    def _item(self, ref: ImageRef, token_ids: Sequence[int]) -> MultiModalKwargsItem:
+    def content_items(
+        self, parts: object, token_ids: Sequence[int]
+    ) -> tuple[list[int], dict[str, Any], list[MultiModalKwargsItem | Deferred]]:
+        """Check a ``content_parts`` request (section 6); return its expanded ids, features and items.
+
+        Blocking: call it from a worker thread.
+
+        Raises:
+            PromptRefusedError: the prompt is too long for the engine.
+            CacheMissError: a uuid-only part the server holds no verified image for.
+            InvalidImageRefError: the first failed check, naming the part index.
+        """
+        family_name = self.families.model_family
+        if family_name is None:
+            raise InvalidImageRefError(1, f"The served model `{self.model}` has no known image family")
+        family = self.families.get(family_name)
+        resolved = resolve_parts(
+            parts,
+            token_ids,
+            family,
+            self._materialize_bytes,
+            cache=self.cache,
+            grids=self.grids,
+            model=self.model,
+            limits=self.limits,
+            roots=self.roots,
+        )
+        self.stats.images += len(resolved.refs)
+        self.stats.cache_hits += resolved.cache_hits
+        items = [
+            self._item_for(arrays, ref.mm_hash)
+            for arrays, ref in zip(resolved.arrays, resolved.refs, strict=True)
+        ]
+        return resolved.token_ids, resolved.features(), items
+
+    def _item(self, ref: ImageRef) -> MultiModalKwargsItem | Deferred:
         self.stats.images += 1
         key = ref.cache_key(self.model)
         arrays, made = self.cache.get_or_make(key, lambda: self._materialize(ref))
         if not made:
             self.stats.cache_hits += 1
-            # A hit skips reading the file (the hash names its content) but not the grid check.
+            # A hit skips reading the file (the hash names its content; the URI was checked before)
+            # but not the grid check.
             check_grid(ref, tuple(int(v) for v in arrays[ref.family.grid_kwarg][0]))  # type: ignore[arg-type]
-        check_placeholder(ref, token_ids)
+        self.grids.put(ref.mm_hash, ref.family.name, ref.grid)
+        return self._item_for(arrays, ref.mm_hash)
+
+    def _item_for(self, arrays: EngineArrays, mm_hash: str) -> MultiModalKwargsItem | Deferred:
+        # The engine process likely holds it already: leave the copy to be made only if it turns out not to.
+        if self.sender_cache is not None and self.sender_cache.is_cached_item(mm_hash):
+            return Deferred(lambda: self._to_item(arrays))
         return self._to_item(arrays)
 
     def _materialize(self, ref: ImageRef) -> EngineArrays:
+        return materialize_ref(ref, self._engine_arrays, self.roots, self.decode_budget)
+
+    def _materialize_bytes(self, ref: ImageRef, data: bytes) -> EngineArrays:
+        return materialize_bytes(ref, data, self._engine_arrays, self.decode_budget)
+
+    def _engine_arrays(self, family: Family, image: Image.Image) -> EngineArrays:
+        # Check 7, timed and counted here: both request paths make every image through this.
         started = time.perf_counter()
-
-        def engine_arrays(family: Family, image: Image.Image) -> EngineArrays:
-            try:
-                return family.engine_pixels([image], device_normalizes=self.device_normalizes)
-            except Exception as exc:  # the processor's own failure is check 7's, for this image
-                message = f"The model's processor failed on this image: {exc}"[:300]
-                raise InvalidImageRefError(7, message, ref.index) from exc
-
-        arrays = materialize_ref(ref, engine_arrays, self.roots)
+        try:
+            arrays = family.engine_pixels([image], device_normalizes=self.device_normalizes)
+        except Exception as exc:  # the processor's own failure is check 7's
+            message = f"The model's processor failed on this image: {exc}"[:300]
+            raise InvalidImageRefError(7, message) from exc
         self.stats.materialize_seconds += time.perf_counter() - started
         self.stats.images_materialized += 1
         return arrays

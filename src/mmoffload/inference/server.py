@@ -40,15 +40,27 @@ from vllm.multimodal.inputs import MultiModalKwargsItem
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES
-from mmoffload.inference.engine import RawRefEngineInputs
-from mmoffload.inference.refs import ERROR_TYPE, GENERATE_ROUTE, MODALITY, InvalidImageRefError
+from mmoffload.inference.content_parts import CACHE_MISS_TYPE, CacheMissError
+from mmoffload.inference.decode_budget import DEFAULT_DECODE_BYTES
+from mmoffload.inference.engine import Deferred, RawRefEngineInputs
+from mmoffload.inference.refs import (
+    ERROR_TYPE,
+    GENERATE_ROUTE,
+    MODALITY,
+    PROMPT_ERROR_TYPE,
+    InvalidImageRefError,
+    PromptLimits,
+    PromptRefusedError,
+)
 
 STATS_ROUTE = "/mmoffload/v1/stats"
 # vLLM arguments every mmoffload server needs: the scale-out routes carry /inference/v1/generate.
 REQUIRED_VLLM_ARGS = ("--enable-scale-out",)
 
 # The engine items of the request being served: set by the route, read inside vLLM's handler.
-_REQUEST_ITEMS: contextvars.ContextVar[list[MultiModalKwargsItem]] = contextvars.ContextVar("mmoffload_items")
+_REQUEST_ITEMS: contextvars.ContextVar[list[MultiModalKwargsItem | Deferred]] = contextvars.ContextVar(
+    "mmoffload_items"
+)
 
 
 class ServerStats(msgspec.Struct):
@@ -62,6 +74,8 @@ class ServerStats(msgspec.Struct):
     cache_entries: int
     cache_bytes: int
     materialize_seconds: float
+    decode_bytes_peak: int = 0
+    decode_waits: int = 0
 
 
 class RawRefServingTokens(ServingTokens):
@@ -69,16 +83,34 @@ class RawRefServingTokens(ServingTokens):
 
     vLLM reads ``None`` kwargs entries as "take it from the engine's cache"; the route
     sends every entry as ``None`` to vLLM's parser and this hands vLLM the checked
-    items instead, before vLLM's own cache-handle validation runs on them.
+    items instead, before vLLM's own cache-handle validation runs on them. Then, as
+    vLLM's own processing does, each item goes through vLLM's sender cache: one the
+    engine process already holds (by its content hash, checked here) travels as
+    ``None``, so its pixels are not copied to the engine again.
     """
 
     def _validate_mm_cache_handles(
         self, mm_kwargs: dict[str, list[MultiModalKwargsItem | None]], mm_hashes: dict[str, list[str]]
     ) -> ErrorResponse | None:
         items = _REQUEST_ITEMS.get(None)
-        if items is not None:
-            mm_kwargs[MODALITY][:] = items
-        return super()._validate_mm_cache_handles(mm_kwargs, mm_hashes)
+        if items is None:
+            return super()._validate_mm_cache_handles(mm_kwargs, mm_hashes)
+        cache = self.online_renderer.renderer.mm_processor_cache
+        hashes = mm_hashes[MODALITY]
+        # On the event loop, with no await until the updates below: what the cache holds cannot change meanwhile.
+        held = [cache is not None and cache.is_cached_item(mm_hash) for mm_hash in hashes]
+        mm_kwargs[MODALITY][:] = [
+            None if is_held else item.make() if isinstance(item, Deferred) else item
+            for item, is_held in zip(items, held, strict=True)
+        ]
+        error = super()._validate_mm_cache_handles(mm_kwargs, mm_hashes)
+        if error is None and cache is not None:
+            for index, mm_hash in enumerate(hashes):
+                item = mm_kwargs[MODALITY][index]
+                mm_kwargs[MODALITY][index], _ = cache.get_and_update_item(
+                    None if item is None else (item, []), mm_hash
+                )
+        return error
 
 
 def serve(
@@ -89,6 +121,7 @@ def serve(
     vllm_args: Sequence[str] = (),
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     roots: Sequence[Path] | None = None,
+    decode_bytes: int = DEFAULT_DECODE_BYTES,
 ) -> None:
     """Run the server until interrupted.
 
@@ -99,6 +132,7 @@ def serve(
         vllm_args: further ``vllm serve`` arguments, passed through unchanged.
         cache_bytes: bound of the materialized-input cache.
         roots: allowed directories for image files (None: anywhere).
+        decode_bytes: bound of the images being decoded at once.
     """
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(prog="mmoffload serve"))
@@ -106,10 +140,12 @@ def serve(
         ["--model", str(model_dir), "--host", host, "--port", str(port), *REQUIRED_VLLM_ARGS, *vllm_args]
     )
     validate_parsed_serve_args(args)
-    uvloop.run(_run(args, model_dir, cache_bytes, roots))
+    uvloop.run(_run(args, model_dir, cache_bytes, roots, decode_bytes))
 
 
-async def _run(args: Any, model_dir: Path, cache_bytes: int, roots: Sequence[Path] | None) -> None:
+async def _run(
+    args: Any, model_dir: Path, cache_bytes: int, roots: Sequence[Path] | None, decode_bytes: int
+) -> None:
     # vLLM's own start-up sequence (run_server), with the route installed between app state and serving.
     _, sock = setup_server(args, reuse_port=False)
     try:
@@ -117,7 +153,7 @@ async def _run(args: Any, model_dir: Path, cache_bytes: int, roots: Sequence[Pat
             supported_tasks = await engine_client.get_supported_tasks()
             app = build_app(args, supported_tasks, engine_client.model_config)
             await init_app_state(engine_client, app.state, args, supported_tasks)
-            install_raw_refs(app, model_dir, cache_bytes=cache_bytes, roots=roots)
+            install_raw_refs(app, model_dir, cache_bytes=cache_bytes, roots=roots, decode_bytes=decode_bytes)
             shutdown = await serve_http(
                 app,
                 sock=sock,
@@ -137,6 +173,7 @@ def install_raw_refs(
     *,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     roots: Sequence[Path] | None = None,
+    decode_bytes: int = DEFAULT_DECODE_BYTES,
 ) -> RawRefEngineInputs:
     """Make a vLLM API app take raw refs on ``/inference/v1/generate``; return its engine side."""
     serving: ServingTokens = app.state.serving_tokens
@@ -150,12 +187,23 @@ def install_raw_refs(
         ),
         cache_bytes=cache_bytes,
         roots=roots,
+        limits=_engine_limits(model_config),
+        decode_bytes=decode_bytes,
     )
+    engine_inputs.sender_cache = serving.online_renderer.renderer.mm_processor_cache
     engine_inputs.prepare()
     counts = {"requests": 0, "refused": 0}
 
     async def generate(raw_request: Request) -> Response:
         counts["requests"] += 1
+        try:
+            return await _generate(raw_request)
+        except RecursionError:
+            # JSON nested past the interpreter's limit, in the body or anywhere vLLM's parser walks it.
+            counts["refused"] += 1
+            return _error(400, "Expected a JSON request body nested less deeply", "BadRequestError")
+
+    async def _generate(raw_request: Request) -> Response:
         try:
             body = await raw_request.json()
         except ValueError as exc:
@@ -163,19 +211,35 @@ def install_raw_refs(
         if not isinstance(body, dict):
             return _error(400, "Expected a JSON object as the request body", "BadRequestError")
         features = body.get("features")
+        parts = body.get("content_parts")
         token_ids = body.get("token_ids")
-        items: list[MultiModalKwargsItem] = []
-        if features is not None:
+        items: list[MultiModalKwargsItem | Deferred] = []
+        if features is not None or parts is not None:
             if not (isinstance(token_ids, list) and all(type(t) is int for t in token_ids)):
                 return _error(400, "Expected `token_ids` as a list of ints", "BadRequestError")
+            if features is not None and parts is not None:
+                return _error(400, "Expected `features` or `content_parts`, got both", "BadRequestError")
+            where = "features.kwargs_data.image" if parts is None else "content_parts"
             try:
-                items = await asyncio.to_thread(engine_inputs.items, features, token_ids)
+                if parts is None:
+                    items = await asyncio.to_thread(engine_inputs.items, features, token_ids)
+                    features = {**features, "kwargs_data": {MODALITY: [None] * len(items)}}
+                else:
+                    # The parts become features: expanded ids, checked items, vLLM's own handler.
+                    token_ids, features, items = await asyncio.to_thread(
+                        engine_inputs.content_items, parts, token_ids
+                    )
             except InvalidImageRefError as exc:
                 counts["refused"] += 1
-                param = f"features.kwargs_data.image[{exc.image}]" if exc.image is not None else "features"
-                return _error(400, str(exc), ERROR_TYPE, param)
+                param = f"{where}[{exc.image}]" if exc.image is not None else where.split(".")[0]
+                error_type = CACHE_MISS_TYPE if isinstance(exc, CacheMissError) else ERROR_TYPE
+                return _error(400, str(exc), error_type, param)
+            except PromptRefusedError as exc:
+                counts["refused"] += 1
+                return _error(400, str(exc), PROMPT_ERROR_TYPE, "token_ids")
             # vLLM parses the rest; the checked items reach it through RawRefServingTokens.
-            body = {**body, "features": {**features, "kwargs_data": {MODALITY: [None] * len(items)}}}
+            body = {**body, "token_ids": token_ids, "features": features}
+            body.pop("content_parts", None)
         try:
             request = GenerateRequest.model_validate(body)
         except ValidationError as exc:
@@ -202,6 +266,8 @@ def install_raw_refs(
             cache_entries=len(engine_inputs.cache),
             cache_bytes=engine_inputs.cache.bytes,
             materialize_seconds=engine.materialize_seconds,
+            decode_bytes_peak=engine_inputs.decode_budget.peak,
+            decode_waits=engine_inputs.decode_budget.waits,
         )
         return JSONResponse(content=msgspec.to_builtins(report))
 
@@ -212,6 +278,15 @@ def install_raw_refs(
     app.add_api_route(GENERATE_ROUTE, generate, methods=["POST"])
     app.add_api_route(STATS_ROUTE, stats, methods=["GET"])
     return engine_inputs
+
+
+def _engine_limits(model_config: Any) -> PromptLimits:
+    """Return the engine's limits the route checks before reading any image."""
+    multimodal = model_config.multimodal_config
+    return PromptLimits(
+        max_model_len=model_config.max_model_len,
+        max_images=multimodal.get_limit_per_prompt(MODALITY) if multimodal is not None else None,
+    )
 
 
 def _error(status: int, message: str, error_type: str, param: str | None = None) -> JSONResponse:

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from mmoffload.contract.addresses import MEDIA_TYPES, asset_location, sniff_extension, stored_hash
+from mmoffload.contract.addresses import MEDIA_TYPES, address_hash, asset_location, sniff_extension
 from mmoffload.contract.imageparts import find_parts, inline_part
 from mmoffload.errors import BadInputError, Where
 from mmoffload.io.inputs import decode_json_line
@@ -64,7 +64,7 @@ class Inliner:
             self._cache.move_to_end(uri)
             return known
         location = asset_location(uri if "://" in uri else Path(uri).absolute().as_uri(), where)
-        data = read_verified(location, stored_hash(uri), where, allowed_roots=self.allowed_roots)
+        data = read_verified(location, address_hash(location), where, allowed_roots=self.allowed_roots)
         if sniff_extension(data) is None:
             raise BadInputError(f"Expected image bytes at `{uri[:200]}`, got no image format", where)
         counts.image_bytes_read += len(data)

@@ -1,9 +1,10 @@
 """Streaming line input: the one opener of every JSONL input.
 
 ``open_input`` reads ``-`` as stdin, and gzip or zstd content is decompressed
-whatever the file is called (by its magic bytes). ``expand_inputs`` turns
-directories and quoted globs into files, each with the relative path its output
-mirrors.
+whatever the file is called (by its magic bytes); compressed input cut short or
+corrupt is an error, never a shorter input. ``iter_lines`` holds one line at a
+time, at most ``$MMOFFLOAD_MAX_LINE_BYTES``. ``expand_inputs`` turns directories
+and quoted globs into files, each with the relative path its output mirrors.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import mmap
 import os
 import stat
 import sys
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ import msgspec
 
 from mmoffload.contract.addresses import uri_to_path
 from mmoffload.errors import BadInputError, UsageError, Where
+from mmoffload.limits import MAX_LINE_BYTES_ENV_VAR, max_line_bytes
 
 STDIO = "-"
 
@@ -136,8 +139,10 @@ def open_input(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             yield gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[misc]
         elif magic == _ZSTD_MAGIC:
             zstandard = zstandard_module()
-            reader = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
-            yield io.BufferedReader(reader)  # type: ignore[arg-type]
+            # zstandard reads a stream cut inside a frame as if it ended there: the frames are followed.
+            frames = ZstdFrames(buffered)
+            reader = zstandard.ZstdDecompressor().stream_reader(frames, read_across_frames=True)
+            yield io.BufferedReader(_WholeFramesReader(reader, frames))
         else:
             yield buffered
     finally:
@@ -149,40 +154,199 @@ def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[Where, bytes]]:
     """Stream a JSONL input (see ``open_input``) as ``(where, line)`` pairs, skipping blank lines.
 
     Memory stays bounded by the longest line, not the file size (an uncompressed
-    regular file is memory-mapped: its pages are the page cache's, not the process's).
+    regular file is memory-mapped: its pages are the page cache's, not the process's),
+    and a line is at most ``max_line_bytes()`` long.
 
     Raises:
         UsageError: the input cannot be opened.
-        BadInputError: its compressed content is corrupt or cut short.
+        BadInputError: its compressed content is corrupt or cut short, a line is over the
+            limit, or a line does not fit in memory.
     """
     name = input_name(path)
+    limit = max_line_bytes()
     number = 0
     with open_input(path) as handle:
         # Only a file opened here and read as it is can be mapped (not stdin, not decompressed bytes).
-        plain = not is_stdio(path) and isinstance(getattr(handle, "raw", None), io.FileIO)
+        plain = isinstance(getattr(handle, "raw", None), io.FileIO)
+        mapped = plain and not is_stdio(path)
         try:
-            for line in _lines(handle) if plain else handle:
+            for line in _mapped_lines(handle, limit) if mapped else _read_lines(handle, limit):
                 number += 1
                 if not line.isspace():
                     yield Where(file=name, line=number), line
-        except Exception as exc:  # gzip raises OSError or EOFError, zstandard its ZstdError.
-            if not isinstance(exc, OSError | EOFError) and type(exc).__name__ != "ZstdError":
+        except LineTooLong:
+            raise BadInputError(
+                f"Expected lines of at most {limit:,} bytes, got a longer one (${MAX_LINE_BYTES_ENV_VAR} "
+                "raises the limit)",
+                Where(file=name, line=number + 1),
+            ) from None
+        except MemoryError:
+            raise BadInputError(
+                "Out of memory reading the line (each line is held whole in memory)",
+                Where(file=name, line=number + 1),
+            ) from None
+        except Exception as exc:
+            if not is_read_error(exc):
                 raise
-            raise BadInputError(f"Cannot decompress input: {exc}", Where(file=name, line=number + 1)) from exc
+            what = "read" if plain else "decompress"
+            raise BadInputError(
+                f"Cannot {what} input after line {number:,}: {exc}", Where(file=name, line=number + 1)
+            ) from exc
 
 
-def _lines(handle: BinaryIO) -> Iterator[bytes]:
+class LineTooLong(Exception):
+    """A line runs past the line limit (``iter_lines`` names the file, line and limit)."""
+
+
+def is_read_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is what reading or decompressing an input raises on cut-short or corrupt content.
+
+    gzip raises ``OSError`` (``BadGzipFile``), ``EOFError`` or ``zlib.error``, zstandard its
+    ``ZstdError`` (and ``ZstdFrames`` an ``EOFError``); the OS an ``OSError``.
+    """
+    zstd_error = getattr(sys.modules.get("zstandard"), "ZstdError", ())
+    return isinstance(exc, (OSError, EOFError, zlib.error, zstd_error))
+
+
+def _read_lines(handle: BinaryIO, limit: int) -> Iterator[bytes]:
+    """Yield the lines of a stream, each with its line break, none over ``limit`` bytes."""
+    while line := handle.readline(limit + 1):
+        if len(line) > limit and not line.endswith(b"\n"):
+            raise LineTooLong
+        yield line
+
+
+def _mapped_lines(handle: BinaryIO, limit: int) -> Iterator[bytes]:
     """Yield the lines of an open file, each with its line break, from a mapping when it can be mapped."""
     info = os.fstat(handle.fileno())
     if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
-        yield from handle
+        yield from _read_lines(handle, limit)
         return
     with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         start, size = 0, len(mapped)
         while start < size:
-            end = mapped.find(b"\n", start) + 1 or size
+            end = mapped.find(b"\n", start, start + limit + 1) + 1
+            if not end:
+                if size - start > limit:
+                    raise LineTooLong
+                end = size
             yield mapped[start:end]
             start = end
+
+
+# Zstandard frames (RFC 8878 section 3.1): a magic number, a header, blocks each with a 3-byte header
+# (last-block flag, type, size), an optional 4-byte checksum; or a skippable frame (magic, size, bytes).
+_ZSTD_FRAME_MAGIC = 0xFD2FB528
+_SKIPPABLE_MAGIC, _SKIPPABLE_MASK = 0x184D2A50, 0xFFFFFFF0
+_DICTIONARY_ID_BYTES = (0, 1, 2, 4)
+_CONTENT_SIZE_BYTES = (0, 2, 4, 8)
+_RLE_BLOCK, _RESERVED_BLOCK = 1, 3
+
+
+class ZstdFrames:
+    """A zstd source that follows the frame layout of the bytes it passes on, to tell a cut-short end.
+
+    Only headers are parsed (block contents are counted past, not decoded), so this costs
+    next to nothing beside decompression. Content that is no zstd frame raises ``EOFError``.
+    """
+
+    def __init__(self, source: BinaryIO) -> None:
+        self._source = source
+        self._field = bytearray()  # The header field being gathered.
+        self._want = 4  # Its size.
+        self._state = "magic"
+        self._skip = 0  # Bytes of block content, checksum or skippable frame still to pass.
+        self._after_skip = "magic"
+        self._checksum = False
+        self.cut_short = False  # The source ended inside a frame.
+
+    def read(self, size: int = -1) -> bytes:
+        """Read up to ``size`` compressed bytes from the source, following the frames they hold."""
+        data = self._source.read(size)
+        if data:
+            self._follow(memoryview(data))
+        else:
+            self.cut_short = not self.at_frame_boundary
+        return data
+
+    @property
+    def at_frame_boundary(self) -> bool:
+        """Whether the bytes so far end between two frames (or before the first)."""
+        return self._state == "magic" and not self._field and not self._skip
+
+    def _follow(self, data: memoryview) -> None:
+        at = 0
+        while at < len(data):
+            if self._skip:
+                taken = min(self._skip, len(data) - at)
+                self._skip -= taken
+                at += taken
+                if not self._skip:
+                    self._state = self._after_skip
+                continue
+            taken = min(self._want - len(self._field), len(data) - at)
+            self._field += data[at : at + taken]
+            at += taken
+            if len(self._field) == self._want:
+                field = int.from_bytes(self._field, "little")
+                self._field.clear()
+                self._on_field(field)
+
+    def _on_field(self, value: int) -> None:
+        """Move to the next state after a whole header field ``value`` (little-endian)."""
+        if self._state == "magic":
+            if value == _ZSTD_FRAME_MAGIC:
+                self._state, self._want = "descriptor", 1
+            elif value & _SKIPPABLE_MASK == _SKIPPABLE_MAGIC:
+                self._state, self._want = "skippable size", 4
+            else:
+                raise EOFError("Expected a zstd frame, found other bytes")
+        elif self._state == "skippable size":
+            self._pass(value, then="magic")
+        elif self._state == "descriptor":
+            single_segment = value >> 5 & 1
+            self._checksum = bool(value >> 2 & 1)
+            content_size = _CONTENT_SIZE_BYTES[value >> 6] or single_segment
+            rest = (1 - single_segment) + _DICTIONARY_ID_BYTES[value & 3] + content_size
+            self._state, self._want = ("header", rest) if rest else ("block", 3)
+        elif self._state == "header":
+            self._state, self._want = "block", 3
+        else:  # A block header.
+            last, kind, size = value & 1, value >> 1 & 3, value >> 3
+            if kind == _RESERVED_BLOCK:
+                raise EOFError("Expected a zstd block, found a reserved block type (corrupt)")
+            then = ("checksum" if self._checksum else "magic") if last else "block"
+            self._pass(1 if kind == _RLE_BLOCK else size, then=then)
+
+    def _pass(self, count: int, then: str) -> None:
+        """Count ``count`` bytes past, then go to state ``then``."""
+        if then == "checksum":
+            # The checksum is counted past too: 4 bytes after the last block's content.
+            count, then = count + 4, "magic"
+        self._want = 4 if then == "magic" else 3
+        self._skip, self._after_skip, self._state = count, then, then if not count else "skip"
+
+
+class _WholeFramesReader(io.RawIOBase):
+    """Decompressed zstd bytes whose end is an error when the input ended inside a frame.
+
+    The error comes where the decompressed bytes run out, so every whole line before the cut
+    is read first and the cut line never is.
+    """
+
+    def __init__(self, reader: Any, frames: ZstdFrames) -> None:
+        super().__init__()
+        self._reader = reader
+        self._frames = frames
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self._reader.readinto(buffer)
+        if not count and self._frames.cut_short:
+            raise EOFError("Compressed input ended in the middle of a zstd frame (cut short)")
+        return count
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,27 +357,41 @@ class Input:
     relative: Path
 
 
-def expand_inputs(paths: Sequence[str | os.PathLike[str]], *, directories: bool = True) -> list[Input]:
+def expand_inputs(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    directories: bool = True,
+    exclude: Sequence[str | os.PathLike[str]] = (),
+) -> list[Input]:
     """Expand directories (their JSONL files, recursively) and glob patterns into input files.
 
     A glob (``runs/*/rollouts.jsonl``, quoted so that the shell leaves it) is expanded
     here, as CI YAML writes it; a file or ``-`` stays itself. Each input keeps the path
     relative to the directory or the glob's fixed prefix, so that outputs can mirror it.
+    A symlink to nothing found there is an error, as a missing file named is.
 
     Args:
         paths: files, ``-``, directories and glob patterns, in the order given.
         directories: expand a directory into its JSONL files (else keep it as it is).
+        exclude: the command's own outputs (files or directories): what a directory or a glob
+            finds under them is no input, so that a second run does not read the first one's output.
 
     Raises:
-        UsageError: a path that does not exist, or a pattern or directory that matches nothing.
+        UsageError: a path that does not exist, a dangling symlink found in a directory or by a
+            glob, or a pattern or directory that matches nothing.
     """
+    excluded = [Path(os.path.abspath(path)) for path in exclude if not is_stdio(path)]
+
+    def wanted(path: Path) -> bool:
+        absolute = Path(os.path.abspath(path))
+        return not any(absolute == out or out in absolute.parents for out in excluded)
+
     found: list[Input] = []
     for raw in paths:
         if isinstance(url := location(raw), str):
             from mmoffload.io.remote import expand_url
 
-            wanted = lambda name: is_jsonl_name(name) or name.endswith(PARQUET_SUFFIXES)  # noqa: E731
-            found.extend(Input(match, Path(relative)) for match, relative in expand_url(url, wanted))
+            found.extend(Input(match, Path(relative)) for match, relative in expand_url(url, _is_input_name))
             continue
         path = url
         if is_stdio(raw) or path.is_file() or (path.is_dir() and not directories):
@@ -222,7 +400,7 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]], *, directories: bool 
             files = sorted(
                 p
                 for p in path.rglob("*")
-                if p.is_file() and (is_jsonl_name(p) or p.suffix in PARQUET_SUFFIXES)
+                if (is_jsonl_name(p) or p.suffix in PARQUET_SUFFIXES) and _is_file(p) and wanted(p)
             )
             if not files:
                 raise UsageError(
@@ -234,7 +412,7 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]], *, directories: bool 
         elif _GLOB_CHARS & set(os.fspath(raw)):
             base = _glob_base(path)
             matches = sorted(Path(m) for m in glob.glob(os.fspath(raw), recursive=True))
-            matches = [m for m in matches if m.is_file() or (m.is_dir() and not directories)]
+            matches = [m for m in matches if wanted(m) and ((m.is_dir() and not directories) or _is_file(m))]
             if not matches:
                 raise UsageError("No file matches the pattern", Where(file=os.fspath(raw)))
             found.extend(Input(m, m.relative_to(base)) for m in matches)
@@ -243,11 +421,29 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]], *, directories: bool 
     return found
 
 
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file (or a symlink to one) to read.
+
+    Raises:
+        UsageError: ``path`` is a symlink to nothing: a missing input, never skipped in silence.
+    """
+    if path.is_file():
+        return True
+    if path.is_symlink() and not path.exists():
+        raise UsageError("Expected an input file, found a symlink to nothing", Where(file=str(path)))
+    return False
+
+
 def zstandard_module() -> Any:
     """Import zstandard only for zstd content: most runs never need it."""
     import zstandard
 
     return zstandard
+
+
+def _is_input_name(name: str) -> bool:
+    """Whether a file name found under a URL prefix names an input (JSONL or Parquet)."""
+    return is_jsonl_name(name) or name.endswith(PARQUET_SUFFIXES)
 
 
 def _glob_base(pattern: Path) -> Path:

@@ -16,11 +16,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import hashlib
 import os
+import re
+import shutil
 import signal
+import socket
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,6 +34,15 @@ from mmoffload.errors import UsageError, Where
 from mmoffload.io.inputs import Input, is_stdio, location, zstandard_module
 
 TEMP_PREFIX = ".mmoffload-tmp-"
+
+
+# A temporary whose owner cannot be told (a name without one) is stale after this long.
+STALE_TEMP_SECONDS = 3600
+
+
+# This host in temporaries' names: a pid means nothing on another host sharing the directory (NFS).
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_OWNED_TEMP = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)@([0-9a-f]{8})-")
 
 
 # Errors of a device that took no more bytes: reported with the path and how much was written.
@@ -101,8 +115,53 @@ _temp_owner: int | None = None
 
 
 def own_temp_prefix() -> str:
-    """Return the name prefix of this process's temporaries (the pid tells a run its own apart)."""
-    return f"{TEMP_PREFIX}{_temp_owner or os.getpid()}-"
+    """Return the name prefix of this process's temporaries: its pid and host tell its own apart."""
+    return f"{TEMP_PREFIX}{_temp_owner or os.getpid()}@{_HOST}-"
+
+
+def is_stale_temp(name: str, mtime: float) -> bool:
+    """Whether the temporary ``name`` belongs to no live process: its owner on this host is dead.
+
+    A temporary of another host is never stale (its pid cannot be checked from here); one whose
+    name carries no owner is stale once ``STALE_TEMP_SECONDS`` old.
+    """
+    owner = _OWNED_TEMP.match(name)
+    if owner is None:
+        return mtime < time.time() - STALE_TEMP_SECONDS
+    return owner.group(2) == _HOST and not pid_alive(int(owner.group(1)))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Remove the temporaries (files and directories) of dead processes from ``directory``; return how many.
+
+    A killed run (SIGKILL, a crash, a lost machine) leaves its temporaries: the next
+    command on the same run or store removes them. A live process's are never touched.
+    """
+    removed = 0
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            if not entry.name.startswith(TEMP_PREFIX):
+                continue
+            with contextlib.suppress(OSError):
+                if not is_stale_temp(entry.name, entry.stat(follow_symlinks=False).st_mtime):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def adopt_temp_owner(pid: int) -> None:

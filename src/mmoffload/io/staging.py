@@ -15,7 +15,7 @@ from typing import Any
 
 from mmoffload.contract.rundir import ROLLOUTS
 from mmoffload.errors import UsageError, Where
-from mmoffload.io.outputs import TEMP_PREFIX
+from mmoffload.io.outputs import own_temp_prefix, pid_alive, remove_stale_temps
 
 # A directory being rewritten as a unit is staged under this name beside it; the name is the lock.
 STAGING_PREFIX = ".mmoffload-writing-"
@@ -61,7 +61,7 @@ def _take_staging(directory: Path) -> Path:
     parent = directory.parent
     parent.mkdir(parents=True, exist_ok=True)
     lock = parent / f"{STAGING_PREFIX}{directory.name}"
-    fresh = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent))
+    fresh = Path(tempfile.mkdtemp(prefix=own_temp_prefix(), dir=parent))
     (fresh / _OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     for _attempt in range(2):
         try:
@@ -93,13 +93,7 @@ def _live_owner(lock: Path) -> str | None:
         return None  # Half created or half removed: its writer is gone.
     if host != socket.gethostname():
         return f"pid {pid} on {host}"
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # Alive, owned by another user.
-    return f"pid {pid}"
+    return f"pid {pid}" if pid_alive(int(pid)) else None
 
 
 def _link_or_copy(source: str, destination: str) -> None:
@@ -132,7 +126,7 @@ def _remove_tree(path: Path) -> None:
     """Remove a tree, first renaming it to a unique name so no other writer ever sees it half gone."""
     if not path.exists():
         return
-    trash = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=path.parent))
+    trash = Path(tempfile.mkdtemp(prefix=own_temp_prefix(), dir=path.parent))
     try:
         os.replace(path, trash)  # Onto the empty directory just made.
     except OSError:
@@ -167,5 +161,18 @@ def staged_run(run_dir: Path) -> Iterator[Path]:
     Raises:
         UsageError: another live process is writing the run.
     """
+    remove_dead_temps(run_dir)
     with staged_directory(run_dir / ROLLOUTS) as staged:
         yield staged.parent
+
+
+def remove_dead_temps(run_dir: str | os.PathLike[str]) -> int:
+    """Remove the temporaries killed processes left in a run; return how many.
+
+    Every command on a run calls this first (readers too), so a killed ``refs`` or
+    ``pack`` costs no disk after the next command. A live writer's files are never
+    touched. A dead writer's staging directory is left to the next writer, which
+    takes it over: a reader removing it could race a writer taking it over.
+    """
+    run_dir = Path(run_dir)
+    return remove_stale_temps(run_dir) + remove_stale_temps(run_dir / ROLLOUTS)

@@ -27,6 +27,7 @@ from mmoffload.errors import UsageError, Where
 from mmoffload.extras import require
 from mmoffload.families import Families, resolve_model_dir
 from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
+from mmoffload.io.staging import remove_dead_temps
 from mmoffload.materialize.materializer import Materializer, MissingImagePolicy
 from mmoffload.materialize.saving import check_free_space, save_micro_batch, saved_bytes, saved_path
 from mmoffload.store.remap import Remap
@@ -113,6 +114,7 @@ def materialize_run(
         remap=remap,
         allowed_roots=allowed_roots,
     )
+    remove_dead_temps(run_dir)  # Killed processes' temporaries, never a live writer's.
     rank_files = list(iter_rank_files(run_dir))
     if not rank_files:
         raise UsageError(

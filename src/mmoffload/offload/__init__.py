@@ -11,12 +11,11 @@ from mmoffload.offload.records import (
     offload_record,
 )
 from mmoffload.offload.report import REJECTS_SUFFIX, OffloadReport
-from mmoffload.offload.stage import STALE_TEMP_SECONDS, offload_files, plan_outputs, sweep_stale_temps
+from mmoffload.offload.stage import offload_files, plan_outputs
 
 __all__ = [
     "CACHE_BYTES",
     "REJECTS_SUFFIX",
-    "STALE_TEMP_SECONDS",
     "LineResult",
     "OffloadOptions",
     "OffloadReport",
@@ -27,5 +26,4 @@ __all__ = [
     "offload_files",
     "offload_record",
     "plan_outputs",
-    "sweep_stale_temps",
 ]

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, BinaryIO
 from mmoffload.errors import MMOffloadError, UsageError
 from mmoffload.io.inputs import InputFormat, is_stdio, iter_lines, location, open_input, reads_parquet
 from mmoffload.io.outputs import (  # noqa: F401 - plan_outputs: offload's public name too
-    TEMP_PREFIX,
     atomic_writer,
     check_distinct,
     check_output_path,
@@ -35,6 +34,7 @@ from mmoffload.io.outputs import (  # noqa: F401 - plan_outputs: offload's publi
     open_output,
     plan_outputs,
     remove_own_temps,
+    remove_stale_temps,
 )
 from mmoffload.io.rejects import rejected_line
 from mmoffload.offload.records import OffloadOptions, OffloadTask
@@ -49,21 +49,6 @@ if TYPE_CHECKING:
 
 
 # An image write takes milliseconds; a temp this old in the asset directory is a killed run's.
-STALE_TEMP_SECONDS = 3600
-
-
-def sweep_stale_temps(directory: Path, older_than: float = STALE_TEMP_SECONDS) -> int:
-    """Remove temporary files of killed runs older than ``older_than`` seconds; return how many."""
-    removed = 0
-    cutoff = time.time() - older_than
-    with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.name.startswith(TEMP_PREFIX) and entry.is_file():
-                with contextlib.suppress(FileNotFoundError):
-                    if entry.stat().st_mtime < cutoff:
-                        os.unlink(entry.path)
-                        removed += 1
-    return removed
 
 
 def offload_files(
@@ -126,8 +111,9 @@ def offload_files(
     }
     if isinstance(store, AssetStore):
         store.root.mkdir(parents=True, exist_ok=True)
-        report.stale_temps_removed = sweep_stale_temps(store.root)
         temp_dirs.add(store.root)
+    # Killed runs' temporaries (dead owners) go from the store and the output directories.
+    report.stale_temps_removed = sum(remove_stale_temps(directory) for directory in temp_dirs)
     try:
         _offload_all(
             inputs,

@@ -81,7 +81,9 @@ def _piece(sample: TrainingSample, index: int, seq_len: int, where: Where) -> _P
         raise BadInputError("Expected `mm_token_type_ids` on a sample with `mm_refs`, got none", where)
     families = sorted({str(ref.item.get("family")) for ref in refs})
     if len(families) > 1:
-        raise BadInputError(f"Expected one family per sample, got {', '.join(families)}", where)
+        raise BadInputError(
+            f"Expected one family per sample, got {', '.join(f'`{name}`' for name in families)}", where
+        )
 
     cut = _cut(refs, n, seq_len, where)
     routed = sample.routed_experts

@@ -55,7 +55,9 @@ def build_sample(
         return sample
     family_names = sorted({image.family for image in branch.images})
     if len(family_names) > 1:
-        raise BadInputError(f"Expected one family per sample, got {', '.join(family_names)}", where)
+        raise BadInputError(
+            f"Expected one family per sample, got {', '.join(f'`{name}`' for name in family_names)}", where
+        )
     spans = [(image.ref.offset, image.ref.length) for image in branch.images]
     family = context.families.get(family_names[0], where)
     token_types = family.token_types

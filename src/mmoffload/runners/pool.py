@@ -7,6 +7,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -19,10 +20,78 @@ _task: LineTask | None = None
 
 @contextlib.contextmanager
 def pool_runner(task: LineTask, workers: int) -> Iterator[Results]:
-    """Yield a function running ``task`` over lines on a pool of ``workers`` processes, in order."""
+    """Yield a function running ``task`` over lines on a pool of ``workers`` processes, in order.
+
+    Ctrl-C reaches the whole process group: the parent alone handles it, and stops
+    every worker at once (``_stop``), whatever each was doing.
+    """
     context = multiprocessing.get_context("spawn" if os.name == "nt" else "forkserver")
-    with context.Pool(workers, initializer=_init_worker, initargs=(task, os.getpid())) as pool:
+    pool = None
+    try:
+        with _sigint_deferred():  # A Ctrl-C held back is raised here, the pool made: it is stopped.
+            pool = context.Pool(workers, initializer=_init_worker, initargs=(task, os.getpid()))
         yield lambda lines: _ordered(pool, workers, lines)
+    except BaseException:
+        if pool is not None:
+            _stop(pool)
+        raise
+    pool.close()
+    pool.join()
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Start processes so that the Ctrl-C meant for the run stops none of them half started.
+
+    This process holds Ctrl-C back (blocked: pending, delivered at the end of the block)
+    while the processes start. The fork server and the resource tracker are new
+    interpreters, started while Ctrl-C is also ignored here: that is inherited through
+    exec (a handler is not), so they ignore it from their first instruction, and so do
+    the workers the fork server forks. A blocked signal is never discarded as ignored
+    (Linux queues it), so a Ctrl-C meanwhile still stops the run.
+    """
+    if os.name == "nt" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from multiprocessing import forkserver, resource_tracker
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            resource_tracker.ensure_running()
+            # Starting the tracker unblocks SIGINT and SIGTERM on its way out: block again at once.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _stop(pool: Any) -> None:
+    """Stop a pool at once, whatever its workers are doing.
+
+    ``Pool.terminate`` alone can wait forever: it takes the task queue's read lock, which
+    an idle worker holds while it waits for work, and the result queue's write lock,
+    which a worker stopped in the middle of sending a result never gives back. So every
+    worker is killed first, a lock a killed worker held is freed, then the pool is ended.
+    """
+    workers = list(pool._pool)
+    for process in workers:
+        process.kill()
+    for process in workers:
+        process.join()
+    # Only the workers take these locks while the pool runs (its threads write without them).
+    for lock in (pool._inqueue._rlock, getattr(pool._outqueue, "_wlock", None)):
+        if lock is None:
+            continue
+        if lock.acquire(block=False):
+            lock.release()
+        else:
+            lock.release()  # Held by a killed worker: a plain lock may be released by anyone.
+    pool.terminate()
 
 
 def _ordered(pool: Any, workers: int, lines: Iterable[Line]) -> Iterator[tuple[Where, bytes, Any]]:

@@ -74,11 +74,20 @@ def decode_rgb(data: bytes, name: str, where: Where | None = None) -> Image.Imag
     Raises:
         BadInputError: the bytes do not decode as an image, or declare too many pixels.
     """
+    with open_image(data, name, where) as image:
+        return load_rgb(image, name, where)
+
+
+def load_rgb(image: Image.Image, name: str, where: Where | None = None) -> Image.Image:
+    """Decode an image opened by ``open_image`` (its size already checked) to RGB, transparency on white.
+
+    Raises:
+        BadInputError: the pixels do not decode.
+    """
     pil = require("PIL.Image", "Decoding images")
     try:
-        with open_image(data, name, where) as image:
-            image.load()
-            return to_rgb(image)
+        image.load()
+        return to_rgb(image)
     except (OSError, ValueError, pil.DecompressionBombError) as exc:
         raise BadInputError(f"Expected a decodable image at `{name}`, got: {exc}", where) from exc
 

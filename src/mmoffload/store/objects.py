@@ -23,6 +23,7 @@ import fsspec
 from mmoffload.contract.addresses import (
     OBJECT_SCHEMES,
     content_hash,
+    describe_bytes,
     is_object_uri,
     sniff_extension,
     verify_hash,
@@ -67,7 +68,7 @@ class ObjectStore:
         """
         extension = sniff_extension(data)
         if extension is None:
-            raise BadInputError(f"Expected image bytes, got {len(data)} bytes of no image format", where)
+            raise BadInputError(f"Expected image bytes, got {describe_bytes(data)}", where)
         digest = content_hash(data)
         uri = f"{self.root}/{digest}{extension}"
         try:

@@ -61,15 +61,20 @@ def _read_file(path: Path, limit: int, where: Where | None, allowed_roots: Seque
         raise MissingImageError(f"Missing image file `{path}`", where) from exc
     except OSError as exc:
         raise IntegrityError(f"Cannot read image file `{path}`: {exc.strerror}", where) from exc
-    with os.fdopen(fd, "rb") as handle:
+    # The descriptor is closed on every path out: a leaked one per refused request is a denial of service.
+    try:
+        # Checked on the descriptor before any file object wraps it (`fdopen` refuses a directory).
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise BadInputError(f"Expected a regular image file, got a special file `{path}`", where)
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a special file"
+            raise BadInputError(f"Expected a regular image file, got {kind} `{path}`", where)
         _check_size(path, info.st_size, limit, where)
-        try:
+        with os.fdopen(fd, "rb", closefd=False) as handle:
             data = handle.read(limit + 1)
-        except OSError as exc:
-            raise IntegrityError(f"Cannot read image file `{path}`: {exc.strerror}", where) from exc
+    except OSError as exc:
+        raise IntegrityError(f"Cannot read image file `{path}`: {exc.strerror}", where) from exc
+    finally:
+        os.close(fd)
     if len(data) > limit:  # Grew since the stat.
         raise BadInputError(f"Image file `{path}` is over the {limit:,}-byte limit", where)
     return data

@@ -101,6 +101,8 @@ def read_image(uri: str) -> ImageFile:
         with open_image(data, uri) as opened:
             width, height = opened.size
             image = to_rgb(opened)
+            # An RGB image under the thumbnail size is `opened` itself, unread: read it before it closes.
+            image.load()
             image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
     except BadInputError as exc:
         return ImageFile(path, len(data), None, None, None, exc.message)
