@@ -28,14 +28,9 @@ from scripts.make_tiny_vlm import build  # noqa: E402
 from tests.builders import descriptor, image_bytes, sidecar, store_image  # noqa: E402
 
 from mmoffload.families import Families  # noqa: E402
+from mmoffload.inference.checks import materialize_ref  # noqa: E402
 from mmoffload.inference.decode_budget import DecodeBudget, decode_cost  # noqa: E402
-from mmoffload.inference.refs import (  # noqa: E402
-    EngineArrays,
-    ImageRef,
-    features_from_sidecars,
-    materialize_ref,
-    parse_features,
-)
+from mmoffload.inference.refs import EngineArrays, ImageRef, features_from_sidecars, parse_features  # noqa: E402
 
 
 def _status_bytes(field: str) -> int:

@@ -42,8 +42,9 @@ from tests.builders import (  # noqa: E402
 )
 
 from mmoffload.families import Families, Family  # noqa: E402
+from mmoffload.inference.checks import materialize_ref  # noqa: E402
 from mmoffload.inference.client import InferenceClient, build_request  # noqa: E402
-from mmoffload.inference.refs import features_from_sidecars, materialize_ref, parse_features  # noqa: E402
+from mmoffload.inference.refs import features_from_sidecars, parse_features  # noqa: E402
 
 
 def two_image_prompt(model_dir: Path, assets: Path, size: tuple[int, int]) -> tuple[list[int], dict]:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from mmoffload.families import Families, Family
 from mmoffload.families.pixel_cache import PixelCache
+from mmoffload.inference.checks import materialize_bytes
 from mmoffload.inference.content_parts import (
     CacheMissError,
     GridIndex,
@@ -20,7 +21,7 @@ from mmoffload.inference.content_parts import (
     parse_parts,
     resolve_parts,
 )
-from mmoffload.inference.refs import InvalidImageRefError, PromptLimits, PromptRefusedError, materialize_bytes
+from mmoffload.inference.refs import InvalidImageRefError, PromptLimits, PromptRefusedError
 from tests.builders import (
     QWEN_IMAGE_PAD,
     QWEN_VISION_END,

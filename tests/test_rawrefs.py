@@ -14,18 +14,16 @@ from PIL import Image
 from mmoffload.contract.addresses import content_hash
 from mmoffload.errors import BadInputError
 from mmoffload.families import Families, Family
+from mmoffload.inference.checks import check_location, check_request, materialize_ref
 from mmoffload.inference.decode_budget import DecodeBudget, decode_cost
 from mmoffload.inference.refs import (
     InvalidImageRefError,
     PromptLimits,
     PromptRefusedError,
-    check_location,
-    check_request,
     decode_ref,
     encode_ref,
     features_from_node,
     features_from_sidecars,
-    materialize_ref,
     parse_features,
     ref_descriptor,
 )

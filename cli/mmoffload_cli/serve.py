@@ -65,8 +65,8 @@ def serve(
     Examples:
 
     \b
-        mmoffload serve --model /models/Qwen3-VL-8B-Instruct --allow-root /runs/r1/assets
-        mmoffload serve --model tiny/ --allow-root A -- --enforce-eager --max-model-len 4096
+        mmoffload serve --model /models/Qwen3-VL-8B --allow-root /runs/r1/assets
+        mmoffload serve --model tiny/ --allow-root A -- --max-model-len 4096
     """
     with sink.errors_to_exit():
         if not (model / "config.json").is_file():

@@ -23,11 +23,11 @@ from typing import Any
 
 from mmoffload.errors import MMOffloadError, UsageError
 from mmoffload.families import Families
+from mmoffload.inference.checks import check_placeholders
 from mmoffload.inference.refs import (
     GENERATE_ROUTE,
     MODALITY,
     InvalidImageRefError,
-    check_placeholders,
     decode_ref,
     features_from_sidecars,
     parse_features,

@@ -30,6 +30,13 @@ from mmoffload.contract.descriptors import HASH_PATTERN
 from mmoffload.errors import BadInputError
 from mmoffload.families import Family, Grid
 from mmoffload.families.pixel_cache import PixelCache
+from mmoffload.inference.checks import (
+    check_location,
+    check_placeholders,
+    check_prompt_length,
+    image_size,
+    read_image,
+)
 from mmoffload.inference.refs import (
     MODALITY,
     EngineArrays,
@@ -37,11 +44,6 @@ from mmoffload.inference.refs import (
     InvalidImageRefError,
     PromptLimits,
     check_image_count,
-    check_location,
-    check_placeholders,
-    check_prompt_length,
-    image_size,
-    read_image,
 )
 from mmoffload.limits import max_image_bytes
 

@@ -31,19 +31,10 @@ from vllm.multimodal.inputs import MultiModalKwargsItem, MultiModalKwargsItems
 
 from mmoffload.families import Families, Family
 from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
+from mmoffload.inference.checks import check_grid, check_request, materialize_bytes, materialize_ref
 from mmoffload.inference.content_parts import GridIndex, resolve_parts
 from mmoffload.inference.decode_budget import DEFAULT_DECODE_BYTES, DecodeBudget
-from mmoffload.inference.refs import (
-    MODALITY,
-    EngineArrays,
-    ImageRef,
-    InvalidImageRefError,
-    PromptLimits,
-    check_grid,
-    check_request,
-    materialize_bytes,
-    materialize_ref,
-)
+from mmoffload.inference.refs import MODALITY, EngineArrays, ImageRef, InvalidImageRefError, PromptLimits
 
 
 @dataclass(slots=True)
