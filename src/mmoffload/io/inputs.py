@@ -93,9 +93,15 @@ def is_parquet(path: str | os.PathLike[str]) -> bool:
         return False
     if os.fspath(path).lower().endswith(PARQUET_SUFFIXES):
         return True
+    # The raw bytes, never decompressed ones: a corrupt gzip or zstd input is the reader's to report.
     try:
-        with open_input(path) as handle:
-            return handle.peek(4)[:4] == PARQUET_MAGIC  # type: ignore[attr-defined]
+        if isinstance(source := location(path), str):
+            from mmoffload.io.remote import open_url
+
+            with open_url(source) as handle:
+                return handle.read(4) == PARQUET_MAGIC
+        with open(source, "rb") as handle:
+            return handle.read(4) == PARQUET_MAGIC
     except (OSError, UsageError):
         return False
 
