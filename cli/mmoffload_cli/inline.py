@@ -54,7 +54,8 @@ def inline(
             raise UsageError("Expected one of `-o -` and `--json`: both would write to stdout")
         if output is None:
             raise UsageError("Expected an output (`-o PATH`, `-o DIR/` or `-o -`)")
-        expanded = expand_inputs(inputs)
+        # A directory or a glob finds no input among this command's own outputs (a second run's rereads).
+        expanded = expand_inputs(inputs, exclude=[output] if isinstance(output, Path) else [])
         outputs = plan_outputs(expanded, output, False)
         total = sum(
             item.path.stat().st_size
