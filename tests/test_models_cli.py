@@ -55,8 +55,18 @@ def test_the_report_names_the_family_and_config_used(demo_root: Path, hub_cache:
     default = runner.invoke(app, ["audit", run, "--json"])
 
     assert (given.exit_code, default.exit_code) == (0, 0)
-    assert json.loads(given.stdout)["families"] == {"qwen_vl": str(hub_cache)}
+    # The hub id the user gave (with the snapshot's commit), not the cache's internal path.
+    assert json.loads(given.stdout)["families"] == {
+        "qwen_vl": f"Qwen/Qwen3-VL-2B-Instruct@{hub_cache.name[:12]}"
+    }
     assert json.loads(default.stdout)["families"] == {"qwen_vl": "defaults"}
+
+
+def test_a_bundled_config_is_named_as_given_not_by_its_path_in_the_package(demo_root: Path) -> None:
+    result = runner.invoke(app, ["audit", str(demo_root / "qwen_vl"), "--model", "qwen3_vl", "--json"])
+
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["families"] == {"qwen_vl": "qwen3_vl"}
 
 
 def test_a_model_of_another_family_is_a_warning_naming_both(demo_root: Path) -> None:

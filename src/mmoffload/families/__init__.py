@@ -98,6 +98,17 @@ def cached_model_dir(hub_id: str) -> Path:
     return snapshot
 
 
+def shown_model(model_dir: Path) -> str:
+    """Name a resolved model directory as the user gave it: a bundled config's name, a cached hub
+    snapshot's ``ORG/NAME@COMMIT``, else the directory (never a path inside this package or the cache)."""
+    if model_dir.parent == BUNDLED_CONFIGS:
+        return model_dir.name
+    repo, snapshots = model_dir.parent.parent, model_dir.parent
+    if snapshots.name == "snapshots" and repo.name.startswith("models--"):
+        return f"{repo.name.removeprefix('models--').replace('--', '/')}@{model_dir.name[:12]}"
+    return str(model_dir)
+
+
 class Families:
     """The families of one run: a model directory configures its own family, defaults the rest."""
 
@@ -134,7 +145,9 @@ class Families:
     def configs(self) -> dict[str, str]:
         """Return each family the inputs used, with the config it ran on: a model directory or defaults."""
         return {
-            name: str(self.model_dir) if name == self.model_family else DEFAULT_CONFIG
+            name: shown_model(self.model_dir)
+            if name == self.model_family and self.model_dir
+            else DEFAULT_CONFIG
             for name in sorted(self.used)
         }
 
