@@ -60,3 +60,26 @@ def test_audit_of_offloaded_chat_jsonl_counts_its_image_refs_by_scheme(tmp_path)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert (report["images"], report["images_by_scheme"], report["unique_images"]) == (2, {"file": 2}, 1)
+
+
+def test_the_violations_table_groups_by_kind_with_counts() -> None:
+    from rich.console import Console
+
+    from mmoffload.audit.report import AuditReport, Violation
+    from mmoffload_cli.audit import violations_table
+
+    kinds = ["data_uri", "missing_file", "data_uri"]
+    report = AuditReport(
+        ok=False,
+        violations=[Violation("a.jsonl", i, "why", kind) for i, kind in enumerate(kinds)],
+    )
+    console = Console(width=100, record=True)
+
+    console.print(violations_table(report))
+
+    text = console.export_text()
+    assert "3 violation(s): data_uri 2, missing_file 1" in text
+    rows = [
+        line.split()[0] for line in text.splitlines() if line.strip().startswith(("data_uri", "missing_file"))
+    ]
+    assert rows == ["data_uri", "data_uri", "missing_file"]

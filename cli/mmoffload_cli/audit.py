@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -117,10 +118,22 @@ def violations_table(report: AuditReport, shown: int | None = SHOWN_VIOLATIONS) 
     """Render the first ``shown`` violations (all for None), then how many more there are."""
     if report.ok:
         return "audit: ok, no violations"
-    table = Table(title=f"{len(report.violations):,} violation(s)", title_justify="left", box=box.SIMPLE)
-    for column in ("kind", "file", "index", "image", "reason"):
-        table.add_column(column, overflow="fold")
-    for violation in report.violations[:shown]:
+    # Grouped by kind (in order of first appearance), each kind's count in the title.
+    kinds = Counter(violation.kind for violation in report.violations)
+    order = {kind: rank for rank, kind in enumerate(kinds)}
+    grouped = sorted(report.violations, key=lambda violation: order[violation.kind])
+    # One kind's count is the total: listed only when there are several.
+    counts = ": " + ", ".join(f"{k} {n:,}" for k, n in kinds.items()) if len(kinds) > 1 else ""
+    table = Table(
+        title=f"{len(report.violations):,} violation(s){counts}", title_justify="left", box=box.SIMPLE
+    )
+    # Names and numbers never wrap; the reason takes the width left and wraps between words.
+    table.add_column("kind", no_wrap=True)
+    table.add_column("file", overflow="fold")
+    table.add_column("index", no_wrap=True, justify="right")
+    table.add_column("image", no_wrap=True, justify="right")
+    table.add_column("reason", overflow="fold")
+    for violation in grouped[:shown]:
         table.add_row(
             violation.kind,
             sink.cell(short_path(violation.file)),
