@@ -104,9 +104,13 @@ def assert_bins_decode(run: Path) -> None:
 
 
 def delays(duration: float) -> list[float]:
-    """Seeded kill moments spread over a run's duration (the start is mostly imports)."""
+    """Seeded kill moments spread over a run's duration (the start is mostly imports).
+
+    A third fall past the measured duration: a trial runs slower than the measured run on a busy
+    machine, and some trials must finish (the assertion that the kills did not all miss).
+    """
     rng = random.Random(SEED)
-    return [rng.uniform(0.3, 1.05) * duration for _ in range(TRIALS)]
+    return [rng.uniform(0.3, 1.5) * duration for _ in range(TRIALS)]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -123,8 +124,14 @@ def test_a_bad_ref_fails_only_its_own_request(server: Server, tmp_path: Path) ->
     wrong = server.assets / "wrong.png"
     wrong.write_bytes(image_bytes(640, 480, seed=3) + os.urandom(100 << 20))
     bad = with_uri(good, 0, wrong.as_uri())
+    arrived = stats(server)["requests"] + 1
     with ThreadPoolExecutor(9) as pool:
         bad_answer = pool.submit(server.post, bad)
+        # The bad ref's read must be the first for its hash (were the image cached already, a hit
+        # checks the URI alone and rightly serves the verified pixels): wait until it has arrived.
+        while stats(server)["requests"] < arrived:
+            time.sleep(0.01)
+        time.sleep(0.2)
         good_answers = list(pool.map(lambda _: server.post(good), range(8)))
     status, answer = bad_answer.result()
     assert status == 400 and "Content hash mismatch" in answer["error"]["message"]
