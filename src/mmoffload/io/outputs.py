@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mmoffload.errors import UsageError, Where
-from mmoffload.io.inputs import Input, is_stdio, location, zstandard_module
+from mmoffload.io.inputs import Input, is_stdio, location
+from mmoffload.io.zstd_frames import zstandard_module
 
 TEMP_PREFIX = ".mmoffload-tmp-"
 
