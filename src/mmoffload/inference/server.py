@@ -192,61 +192,53 @@ def install_raw_refs(
     )
     engine_inputs.sender_cache = serving.online_renderer.renderer.mm_processor_cache
     engine_inputs.prepare()
-    counts = {"requests": 0, "refused": 0}
+    routes = RawRefRoutes(serving, engine_inputs)
+    # vLLM's own route for the path is dropped so this one answers it; every other route stays.
+    app.router.routes[:] = [
+        route for route in app.router.routes if getattr(route, "path", None) != GENERATE_ROUTE
+    ]
+    app.add_api_route(GENERATE_ROUTE, routes.generate, methods=["POST"])
+    app.add_api_route(STATS_ROUTE, routes.stats, methods=["GET"])
+    return engine_inputs
 
-    async def generate(raw_request: Request) -> Response:
-        counts["requests"] += 1
+
+class RawRefRoutes:
+    """The routes mmoffload puts on vLLM's app: generate (raw refs and ``content_parts``) and stats."""
+
+    def __init__(self, serving: ServingTokens, engine_inputs: RawRefEngineInputs) -> None:
+        self.serving = serving
+        self.engine_inputs = engine_inputs
+        self.requests = 0
+        self.refused = 0
+
+    async def generate(self, raw_request: Request) -> Response:
+        """Check a request's images (reading nothing vLLM would refuse first), then hand it to vLLM."""
+        self.requests += 1
         try:
-            return await _generate(raw_request)
+            return await self._generate(raw_request)
         except RecursionError:
             # JSON nested past the interpreter's limit, in the body or anywhere vLLM's parser walks it.
-            counts["refused"] += 1
+            self.refused += 1
             return _error(400, "Expected a JSON request body nested less deeply", "BadRequestError")
 
-    async def _generate(raw_request: Request) -> Response:
+    async def _generate(self, raw_request: Request) -> Response:
         try:
             body = await raw_request.json()
         except ValueError as exc:
             return _error(400, f"Expected a JSON request body: {exc}", "BadRequestError")
         if not isinstance(body, dict):
             return _error(400, "Expected a JSON object as the request body", "BadRequestError")
-        features = body.get("features")
-        parts = body.get("content_parts")
-        token_ids = body.get("token_ids")
-        items: list[MultiModalKwargsItem | Deferred] = []
-        if features is not None or parts is not None:
-            if not (isinstance(token_ids, list) and all(type(t) is int for t in token_ids)):
-                return _error(400, "Expected `token_ids` as a list of ints", "BadRequestError")
-            if features is not None and parts is not None:
-                return _error(400, "Expected `features` or `content_parts`, got both", "BadRequestError")
-            where = "features.kwargs_data.image" if parts is None else "content_parts"
-            try:
-                if parts is None:
-                    items = await asyncio.to_thread(engine_inputs.items, features, token_ids)
-                    features = {**features, "kwargs_data": {MODALITY: [None] * len(items)}}
-                else:
-                    # The parts become features: expanded ids, checked items, vLLM's own handler.
-                    token_ids, features, items = await asyncio.to_thread(
-                        engine_inputs.content_items, parts, token_ids
-                    )
-            except InvalidImageRefError as exc:
-                counts["refused"] += 1
-                param = f"{where}[{exc.image}]" if exc.image is not None else where.split(".")[0]
-                error_type = CACHE_MISS_TYPE if isinstance(exc, CacheMissError) else ERROR_TYPE
-                return _error(400, str(exc), error_type, param)
-            except PromptRefusedError as exc:
-                counts["refused"] += 1
-                return _error(400, str(exc), PROMPT_ERROR_TYPE, "token_ids")
-            # vLLM parses the rest; the checked items reach it through RawRefServingTokens.
-            body = {**body, "token_ids": token_ids, "features": features}
-            body.pop("content_parts", None)
+        checked = await self._checked_images(body)
+        if isinstance(checked, Response):
+            return checked
+        body, items = checked
         try:
             request = GenerateRequest.model_validate(body)
         except ValidationError as exc:
             return _error(400, str(exc)[:1000], "BadRequestError")
         token = _REQUEST_ITEMS.set(items)
         try:
-            generator = await serving.serve_tokens(request, raw_request)
+            generator = await self.serving.serve_tokens(request, raw_request)
         finally:
             _REQUEST_ITEMS.reset(token)
         if isinstance(generator, ErrorResponse):
@@ -255,29 +247,58 @@ def install_raw_refs(
             return JSONResponse(content=generator.model_dump())
         return StreamingResponse(content=generator, media_type="text/event-stream")
 
-    async def stats() -> JSONResponse:
-        engine = engine_inputs.stats
+    async def _checked_images(
+        self, body: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[MultiModalKwargsItem | Deferred]] | Response:
+        """Return the body vLLM parses and the checked engine items, or the refusal."""
+        features = body.get("features")
+        parts = body.get("content_parts")
+        token_ids = body.get("token_ids")
+        if features is None and parts is None:
+            return body, []
+        if not (isinstance(token_ids, list) and all(type(t) is int for t in token_ids)):
+            return _error(400, "Expected `token_ids` as a list of ints", "BadRequestError")
+        if features is not None and parts is not None:
+            return _error(400, "Expected `features` or `content_parts`, got both", "BadRequestError")
+        where = "features.kwargs_data.image" if parts is None else "content_parts"
+        try:
+            if parts is None:
+                items = await asyncio.to_thread(self.engine_inputs.items, features, token_ids)
+                features = {**features, "kwargs_data": {MODALITY: [None] * len(items)}}
+            else:
+                # The parts become features: expanded ids, checked items, vLLM's own handler.
+                token_ids, features, items = await asyncio.to_thread(
+                    self.engine_inputs.content_items, parts, token_ids
+                )
+        except InvalidImageRefError as exc:
+            self.refused += 1
+            param = f"{where}[{exc.image}]" if exc.image is not None else where.split(".")[0]
+            error_type = CACHE_MISS_TYPE if isinstance(exc, CacheMissError) else ERROR_TYPE
+            return _error(400, str(exc), error_type, param)
+        except PromptRefusedError as exc:
+            self.refused += 1
+            return _error(400, str(exc), PROMPT_ERROR_TYPE, "token_ids")
+        # vLLM parses the rest; the checked items reach it through RawRefServingTokens.
+        body = {**body, "token_ids": token_ids, "features": features}
+        body.pop("content_parts", None)
+        return body, items
+
+    async def stats(self) -> JSONResponse:
+        """Return the server's counters: requests, refusals, images, cache and decode budget."""
+        engine = self.engine_inputs.stats
         report = ServerStats(
-            requests=counts["requests"],
-            requests_refused=counts["refused"],
+            requests=self.requests,
+            requests_refused=self.refused,
             images=engine.images,
             images_materialized=engine.images_materialized,
             cache_hits=engine.cache_hits,
-            cache_entries=len(engine_inputs.cache),
-            cache_bytes=engine_inputs.cache.bytes,
+            cache_entries=len(self.engine_inputs.cache),
+            cache_bytes=self.engine_inputs.cache.bytes,
             materialize_seconds=engine.materialize_seconds,
-            decode_bytes_peak=engine_inputs.decode_budget.peak,
-            decode_waits=engine_inputs.decode_budget.waits,
+            decode_bytes_peak=self.engine_inputs.decode_budget.peak,
+            decode_waits=self.engine_inputs.decode_budget.waits,
         )
         return JSONResponse(content=msgspec.to_builtins(report))
-
-    # vLLM's own route for the path is dropped so this one answers it; every other route stays.
-    app.router.routes[:] = [
-        route for route in app.router.routes if getattr(route, "path", None) != GENERATE_ROUTE
-    ]
-    app.add_api_route(GENERATE_ROUTE, generate, methods=["POST"])
-    app.add_api_route(STATS_ROUTE, stats, methods=["GET"])
-    return engine_inputs
 
 
 def _engine_limits(model_config: Any) -> PromptLimits:
