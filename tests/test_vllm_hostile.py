@@ -21,19 +21,12 @@ from typing import Any
 
 import pytest
 
-from mmoffload.families import Families
-from mmoffload.inference.client import build_request
 from mmoffload.inference.decode_budget import decode_cost
 from mmoffload.inference.refs import decode_ref
 from tests.builders import (
-    QWEN_IMAGE_PAD,
-    QWEN_VISION_END,
-    QWEN_VISION_START,
-    descriptor,
     image_bytes,
-    store_image,
 )
-from tests.vllm_helpers import Server, running_server
+from tests.vllm_helpers import Server, raw_ref_request, running_server
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
@@ -56,26 +49,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def prompt(
     server: Server,
     seeds: tuple[int, ...],
-    size: tuple[int, int] = (64, 48),
+    size: tuple[int, int] = (200, 120),
     assets: Path | None = None,
     text_tokens: int = 2,
 ) -> dict[str, Any]:
     """Return a raw-ref request with one stored image per seed after ``text_tokens`` text tokens."""
-    family = Families(server.model_dir).get("qwen_vl")
-    tokens, images = [72] * text_tokens, []
-    for seed in seeds:
-        stored = store_image(assets or server.assets, image_bytes(*size, seed=seed))
-        grid = family.layout(*size)
-        length = family.placeholder_length(grid)
-        tokens.append(QWEN_VISION_START)
-        images.append((descriptor(stored.uri, list(grid)), stored.hash, len(tokens), length))
-        tokens += [QWEN_IMAGE_PAD] * length + [QWEN_VISION_END, 32]
-    sidecar = {
-        "mm_items": {"image": [d for d, _, _, _ in images]},
-        "mm_hashes": {"image": [h for _, h, _, _ in images]},
-        "mm_placeholders": {"image": [{"offset": o, "length": n} for _, _, o, n in images]},
-    }
-    return build_request(tokens, [sidecar], GREEDY)
+    return raw_ref_request(server, seeds, GREEDY, size, assets, text=[72] * text_tokens)
 
 
 def with_uri(body: dict[str, Any], index: int, uri: str) -> dict[str, Any]:

@@ -21,8 +21,7 @@ from scripts.as_context import as_context
 from typer.testing import CliRunner
 
 from mmoffload.contract.wire import MicroBatch, MMImageRef, encode, read_rank_file
-from mmoffload.families import Families
-from mmoffload.inference.client import InferenceClient, InferenceServerError, build_request, parse_completion
+from mmoffload.inference.client import InferenceClient, InferenceServerError, parse_completion
 from mmoffload.inference.refs import decode_ref, encode_ref
 from mmoffload.store.local import StoredImage
 from mmoffload_cli.app import app
@@ -34,7 +33,7 @@ from tests.builders import (
     image_bytes,
     store_image,
 )
-from tests.vllm_helpers import REPO, Server, running_server
+from tests.vllm_helpers import REPO, Server, raw_ref_request, running_server
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
@@ -65,21 +64,7 @@ def image_prompt(
     server: Server, seeds: tuple[int, ...], size: tuple[int, int] = (200, 120), assets: Path | None = None
 ) -> dict[str, Any]:
     """Return a raw-ref request with one stored image per seed, text around each."""
-    family = Families(server.model_dir).get("qwen_vl")
-    tokens, images = [72, 105], []
-    for seed in seeds:
-        stored = store_image(assets or server.assets, image_bytes(*size, seed=seed))
-        grid = family.layout(*size)
-        length = family.placeholder_length(grid)
-        tokens.append(QWEN_VISION_START)
-        images.append((descriptor(stored.uri, list(grid)), stored.hash, len(tokens), length))
-        tokens += [QWEN_IMAGE_PAD] * length + [QWEN_VISION_END, 32]
-    sidecar = {
-        "mm_items": {"image": [d for d, _, _, _ in images]},
-        "mm_hashes": {"image": [h for _, h, _, _ in images]},
-        "mm_placeholders": {"image": [{"offset": o, "length": n} for _, _, o, n in images]},
-    }
-    return build_request(tokens, [sidecar], GREEDY)
+    return raw_ref_request(server, seeds, GREEDY, size, assets)
 
 
 def vllm_own_request(

@@ -23,6 +23,18 @@ from typing import Any
 
 import pytest
 
+from mmoffload.families import Families
+from mmoffload.inference.client import build_request
+from tests.builders import (
+    QWEN_IMAGE_PAD,
+    QWEN_VISION_END,
+    QWEN_VISION_START,
+    descriptor,
+    image_bytes,
+    sidecar,
+    store_image,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 SHIMS = Path(__file__).resolve().parent / "vllm_shims"
 START_TIMEOUT_S = 600
@@ -50,6 +62,27 @@ class Server:
         with urllib.request.urlopen(self.url + route, timeout=30) as response:
             raw = response.read()
             return response.status, json.loads(raw) if raw else None
+
+
+def raw_ref_request(
+    server: Server,
+    seeds: Sequence[int],
+    sampling: dict[str, Any],
+    size: tuple[int, int] = (200, 120),
+    assets: Path | None = None,
+    text: Sequence[int] = (72, 105),
+) -> dict[str, Any]:
+    """Return a raw-ref request: ``text`` tokens, then one stored image per seed with text after it."""
+    family = Families(server.model_dir).get("qwen_vl")
+    tokens, images = list(text), []
+    for seed in seeds:
+        stored = store_image(assets or server.assets, image_bytes(*size, seed=seed))
+        grid = family.layout(*size)
+        length = family.placeholder_length(grid)
+        tokens.append(QWEN_VISION_START)
+        images.append((descriptor(stored.uri, list(grid)), stored.hash, len(tokens), length))
+        tokens += [QWEN_IMAGE_PAD] * length + [QWEN_VISION_END, 32]
+    return build_request(tokens, [sidecar(images)], sampling)
 
 
 def _free_port() -> int:
