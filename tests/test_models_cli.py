@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,21 +25,26 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+COMMIT = "0123abcd" * 5  # a snapshot is named by its full commit hash
+
+
 @pytest.fixture
 def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A hub cache laid out as huggingface_hub writes it, holding Qwen/Qwen3-VL-2B-Instruct."""
+    constants = pytest.importorskip("huggingface_hub.constants", reason="the hub extra")
     repo = tmp_path / "hub" / "models--Qwen--Qwen3-VL-2B-Instruct"
-    shutil.copytree(REPO / "fixtures" / "models" / "qwen3_vl", repo / "snapshots" / "0123abcd")
+    shutil.copytree(REPO / "fixtures" / "models" / "qwen3_vl", repo / "snapshots" / COMMIT)
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abcd")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return repo / "snapshots" / "0123abcd"
+    (repo / "refs" / "main").write_text(COMMIT)
+    # huggingface_hub reads HF_HUB_CACHE once, when imported (conftest sets HF_HUB_OFFLINE before that).
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return repo / "snapshots" / COMMIT
 
 
 def test_a_hub_id_resolves_to_its_cached_snapshot(hub_cache: Path) -> None:
     assert resolve_model_dir("Qwen/Qwen3-VL-2B-Instruct") == hub_cache
-    assert cached_model_dir("Qwen/Qwen3-VL-2B-Instruct@0123abcd") == hub_cache
+    assert resolve_model_dir("Qwen/Qwen3-VL-2B-Instruct@main") == hub_cache
+    assert cached_model_dir(f"Qwen/Qwen3-VL-2B-Instruct@{COMMIT}") == hub_cache
 
 
 def test_a_hub_id_not_in_the_cache_says_so_and_downloads_nothing(hub_cache: Path) -> None:
@@ -46,7 +52,23 @@ def test_a_hub_id_not_in_the_cache_says_so_and_downloads_nothing(hub_cache: Path
         UsageError, match=r"`Qwen/Qwen3-VL-8B` is not in the local Hugging Face cache .* nothing"
     ):
         resolve_model_dir("Qwen/Qwen3-VL-8B")
+    with pytest.raises(UsageError, match=r"`Qwen/Qwen3-VL-2B-Instruct@v2` is not in the local"):
+        resolve_model_dir("Qwen/Qwen3-VL-2B-Instruct@v2")
     assert sorted(p.name for p in hub_cache.parents[2].iterdir()) == ["models--Qwen--Qwen3-VL-2B-Instruct"]
+
+
+def test_without_the_hub_extra_a_hub_id_names_the_extra_and_the_rest_resolves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # imported as if not installed
+    monkeypatch.delitem(sys.modules, "mmoffload.families.hub", raising=False)
+
+    with pytest.raises(
+        UsageError, match=r"needs `huggingface_hub`, from the `hub` extra: .*mmoffload\[hub\]"
+    ):
+        resolve_model_dir("Qwen/Qwen3-VL-2B-Instruct")
+    assert resolve_model_dir("qwen3_vl").name == "qwen3_vl"
+    assert resolve_model_dir(REPO / "fixtures" / "models" / "kimi_k25").name == "kimi_k25"
 
 
 def test_the_report_names_the_family_and_config_used(demo_root: Path, hub_cache: Path) -> None:
@@ -56,9 +78,7 @@ def test_the_report_names_the_family_and_config_used(demo_root: Path, hub_cache:
 
     assert (given.exit_code, default.exit_code) == (0, 0)
     # The hub id the user gave (with the snapshot's commit), not the cache's internal path.
-    assert json.loads(given.stdout)["families"] == {
-        "qwen_vl": f"Qwen/Qwen3-VL-2B-Instruct@{hub_cache.name[:12]}"
-    }
+    assert json.loads(given.stdout)["families"] == {"qwen_vl": f"Qwen/Qwen3-VL-2B-Instruct@{COMMIT[:12]}"}
     assert json.loads(default.stdout)["families"] == {"qwen_vl": "defaults"}
 
 

@@ -1,7 +1,8 @@
 """Optional components: import one where it is needed, or say which extra installs it.
 
 The core (``pip install mmoffload``) runs offload, refs, pack and audit; the
-trainer side needs the ``materialize`` extra, torch tensors the ``torch`` one.
+trainer side needs the ``materialize`` extra, torch tensors the ``torch`` one,
+and hub ids the ``hub`` one.
 """
 
 from __future__ import annotations
@@ -19,19 +20,24 @@ EXTRAS: dict[str, str] = {
     "transformers": "materialize",
     "torch": "torch",
     "pyarrow": "parquet",
+    "huggingface_hub": "hub",
 }
 
 
 def require(module: str, purpose: str) -> ModuleType:
-    """Import ``module`` (``"PIL.Image"``...), or fail saying which extra to install.
+    """Import ``module`` (``"PIL.Image"``, or a module of ours that imports one), or say which extra to install.
 
     Raises:
-        UsageError: the module is not installed.
+        UsageError: the module, or an optional package it imports, is not installed.
     """
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        top = module.split(".")[0]
+        # Name what is missing: for ``mmoffload.families.hub`` that is huggingface_hub, not mmoffload.
+        missing = (exc.name or module).split(".")[0]
+        top = missing if missing in EXTRAS else module.split(".")[0]
+        if top not in EXTRAS:
+            raise
         extra = EXTRAS[top]
         raise UsageError(
             f"{purpose} needs `{top}`, from the `{extra}` extra: pip install 'mmoffload[{extra}]'"

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from mmoffload.errors import BadInputError, UsageError, Where
+from mmoffload.extras import require
 from mmoffload.families.base import Family, ForwardPolicy, Grid, read_json
 from mmoffload.families.kimi_k25 import KimiK25
 from mmoffload.families.qwen_vl import QwenVL
@@ -26,6 +27,8 @@ DEFAULT_TOKEN_NAMES: dict[int, str] = {
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@[\w./-]+)?")
 DEFAULT_CONFIG = "defaults"
+# Snapshots that hub ids resolved to in this process -> ``ORG/NAME@COMMIT``, for reports.
+_HUB_SNAPSHOTS: dict[Path, str] = {}
 
 __all__ = [
     "DEFAULT_TOKEN_NAMES",
@@ -35,7 +38,6 @@ __all__ = [
     "ForwardPolicy",
     "Grid",
     "cached_model_dir",
-    "hub_cache_dir",
     "resolve_model_dir",
 ]
 
@@ -44,10 +46,12 @@ def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
     """Return a model directory: a path, a bundled config name (``qwen3_vl``...), or a hub id.
 
     A hub id ``ORG/NAME`` (optionally ``ORG/NAME@REVISION``) is looked up in the local
-    Hugging Face cache only: nothing is ever downloaded, with or without ``HF_HUB_OFFLINE``.
+    Hugging Face cache only, through ``huggingface_hub`` (the ``hub`` extra): nothing is
+    ever downloaded, with or without ``HF_HUB_OFFLINE``.
 
     Raises:
-        UsageError: none of these, or a hub id that is not in the local cache.
+        UsageError: none of these, a hub id that is not in the local cache, or a hub id
+            without the ``hub`` extra.
     """
     if Path(model).is_dir():
         return Path(model)
@@ -67,46 +71,26 @@ def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
     )
 
 
-def hub_cache_dir() -> Path:
-    """Return the Hugging Face hub cache, as ``huggingface_hub`` finds it (HF_HUB_CACHE, HF_HOME)."""
-    if cache := os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        return Path(cache).expanduser()
-    if home := os.environ.get("HF_HOME"):
-        return Path(home).expanduser() / "hub"
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "huggingface" / "hub"
-
-
 def cached_model_dir(hub_id: str) -> Path:
     """Return the snapshot directory of ``ORG/NAME[@REVISION]`` in the local hub cache.
 
-    Reads the cache layout (``models--ORG--NAME/refs/<revision>`` naming a
-    ``snapshots/<commit>``) without importing or calling ``huggingface_hub``.
-
     Raises:
-        UsageError: the model (or that revision) is not cached.
+        UsageError: the model (or that revision) is not cached, or the ``hub`` extra is missing.
     """
     repo_id, _, revision = hub_id.partition("@")
-    repo = hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
-    ref = repo / "refs" / (revision or "main")
-    commit = ref.read_text().strip() if ref.is_file() else revision
-    snapshot = repo / "snapshots" / commit if commit else None
-    if snapshot is None or not snapshot.is_dir():
-        raise UsageError(
-            f"Model `{hub_id}` is not in the local Hugging Face cache `{hub_cache_dir()}` and nothing is "
-            f"downloaded: fetch it first (`hf download {repo_id}`) or pass its directory"
-        )
+    hub = require("mmoffload.families.hub", f"Finding `{hub_id}` in the local Hugging Face cache")
+    snapshot: Path = hub.cached_snapshot(repo_id, revision or None)
+    # A snapshot directory is named by its commit; reports name the model as given, not by its cache path.
+    _HUB_SNAPSHOTS[snapshot] = f"{repo_id}@{snapshot.name[:12]}"
     return snapshot
 
 
 def shown_model(model_dir: Path) -> str:
-    """Name a resolved model directory as the user gave it: a bundled config's name, a cached hub
-    snapshot's ``ORG/NAME@COMMIT``, else the directory (never a path inside this package or the cache)."""
+    """Name a resolved model directory as the user gave it: a bundled config's name, a hub id's
+    ``ORG/NAME@COMMIT``, else the directory (never a path inside this package or the cache)."""
     if model_dir.parent == BUNDLED_CONFIGS:
         return model_dir.name
-    repo, snapshots = model_dir.parent.parent, model_dir.parent
-    if snapshots.name == "snapshots" and repo.name.startswith("models--"):
-        return f"{repo.name.removeprefix('models--').replace('--', '/')}@{model_dir.name[:12]}"
-    return str(model_dir)
+    return _HUB_SNAPSHOTS.get(model_dir, str(model_dir))
 
 
 class Families:
