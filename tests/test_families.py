@@ -98,6 +98,31 @@ def test_a_model_directory_configures_its_own_family_and_tokens(tmp_path: Path) 
     assert not families.get("kimi_k25").token_types_from_tokenizer
 
 
+def test_a_tokenizer_json_alone_names_the_tokens_through_the_tokenizers_package(tmp_path: Path) -> None:
+    tokenizers = pytest.importorskip("tokenizers", reason="the materialize extra")
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "Qwen2VLImageProcessor"})
+    )
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={"a": 0}, merges=[]))
+    tokenizer.add_special_tokens(["<|image_pad|>", "<|video_pad|>"])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+
+    qwen = Families(tmp_path).get("qwen_vl")
+
+    assert qwen.token_types == {1: 1, 2: 2} and qwen.token_types_from_tokenizer
+
+
+def test_a_tokenizer_config_listing_the_tokens_is_read_without_tokenizer_json(tmp_path: Path) -> None:
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "Qwen2VLImageProcessor"})
+    )
+    decoder = {"7": {"content": "<|image_pad|>"}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
+    (tmp_path / "tokenizer.json").write_text("{not read")
+
+    assert Families(tmp_path).get("qwen_vl").token_types == {7: 1}
+
+
 def test_a_model_directory_no_family_owns_is_a_usage_error(tmp_path: Path) -> None:
     (tmp_path / "preprocessor_config.json").write_text(
         json.dumps({"image_processor_type": "CLIPImageProcessor"})

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from mmoffload.errors import BadInputError, UsageError, Where
+from mmoffload.extras import require
 
 if TYPE_CHECKING:  # Pillow is the materialize extra's: the core never decodes pixels.
     from PIL import Image
@@ -276,29 +277,30 @@ def read_json(path: Path) -> dict[str, Any]:
 def read_added_tokens(model_dir: Path) -> dict[str, int]:
     """Return a tokenizer's special tokens, name -> id, read offline from its files.
 
-    Reads ``tokenizer_config.json`` (``added_tokens_decoder``) and ``tokenizer.json``
-    (``added_tokens``) when present; works for tokenizers shipped as remote code too.
+    ``tokenizer_config.json``'s ``added_tokens_decoder`` is read here as JSON: transformers
+    writes every added token there (4.34 and later), and it is the only list a tokenizer
+    shipped as remote code (Kimi's tiktoken) has, which no library reads without running
+    that code. A directory without one (an older save) has its ``tokenizer.json`` read by
+    the ``tokenizers`` package (the ``materialize`` extra).
+
+    Raises:
+        UsageError: a file is malformed, or ``tokenizer.json`` must be read without ``tokenizers``.
     """
-    tokens: dict[str, int] = {}
     config_path = model_dir / "tokenizer_config.json"
-    if config_path.exists():
-        decoder = read_json(config_path).get("added_tokens_decoder", {})
+    decoder = read_json(config_path).get("added_tokens_decoder") if config_path.exists() else None
+    if decoder:
         try:
-            for token_id, entry in decoder.items():
-                tokens[str(entry["content"])] = int(token_id)
+            return {str(entry["content"]): int(token_id) for token_id, entry in decoder.items()}
         except (AttributeError, KeyError, TypeError, ValueError):
             raise UsageError(
                 'Expected `added_tokens_decoder` as {id: {"content": token}}', Where(file=str(config_path))
             ) from None
     tokenizer_path = model_dir / "tokenizer.json"
-    if tokenizer_path.exists():
-        added = read_json(tokenizer_path).get("added_tokens", [])
-        try:
-            for entry in added:
-                tokens.setdefault(str(entry["content"]), int(entry["id"]))
-        except (KeyError, TypeError, ValueError):
-            raise UsageError(
-                'Expected `added_tokens` as a list of {"id": int, "content": token}',
-                Where(file=str(tokenizer_path)),
-            ) from None
-    return tokens
+    if not tokenizer_path.exists():
+        return {}
+    tokenizers = require("tokenizers", f"Reading the special tokens of `{tokenizer_path}`")
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_path))
+    except Exception as exc:  # tokenizers raises a plain Exception for a file it cannot parse.
+        raise UsageError(f"Cannot read the tokenizer: {exc}", Where(file=str(tokenizer_path))) from exc
+    return {token.content: token_id for token_id, token in tokenizer.get_added_tokens_decoder().items()}
