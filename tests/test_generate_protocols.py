@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -174,6 +175,22 @@ def test_5xx_is_retried_a_bounded_number_of_times(
 def test_an_unreachable_server_is_a_usage_error_after_the_retries() -> None:
     with pytest.raises(UsageError, match="Cannot reach the inference server"):
         InferenceClient("http://127.0.0.1:9", retries=0).post({})
+
+
+def test_a_server_given_without_http_is_a_usage_error_at_once() -> None:
+    with pytest.raises(
+        UsageError, match=r"as an http:// or https:// URL \(http://HOST:PORT\), got `127.0.0.1:8000"
+    ):
+        InferenceClient("127.0.0.1:8000").post({})
+
+
+def test_without_the_client_extra_the_client_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "httpx", None)  # imported as if not installed
+    monkeypatch.delitem(sys.modules, "mmoffload.inference.transport", raising=False)
+    with pytest.raises(
+        UsageError, match=r"needs `httpx`, from the `client` extra: pip install 'mmoffload\[client\]'"
+    ):
+        InferenceClient("http://127.0.0.1:9")
 
 
 @pytest.mark.parametrize("protocol", ["content-parts", "mmraw"])

@@ -213,10 +213,12 @@ def test_entry_larger_than_the_budget_is_made_but_not_cached() -> None:
     assert made and len(cache) == 0
 
 
-def test_library_and_cli_import_no_vllm() -> None:
+def test_library_and_cli_import_no_vllm_and_no_http_or_hub_client() -> None:
+    # httpx (the client extra) is loaded when an InferenceClient is made, huggingface_hub for a hub id.
+    optional = ("vllm", "torch", "fastapi", "httpx", "huggingface_hub")
     code = (
         "import sys, mmoffload, mmoffload.inference.refs, mmoffload.inference.client, mmoffload.inference.generate, "
-        "mmoffload_cli.app; print(sorted(m for m in ('vllm', 'torch', 'fastapi') if m in sys.modules))"
+        f"mmoffload_cli.app; print(sorted(m for m in {optional!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

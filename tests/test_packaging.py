@@ -1,4 +1,4 @@
-"""The light core runs the main job without the materialize extra; materialize names its extra."""
+"""The light core runs the main job without the extras; a command that needs one names it."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # What `pip install mmoffload` (no extras) lacks: importing any of them fails as if absent.
-MATERIALIZE_EXTRA = ("PIL", "safetensors", "transformers", "torch")
+NOT_IN_THE_CORE = ("PIL", "safetensors", "tokenizers", "transformers", "torch", "huggingface_hub", "httpx")
 
 
 def run_without_extras(*args: str) -> subprocess.CompletedProcess[str]:
     code = (
         "import sys\n"
-        f"sys.modules.update(dict.fromkeys({MATERIALIZE_EXTRA!r}))\n"
+        f"sys.modules.update(dict.fromkeys({NOT_IN_THE_CORE!r}))\n"
         "from mmoffload_cli.app import main\n"
         f"sys.argv = ['mmoffload', *{list(args)!r}]\n"
         "main()\n"
@@ -38,6 +38,22 @@ def test_materialize_without_its_extra_says_which_extra_to_install(tmp_path: Pat
     assert result.returncode == 2
     assert "needs `PIL`, from the `materialize` extra: pip install 'mmoffload[materialize]'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_hub_id_and_generate_without_their_extras_say_which_extra_to_install(tmp_path: Path) -> None:
+    assert run_without_extras("demo", "--run-dir", str(tmp_path / "demo"), "-q").returncode == 0
+    run = tmp_path / "demo" / "qwen_vl"
+
+    hub = run_without_extras("audit", str(run), "--model", "Qwen/Qwen3-VL-2B-Instruct")
+    bundled = run_without_extras("audit", str(run), "--model", "qwen3_vl", "-q")
+    generate = run_without_extras(
+        "generate", str(run / "offloaded" / "qwen_vl.jsonl"), "--server", "http://127.0.0.1:9", "-o", "-"
+    )
+
+    assert (hub.returncode, bundled.returncode, generate.returncode) == (2, 0, 2)
+    assert "needs `huggingface_hub`, from the `hub` extra: pip install 'mmoffload[hub]'" in hub.stderr
+    assert "needs `httpx`, from the `client` extra: pip install 'mmoffload[client]'" in generate.stderr
+    assert "Traceback" not in hub.stderr + generate.stderr
 
 
 def test_a_quiet_offload_imports_nothing_it_does_not_use(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 The core (``pip install mmoffload``) runs offload, refs, pack and audit; the
 trainer side needs the ``materialize`` extra, torch tensors the ``torch`` one,
-and hub ids the ``hub`` one.
+hub ids the ``hub`` one and the rollout client the ``client`` one.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ EXTRAS: dict[str, str] = {
     "torch": "torch",
     "pyarrow": "parquet",
     "huggingface_hub": "hub",
+    "httpx": "client",
 }
 
 

@@ -4,10 +4,10 @@ Builds vLLM's ``GenerateRequest`` from a prompt's token ids and its sidecars,
 in either protocol: every image as an ``mmraw:`` ref (sections 1-2), or stock
 vLLM's ``content_parts`` (section 6: one pad per image, the server expands
 them; an image the server already verified sent as its ``uuid`` alone, resent
-once with its URL on ``mm_cache_miss``). Sends it with the standard library's
-HTTP client, retrying connection errors and 5xx a bounded number of times, and
-returns the completion's tokens and logprobs. Also the section-5 helper for
-older servers. No vLLM import: rollout workers need none.
+once with its URL on ``mm_cache_miss``). Sends it over one pooled httpx client
+(``transport``, the ``client`` extra), retrying connection errors and 5xx a
+bounded number of times, and returns the completion's tokens and logprobs. Also
+the section-5 helper for older servers. No vLLM import: rollout workers need none.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mmoffload.errors import MMOffloadError, UsageError
+from mmoffload.extras import require
 from mmoffload.families import Families
 from mmoffload.inference.checks import check_placeholders
 from mmoffload.inference.refs import (
@@ -277,6 +276,9 @@ def send_with_cache_retry(
 class InferenceClient:
     """Sends requests to one ``mmoffload serve`` (or stock vLLM) server; safe to share between threads.
 
+    Holds one pool of connections (httpx, the ``client`` extra: without it making a client is a
+    ``UsageError`` naming it); ``close`` it, or use the client as a context manager.
+
     Attributes:
         held: content hashes of the images this server has read and verified for this
             client (sent with a URL and answered): later prompts send them as ``uuid`` alone.
@@ -293,6 +295,19 @@ class InferenceClient:
         self.resent = 0
         self._lock = threading.Lock()
         self._families: Families | None = None
+        # Loaded here, not at import: importing this module (build_request...) needs no extra.
+        transport = require("mmoffload.inference.transport", "Sending requests to an inference server")
+        self._http = transport.HttpTransport(timeout_s)
+
+    def close(self) -> None:
+        """Close the client's connections."""
+        self._http.close()
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def post(self, request: dict[str, Any]) -> object:
         """POST a ``GenerateRequest`` body and return the decoded JSON response.
@@ -309,33 +324,24 @@ class InferenceClient:
             except InferenceServerError as exc:
                 if exc.status < 500 or attempt == self.retries:
                     raise
-            except _Unreachable as exc:
+            except ConnectionError as exc:  # the transport's ServerUnreachable: no answer at all
                 if attempt == self.retries:
-                    raise UsageError(
-                        f"Cannot reach the inference server `{self.base_url}`: {exc.reason}"
-                    ) from None
+                    raise UsageError(f"Cannot reach the inference server `{self.base_url}`: {exc}") from None
             time.sleep(0.5 * 2**attempt)
         raise AssertionError("unreachable")
 
     def _post_once(self, request: dict[str, Any]) -> object:
-        data = json.dumps(request).encode()
-        http_request = urllib.request.Request(
-            self.base_url + GENERATE_ROUTE, data=data, headers={"Content-Type": "application/json"}
-        )
+        status, content = self._http.post(self.base_url + GENERATE_ROUTE, json.dumps(request).encode())
+        ok = 200 <= status < 300
         try:
-            with urllib.request.urlopen(http_request, timeout=self.timeout_s) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                body: object = json.loads(raw)
-            except ValueError:
-                body = raw.decode(errors="replace")
-            raise InferenceServerError(exc.code, body) from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise _Unreachable(exc) from exc
+            body: object = json.loads(content)
         except ValueError as exc:
-            raise UsageError(f"Expected JSON from the inference server `{self.base_url}`: {exc}") from exc
+            if ok:
+                raise UsageError(f"Expected JSON from the inference server `{self.base_url}`: {exc}") from exc
+            body = content.decode(errors="replace")
+        if not ok:
+            raise InferenceServerError(status, body)
+        return body
 
     def generate(
         self, token_ids: Sequence[int], sidecars: Sequence[object], sampling_params: dict[str, Any]
@@ -380,14 +386,6 @@ class InferenceClient:
         with self._lock:
             self.held.update(request.hashes)
         return parse_completion(body)
-
-
-class _Unreachable(Exception):
-    """A request that never got an HTTP answer (connection refused, reset, timed out)."""
-
-    def __init__(self, reason: BaseException) -> None:
-        self.reason = reason
-        super().__init__(str(reason))
 
 
 def _error_message(body: object) -> str:

@@ -105,7 +105,8 @@ def generate_traces(
 
     # Records in flight, oldest first: written in input order as each finishes.
     pending: collections.deque[tuple[Future[GenerateReport], object, int]] = collections.deque()
-    with open_output(output) as out, ThreadPoolExecutor(max(1, concurrency)) as pool:
+    # The pool's threads finish before the client's connections close.
+    with client, open_output(output) as out, ThreadPoolExecutor(max(1, concurrency)) as pool:
 
         def write_oldest() -> None:
             future, record, size = pending.popleft()
