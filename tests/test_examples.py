@@ -1,28 +1,39 @@
-"""Every "Examples:" line of every command's --help runs as written (issues 22 and 26).
+"""Every "Examples:" line of every --help, and every bash and Python block of the docs, runs as written.
 
-Each example runs in bash, in a sandbox holding every file the examples name (made from the
-bundled fixtures and one demo run), with its placeholders replaced: ``RUN`` by a demo run,
-``DEMO_DIR`` by the demo root, ``DIR`` and ``A`` by an asset directory (a model directory after
-``--model``). An example that needs what no test machine has (a vLLM server, a Ray cluster, S3,
-a model from the hub) is skipped, saying which.
+(Issues 22 and 26.) Each example and bash block runs in bash, in a sandbox holding every file
+the examples name (made from the bundled fixtures and one demo run), with its placeholders
+replaced: ``RUN`` by a demo run, ``DEMO_DIR`` by the demo root, ``DIR`` and ``A`` by an asset
+directory (a model directory after ``--model``). Each Python block runs in this process, given
+the names its ``# given: NAME - what it is`` lines list (``GIVEN`` makes them). An example that
+needs what no test machine has (a vLLM server, a Ray cluster, S3, a model from the hub) is
+skipped, saying which: a ``# needs: ...`` line says so in a block; a Python block that needs one
+is still checked to import.
 """
 
 from __future__ import annotations
 
+import ast
 import gzip
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
+from mmoffload.contract.wire import read_rank_file
 from mmoffload.demo import fixtures_dir, run_demo
 from mmoffload.offload import offload_files
+from mmoffload.render.tiny import write_tiny_model
 from mmoffload_cli.app import COMMANDS, app
+from tests.builders import data_url, image_bytes, qwen_sample, single_micro_batch, write_run
 
 REPO = Path(__file__).resolve().parent.parent
 # Why an example cannot run here, by what it names.
@@ -121,8 +132,16 @@ def run_in_sandbox(script: str, root: Path, extra_env: dict[str, str]) -> subpro
     )
 
 
+def declared_needs(block: str) -> str | None:
+    """What a block says it needs in a ``# needs: ...`` line, or None."""
+    match = re.search(r"^\s*# needs: (.+)$", block, re.M)
+    return match.group(1) if match else None
+
+
 def skip_reason(text: str) -> str | None:
     """Why a script cannot run on a test machine, or None when it can."""
+    if (needs := declared_needs(text)) is not None:
+        return needs
     if re.search(r"^\s*(pip|python3 -m venv)\b", text, re.M):
         return "a fresh virtual environment and package installs (.ci/run does them)"
     for pattern, needs in NEEDS:
@@ -150,17 +169,24 @@ def test_every_help_example_runs_as_written(command: str, example: str, template
     assert result.returncode in (0, 141), f"{example}\n{result.stderr[-2000:]}"
 
 
-def doc_scripts() -> list[tuple[str, str]]:
-    """Every bash block of README.md and docs/*.md, as ``(file, block)``."""
+# A fenced block: its indentation (inside a list item), language and text, up to the matching fence.
+FENCE = re.compile(r"^( *)```(\w+)\n(.*?)^\1```$", re.M | re.S)
+
+
+def doc_blocks(*languages: str) -> list[tuple[str, str]]:
+    """Every block of README.md and docs/*.md in one of ``languages``, as ``(page:line, text)``, unindented."""
     found = []
     for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
-        for block in re.findall(r"```(?:bash|sh)\n(.*?)```", page.read_text(), re.S):
-            found.append((page.relative_to(REPO).as_posix(), block))
+        text = page.read_text()
+        for match in FENCE.finditer(text):
+            if match.group(2) in languages:
+                line = text.count("\n", 0, match.start()) + 1
+                found.append((f"{page.relative_to(REPO).as_posix()}:{line}", textwrap.dedent(match.group(3))))
     return found
 
 
-@pytest.mark.parametrize(("page", "block"), doc_scripts(), ids=lambda value: value.splitlines()[0][:60])
-def test_every_shell_snippet_of_the_docs_runs_as_written(page: str, block: str, template: Path) -> None:
+@pytest.mark.parametrize(("where", "block"), [pytest.param(*b, id=b[0]) for b in doc_blocks("bash", "sh")])
+def test_every_shell_snippet_of_the_docs_runs_as_written(where: str, block: str, template: Path) -> None:
     if (needs := skip_reason(block)) is not None:
         pytest.skip(f"needs {needs}")
     run = template / "demo_root" / "qwen_vl"
@@ -170,4 +196,114 @@ def test_every_shell_snippet_of_the_docs_runs_as_written(page: str, block: str, 
 
     result = run_in_sandbox(script, template, env)
 
-    assert result.returncode == 0, f"{page}:\n{block}\n{result.stderr[-2000:]}"
+    assert result.returncode == 0, f"{where}:\n{block}\n{result.stderr[-2000:]}"
+
+
+def tiny_qwen3_vl() -> Any:
+    """Qwen3-VL with the real token ids and patch layout, and a few thousand weights per layer."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3VLConfig(
+        text_config={
+            "vocab_size": 151936,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "deepstack_visual_indexes": [1],
+            "num_position_embeddings": 64,
+        },
+    )
+    torch.manual_seed(0)
+    return transformers.Qwen3VLForConditionalGeneration(config).eval()
+
+
+def small_rank_file(tmp: Path) -> Path:
+    """A rank file of two Qwen3-VL samples, one micro batch each (the tiny model takes their images)."""
+    # The bundled processor lays a 64x48 image out as 14x20 patches.
+    samples = [qwen_sample(tmp / "assets", seeds, grid=(1, 14, 20)) for seeds in ((0, 1), (2,))]
+    run = write_run(tmp / "run", samples, [[single_micro_batch(sample)] for sample in samples])
+    return run / "rollouts" / "step_0" / "rank_0.bin"
+
+
+def chat_request() -> dict[str, Any]:
+    """An OpenAI chat request with one inline PNG."""
+    image = {"type": "image_url", "image_url": {"url": data_url(image_bytes())}}
+    return {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "?"}, image]}]}
+
+
+# What each name a Python block is given stands for, made in the test's directory.
+GIVEN: dict[str, Callable[[Path], Any]] = {
+    "request_body": lambda tmp: chat_request(),
+    "model": lambda tmp: tiny_qwen3_vl(),
+    "model_dir": lambda tmp: write_tiny_model(tmp / "model", "qwen3_vl"),
+    "rank_path": small_rank_file,
+    "micro_batches": lambda tmp: read_rank_file(small_rank_file(tmp)),
+    "record": lambda tmp: json.loads(
+        (fixtures_dir() / "rollouts" / "mini_browse.jsonl").read_text().split("\n")[0]
+    ),
+    "png_path": lambda tmp: sorted((fixtures_dir() / "images").iterdir())[0],
+    "assets_dir": lambda tmp: tmp / "assets",
+}
+
+
+def given(block: str) -> list[str]:
+    """The names a block lists in its ``# given: NAME - what it is`` lines."""
+    return re.findall(r"^# given: (\w+) - ", block, re.M)
+
+
+def run_imports(block: str, where: str) -> None:
+    """Run the block's import statements alone; skip when one names a package not installed here."""
+    imports = [node for node in ast.parse(block).body if isinstance(node, ast.Import | ast.ImportFrom)]
+    try:
+        exec(compile(ast.Module(body=imports, type_ignores=[]), where, "exec"), {})
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] == "mmoffload":
+            raise
+        pytest.skip(f"needs the {exc.name} package")
+
+
+@pytest.mark.parametrize(("where", "block"), [pytest.param(*b, id=b[0]) for b in doc_blocks("python")])
+def test_every_python_snippet_of_the_docs_runs_as_written(
+    where: str, block: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_imports(block, where)
+    if (needs := declared_needs(block)) is not None:
+        pytest.skip(f"needs {needs}")
+    assert not (unknown := set(given(block)) - set(GIVEN)), f"{where}: no GIVEN makes {unknown}"
+    namespace = {name: GIVEN[name](tmp_path) for name in given(block)}
+    # Snippets write where a worker would: its offload directory, relative paths in its cwd.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VF_RENDERER_IMAGE_OFFLOAD_DIR", str(tmp_path / "offloaded"))
+
+    exec(compile(block, where, "exec"), namespace)
+
+
+def test_the_readme_trainer_snippet_feeds_a_qwen3_vl_forward_pass(tmp_path: Path) -> None:
+    [block] = [
+        text for where, text in doc_blocks("python") if where.startswith("README") and "Materializer(" in text
+    ]
+    namespace = {name: GIVEN[name](tmp_path) for name in given(block)}
+    torch = pytest.importorskip("torch")
+
+    with torch.no_grad():
+        exec(block, namespace)
+
+    batch, logits = namespace["batch"], namespace["logits"]
+    tokens = len(read_rank_file(namespace["rank_path"])[-1].input_ids)
+    assert batch.model_kwargs["input_ids"].shape == (1, tokens)
+    assert batch.model_kwargs["mm_token_type_ids"].shape == (1, tokens)
+    assert logits.shape == (1, tokens, 151936) and torch.isfinite(logits).all()

@@ -244,6 +244,30 @@ def test_pack_without_truncation_says_nothing_on_stderr(demo_qwen: Path) -> None
     assert json.loads(result.stdout)["tokens_dropped"] == 0
 
 
+def test_pack_v_prints_each_steps_micro_batches_fill_and_truncation(demo_qwen: Path) -> None:
+    args = ["pack", str(demo_qwen), "--seq-len", "1000", "--world-size", "2"]
+    result = runner.invoke(app, [*args, "-v"])
+
+    assert result.exit_code == 0, result.stderr
+    table = result.stdout.split("pack: each step (micro batches per rank)", 1)[1].splitlines()
+    # step, samples, micro batches per rank, fill, the lightest and busiest rank's fill, then what
+    # truncation cut: samples, tokens, trainable tokens, images.
+    assert [line.split() for line in table if line.split()[:1] == ["0"]] == [
+        ["0", "4", "1", "54.8%", "27-83%", "4", "10,255", "1,151", "12"]
+    ]
+    assert "pack: each step" not in runner.invoke(app, args).stdout
+
+
+def test_pack_json_gives_each_ranks_fill_and_is_one_document_with_v(demo_qwen: Path) -> None:
+    args = ["pack", str(demo_qwen), "--seq-len", "1000", "--world-size", "2", "--json", "-v"]
+    result = runner.invoke(app, args)
+
+    assert result.exit_code == 0, result.stderr
+    (step,) = json.loads(result.stdout)["steps"]
+    # One micro batch per rank: 828 and 268 of the step's 1,096 real tokens.
+    assert (step["rank_fill_ratios"], step["real_tokens"]) == ([0.828, 0.268], 1_096)
+
+
 def test_max_truncated_fraction_exits_1_and_writes_nothing(demo_qwen: Path) -> None:
     assert runner.invoke(app, ["pack", str(demo_qwen), "--seq-len", "4096", "-q"]).exit_code == 0
     before = rank_files(demo_qwen)

@@ -80,15 +80,19 @@ def audit(
     with sink.errors_to_exit(as_json):
         model_dir = resolve_model_dir(model) if model is not None else None
         paths = [item.path for item in expand_inputs(inputs, directories=False)]
-        report = audit_paths(
-            paths,
-            verify_hashes=verify_hashes,
-            model_dir=model_dir,
-            expect=expect or (),
-            remap=Remap.parse(remap or []),
-            ray=RayOptions(address=ray_address) if ray or ray_address else None,
-            allowed_roots=allow_root or default_roots(inputs),
-        )
+        # Hashing is the long part: the bar's total is the image bytes, known once the artifacts are read.
+        with sink.progress_bar("audit", None, enabled=verify_hashes and not quiet) as advance:
+            report = audit_paths(
+                paths,
+                verify_hashes=verify_hashes,
+                model_dir=model_dir,
+                expect=expect or (),
+                remap=Remap.parse(remap or []),
+                ray=RayOptions(address=ray_address) if ray or ray_address else None,
+                allowed_roots=allow_root or default_roots(inputs),
+                advance=advance,
+                add_total=advance.add_total,
+            )
         if html_out is not None:
             from mmoffload.io.outputs import atomic_write
             from mmoffload.views.audit_html import audit_page  # Only --html needs the page and its plots.

@@ -89,6 +89,7 @@ def materialize(
             save_dummies=save_dummies,
             remap=Remap.parse(remap or []),
             advance=advance,
+            add_total=advance.add_total,
             on_estimate=print_estimate,
             allowed_roots=allow_root or default_allowed_roots(run),
         )

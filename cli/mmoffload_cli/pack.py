@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
+from rich.table import Table
 
 from mmoffload.contract import rundir
 from mmoffload.pack import DEFAULT_PAD_TOKEN_ID, Balance, PackOptions, PackReport, pack_run
@@ -74,7 +76,8 @@ def pack(
     gets the same number of micro batches with the same modality at each index;
     by default the rank files are byte-identical to prime-rl's prepare_batch (pad
     token id aside). Truncation to --seq-len is reported and warned about on
-    stderr. Exit 0 when written, 1 when --max-truncated-fraction refused the run
+    stderr; -v adds a table of each step: micro batches per rank, their fill,
+    what truncation cut. Exit 0 when written, 1 when --max-truncated-fraction refused the run
     (nothing written), 2 on bad input.
 
     Examples:
@@ -83,6 +86,7 @@ def pack(
         mmoffload pack RUN --seq-len 8192
         mmoffload pack RUN --seq-len 16384 --pad-multiple 2 --world-size 8
         mmoffload pack RUN --seq-len 8192 --world-size 8 --balance best
+        mmoffload pack RUN --seq-len 8192 --world-size 8 -v
         mmoffload pack RUN --seq-len 8192 --max-truncated-fraction 0.01
     """
     with sink.errors_to_exit(as_json, "no rank file was written (a run's rank files appear all at once)"):
@@ -105,6 +109,8 @@ def pack(
                 advance,
             )
     sink.emit_report(report, "pack", as_json=as_json, quiet=quiet)
+    if verbose and report.steps and not (as_json or quiet):
+        sink.stdout.print(steps_table(report))
     if report.any_dropped and not quiet:
         sink.stderr.print(f"warning: {truncation_summary(report)}", markup=False)
     if not report.written:
@@ -126,3 +132,24 @@ def truncation_summary(report: PackReport) -> str:
         f"({report.trainable_fraction_dropped:.1%} of all trainable tokens), "
         f"{report.images_dropped:,} images dropped"
     )
+
+
+def steps_table(report: PackReport) -> Table:
+    """Render each step's packing: micro batches per rank, their fill, and what truncation cut."""
+    title = "pack: each step (micro batches per rank)"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE, pad_edge=False, collapse_padding=True)
+    by_rank = report.world_size > 1  # One rank's fill is the step's.
+    headers = ["step", "samples", "micro\nbatches", "fill", *(["rank fill\nmin-max"] * by_rank)]
+    headers += ["samples\ncut", "tokens\ndropped", "trainable\ndropped", "images\ndropped"]
+    for header in headers:
+        table.add_column(header, justify="right", no_wrap=True)
+    for step in report.steps:
+        fills = step.rank_fill_ratios or [step.fill_ratio]
+        table.add_row(
+            *map(sink.format_value, (step.step, step.samples, step.micro_batches_per_rank)),
+            f"{step.fill_ratio:.1%}",
+            *([f"{min(fills):.0%}-{max(fills):.0%}".replace("%-", "-")] * by_rank),
+            *map(sink.format_value, (step.samples_truncated, step.tokens_dropped)),
+            *map(sink.format_value, (step.trainable_tokens_dropped, step.images_dropped)),
+        )
+    return table

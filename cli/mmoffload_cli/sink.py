@@ -8,7 +8,7 @@ import re
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from mmoffload.errors import MMOffloadError, Where, json_path, shorten
 from mmoffload_cli import verbosity
 
 if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
     from rich.table import Table
 
 # Exit codes as ruff uses them; a signal exits 128 + its number, as shells report it.
@@ -217,32 +218,69 @@ def emit_report(report: msgspec.Struct, title: str, *, as_json: bool, quiet: boo
             stderr.print(f"warning: {warning}", markup=False)  # Escaped and cut by the console.
 
 
+class Bar:
+    """What ``progress_bar`` yields: call it with work done; ``add_total`` as more work becomes known.
+
+    A stage that learns its total only after reading its inputs (audit's files to hash,
+    materialize's micro batches) grows the total then; a bar without one pulses until it does.
+    Both calls do nothing where no bar is drawn (a pipe, ``TERM=dumb``, ``-q``).
+    """
+
+    def __init__(self, shown: tuple[Progress, TaskID] | None = None) -> None:
+        self.shown = shown
+
+    def __call__(self, n: int) -> None:
+        if self.shown is not None:
+            self.shown[0].advance(self.shown[1], n)
+
+    def add_total(self, n: int) -> None:
+        """Add ``n`` to the bar's total (a bar without a total gets one)."""
+        if self.shown is not None:
+            progress, task = self.shown
+            progress.update(task, total=(progress.tasks[task].total or 0) + n)
+
+
+class CountingBar(Bar):
+    """What ``counting_bar`` yields: call it with ``(micro_batches, images)`` done."""
+
+    images = 0
+
+    def __call__(self, n: int, images: int = 0) -> None:
+        if self.shown is None:
+            return
+        progress, task = self.shown
+        self.images += images
+        elapsed = progress.tasks[task].elapsed or 0.0
+        rate = f"{self.images / elapsed:,.1f} images/s" if elapsed else ""
+        progress.update(task, advance=n, images=self.images, rate=rate)
+
+
+def _drawn(enabled: bool) -> bool:
+    """Whether a bar is drawn: asked for, and stderr an interactive terminal (rich decides)."""
+    return enabled and stderr.is_terminal and not stderr.is_dumb_terminal
+
+
 @contextlib.contextmanager
-def progress_bar(
-    description: str, total: int | None, *, enabled: bool = True
-) -> Iterator[Callable[[int], None]]:
-    """Yield an ``advance(n)`` callback that drives a bar on an interactive stderr only."""
-    if not (enabled and stderr.is_terminal and not stderr.is_dumb_terminal):
-        yield lambda _n: None
+def progress_bar(description: str, total: int | None, *, enabled: bool = True) -> Iterator[Bar]:
+    """Yield a ``Bar`` of bytes done that draws on an interactive stderr only."""
+    if not _drawn(enabled):
+        yield Bar()
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+        yield Bar((bar, bar.add_task(description, total=total)))
 
 
 @contextlib.contextmanager
-def counting_bar(
-    description: str, total: int | None, *, enabled: bool = True
-) -> Iterator[Callable[[int, int], None]]:
-    """Yield ``advance(micro_batches, images)``: a bar of micro batches with images and a rate.
+def counting_bar(description: str, total: int | None, *, enabled: bool = True) -> Iterator[CountingBar]:
+    """Yield a ``CountingBar``: a bar of micro batches with images and a rate.
 
     Shown on an interactive stderr only, like ``progress_bar``.
     """
-    if not (enabled and stderr.is_terminal and not stderr.is_dumb_terminal):
-        yield lambda _batches, _images: None
+    if not _drawn(enabled):
+        yield CountingBar()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -254,13 +292,4 @@ def counting_bar(
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task(description, total=total, images=0, rate="")
-        counts = {"images": 0}
-
-        def advance(batches: int, images: int) -> None:
-            counts["images"] += images
-            elapsed = bar.tasks[task].elapsed or 0.0
-            rate = f"{counts['images'] / elapsed:,.1f} images/s" if elapsed else ""
-            bar.update(task, advance=batches, images=counts["images"], rate=rate)
-
-        yield advance
+        yield CountingBar((bar, bar.add_task(description, total=total, images=0, rate="")))

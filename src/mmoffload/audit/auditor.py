@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -299,10 +299,19 @@ class Auditor:
 
     # --- files, once each
 
-    def check_files(self) -> None:
-        """Stat (and with hashes on, hash) each distinct referenced file once."""
+    def check_files(
+        self,
+        advance: Callable[[int], None] = lambda _n: None,
+        add_total: Callable[[int], None] = lambda _n: None,
+    ) -> None:
+        """Stat (and with hashes on, hash) each distinct referenced file once.
+
+        Args:
+            advance: called with each file's size once its hash is checked (progress).
+            add_total: called once with the bytes about to be hashed, before any is.
+        """
         self.report.unique_images = len(self.files)
-        present: list[tuple[Path | str, FileUse]] = []
+        present: list[tuple[Path | str, FileUse, int]] = []
         for path, use in self.files.items():
             try:
                 if isinstance(path, Path):
@@ -311,7 +320,7 @@ class Auditor:
                 self.violation(use.first, "disallowed_file", exc.message, image=use.image)
                 continue
             try:
-                self.report.image_bytes += asset_size(path)
+                size = asset_size(path)
             except OSError as exc:
                 self.report.missing_files += 1
                 reason = (
@@ -319,24 +328,35 @@ class Auditor:
                 )
                 self.violation(use.first, "missing_file", f"{reason}: `{path}`", image=use.image)
                 continue
+            self.report.image_bytes += size
             if use.hashes:
-                present.append((path, use))
-        if not self.report.hashes_verified or not present:
-            return
+                present.append((path, use, size))
+        if self.report.hashes_verified and present:
+            self._verify_hashes(present, advance, add_total)
+
+    def _verify_hashes(
+        self,
+        present: list[tuple[Path | str, FileUse, int]],
+        advance: Callable[[int], None],
+        add_total: Callable[[int], None],
+    ) -> None:
+        """Hash each present file and count those whose refs claim another hash."""
+        add_total(sum(size for _, _, size in present))
         # Hashing releases the GIL: threads overlap the reads and the SHA-256 work.
         with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
-            actual_hashes = list(pool.map(hash_file, (path for path, _ in present)))
-        for (path, use), actual in zip(present, actual_hashes, strict=True):
-            wrong = sorted(use.hashes - {actual})
-            if wrong:
-                self.report.hash_mismatches += 1
-                self.violation(
-                    use.first,
-                    "hash_mismatch",
-                    f"Content hash mismatch for `{path}`: ref says `{', '.join(wrong)}`, "
-                    + (actual if actual.startswith("unreadable") else "the file holds other content"),
-                    image=use.image,
-                )
+            hashes = pool.map(hash_file, (path for path, _, _ in present))
+            for (path, use, size), actual in zip(present, hashes, strict=True):
+                advance(size)
+                wrong = sorted(use.hashes - {actual})
+                if wrong:
+                    self.report.hash_mismatches += 1
+                    self.violation(
+                        use.first,
+                        "hash_mismatch",
+                        f"Content hash mismatch for `{path}`: ref says `{', '.join(wrong)}`, "
+                        + (actual if actual.startswith("unreadable") else "the file holds other content"),
+                        image=use.image,
+                    )
 
 
 class JsonlTask:

@@ -21,8 +21,9 @@ Counting rules (the spec is silent on some; docs/audit.md says the same):
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,8 @@ def audit(
     remap: Remap | None = None,
     ray: RayOptions | None = None,
     allowed_roots: Sequence[Path] | None = None,
+    advance: Callable[[int], None] = lambda _n: None,
+    add_total: Callable[[int], None] = lambda _n: None,
 ) -> AuditReport:
     """Audit run directories, ``.bin`` artifacts and JSONL files; return every figure and problem.
 
@@ -71,6 +74,10 @@ def audit(
         ray: audit the JSONL lines as tasks on a Ray cluster (``ray_backend``); same report.
         allowed_roots: Directories refs may point into; a file elsewhere is a violation and
             is never read. None allows any regular file.
+        advance: with ``verify_hashes``, called with each image file's size once its hash is
+            checked (progress).
+        add_total: with ``verify_hashes``, called with the bytes of image files about to be
+            hashed, once all artifacts are read (once per run when several are audited).
 
     Returns:
         The report; ``ok`` is true when there is no violation and every expectation holds.
@@ -83,21 +90,22 @@ def audit(
     plan = plan_inputs(paths)
     families = Families(model_dir)
     runs = [group for group in plan.groups if group.run is not None]
+    audit_groups = functools.partial(
+        _audit_groups,
+        auditor=Auditor(families, verify_hashes, remap, allowed_roots),
+        ray=ray,
+        advance=advance,
+        add_total=add_total,
+    )
     if len(runs) < 2:
-        report = _audit_groups(plan.groups, plan.jsonl, families, verify_hashes, remap, ray, allowed_roots)
+        report = audit_groups(plan.groups, plan.jsonl)
         report.run = str(runs[0].run) if runs and len(plan.groups) == 1 and not plan.jsonl else None
     else:
-        per_run = [
-            _audit_groups([group], [], families, verify_hashes, remap, ray, allowed_roots) for group in runs
-        ]
+        per_run = [audit_groups([group], []) for group in runs]
         for group, run_report in zip(runs, per_run, strict=True):
             run_report.run = str(group.run)
         rest = [group for group in plan.groups if group.run is None]
-        others = (
-            [_audit_groups(rest, plan.jsonl, families, verify_hashes, remap, ray, allowed_roots)]
-            if rest or plan.jsonl
-            else []
-        )
+        others = [audit_groups(rest, plan.jsonl)] if rest or plan.jsonl else []
         report = sum_reports([*per_run, *others])
         report.runs = [msgspec.structs.replace(r, violations=[]) for r in per_run]
     report.families = families.configs()
@@ -109,13 +117,14 @@ def audit(
 def _audit_groups(
     groups: Sequence[Group],
     jsonl: Sequence[Path],
-    families: Families,
-    verify_hashes: bool,
-    remap: Remap | None,
+    *,
+    auditor: Auditor,
     ray: RayOptions | None,
-    allowed_roots: Sequence[Path] | None,
+    advance: Callable[[int], None],
+    add_total: Callable[[int], None],
 ) -> AuditReport:
-    auditor = Auditor(families, verify_hashes, remap, allowed_roots)
+    """Audit artifacts together on a fresh copy of ``auditor`` (its settings, nothing found yet)."""
+    auditor = auditor.fresh()
     for group in groups:
         for path in group.training_batches:
             auditor.training_batch(path, trainer_bound=not group.rank_files)
@@ -136,7 +145,7 @@ def _audit_groups(
     for step_dir, samples in auditor.samples.items():
         if step_dir in auditor.micro_batches:
             truncation(auditor.report, samples, auditor.micro_batches[step_dir])
-    auditor.check_files()
+    auditor.check_files(advance, add_total)
     auditor.report.ok = not auditor.report.violations
     return auditor.report
 

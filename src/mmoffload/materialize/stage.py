@@ -79,6 +79,7 @@ def materialize_run(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     remap: Remap | None = None,
     advance: Callable[[int, int], None] | None = None,
+    add_total: Callable[[int], None] | None = None,
     on_estimate: Callable[[int, int], None] | None = None,
     allowed_roots: Sequence[Path] | None = None,
 ) -> MaterializeReport:
@@ -94,6 +95,7 @@ def materialize_run(
         cache_bytes: bound of the processed-image cache.
         remap: URI prefix rewrites applied before each image is read (``--remap``).
         advance: called with ``(1, images)`` after each micro batch (progress).
+        add_total: called once with the number of micro batches, before any is materialized.
         on_estimate: called with the estimated bytes to save and the micro batch count
             before anything is materialized.
         allowed_roots: directories image refs may point into; None allows any regular file.
@@ -123,6 +125,9 @@ def materialize_run(
             Where(file=str(run_dir)),
         )
     decoded = [(step, path, read_rank_file(path)) for step, path in rank_files]
+    micro_batches = sum(len(batches) for _, _, batches in decoded)
+    if add_total is not None:
+        add_total(micro_batches)
     if save_dir is not None:
         estimate = sum(
             saved_bytes(micro_batch, families, save_dummies)
@@ -130,7 +135,7 @@ def materialize_run(
             for micro_batch in batches
         )
         if on_estimate is not None:
-            on_estimate(estimate, sum(len(batches) for _, _, batches in decoded))
+            on_estimate(estimate, micro_batches)
         check_free_space(Path(save_dir), estimate)
     files_saved = 0
     for step, path, batches in decoded:

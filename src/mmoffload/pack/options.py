@@ -111,6 +111,8 @@ class StepPackReport(TruncationFigures, kw_only=True):
     real_tokens: int
     padding_tokens: int
     fill_ratio: float
+    # Each rank's fill ratio (its real tokens over seq_len x its micro batches): how even the ranks are.
+    rank_fill_ratios: list[float] = msgspec.field(default_factory=list)
 
 
 class PackReport(TruncationFigures, kw_only=True):

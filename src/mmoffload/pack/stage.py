@@ -129,10 +129,13 @@ def pack_batch(
     pieces = sample_pieces(batch, options.seq_len, where)
     bins = split_for_ranks(first_fit(pieces, options.seq_len), options)
     micro_batches: list[MicroBatch] = []
+    # Real tokens by micro batch (by identity: the dummies _assign_ranks adds are new objects, with none).
+    real: dict[int, int] = {}
     for number, members in enumerate(bins):
         micro_batch = pieces_micro_batch(members, options)
         check_micro_batch(micro_batch, Where(file=where.file, index=number), DEFAULT_TOKEN_NAMES)
         micro_batches.append(micro_batch)
+        real[id(micro_batch)] = sum(piece.length for piece in members)
     ranks, dummies = _assign_ranks(micro_batches, options)
     real_tokens = sum(piece.length for piece in pieces)
     return ranks, StepPackReport(
@@ -145,6 +148,9 @@ def pack_batch(
         real_tokens=real_tokens,
         padding_tokens=sum(len(mb.input_ids) for mb in micro_batches) - real_tokens,
         fill_ratio=fill_ratio(real_tokens, sum(len(rank) for rank in ranks), options.seq_len),
+        rank_fill_ratios=[
+            fill_ratio(sum(real.get(id(mb), 0) for mb in rank), len(rank), options.seq_len) for rank in ranks
+        ],
     )
 
 
