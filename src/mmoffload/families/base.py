@@ -158,6 +158,8 @@ class Family(ABC):
     def engine_pixels(self, images: list[Image.Image], *, device_normalizes: bool) -> dict[str, np.ndarray]:
         """Return an inference engine's vision inputs for ``images`` (RGB), in order.
 
+        Unnormalized rows may come as uint8 (vLLM's fused on-device norm takes them so).
+
         Args:
             images: the request's images.
             device_normalizes: the engine rescales and normalizes pixels itself, on the

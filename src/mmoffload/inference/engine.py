@@ -18,12 +18,12 @@ cached. Only ``mmoffload serve`` imports this module (it imports vLLM and torch)
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature
@@ -35,6 +35,12 @@ from mmoffload.inference.checks import check_grid, check_request, materialize_by
 from mmoffload.inference.content_parts import GridIndex, resolve_parts
 from mmoffload.inference.decode_budget import DEFAULT_DECODE_BYTES, DecodeBudget
 from mmoffload.inference.refs import MODALITY, EngineArrays, ImageRef, InvalidImageRefError, PromptLimits
+
+# The cached arrays are read-only and their tensors share that memory: vLLM only sends them to the
+# engine process, never writes them, so torch's warning about it (raised here, nowhere else) is noise.
+warnings.filterwarnings(
+    "ignore", "The given NumPy array is not writable", UserWarning, r"mmoffload\.inference\.engine"
+)
 
 
 @dataclass(slots=True)
@@ -182,7 +188,7 @@ class RawRefEngineInputs:
         return arrays
 
     def _to_item(self, arrays: EngineArrays) -> MultiModalKwargsItem:
-        # Cached arrays are read-only; torch wants writable memory, so the item gets its own copy.
-        hf_inputs = BatchFeature({name: torch.from_numpy(np.array(array)) for name, array in arrays.items()})
+        # No copy of the cached pixels: copying a screenshot's cost more than the rest of a cached request.
+        hf_inputs = BatchFeature({name: torch.from_numpy(array) for name, array in arrays.items()})
         config = self.mm_processor._get_mm_fields_config(hf_inputs, {})
         return MultiModalKwargsItems.from_hf_inputs(hf_inputs, config)[MODALITY][0]
