@@ -19,5 +19,5 @@ def test_own_engine_pixels_equal_the_processors_unnormalized_pixels(sizes: list[
     theirs = family.image_processor(images=images, do_rescale=False, do_normalize=False, return_tensors="np")
     assert np.array_equal(ours["pixel_values"], np.asarray(theirs["pixel_values"], dtype=np.float32))
     assert ours["image_grid_thw"].tolist() == np.asarray(theirs["image_grid_thw"]).tolist()
-    # uint8, as vLLM's fused on-device norm takes them: the same values, a quarter of the bytes.
+    # uint8: the same values, a quarter of the bytes to make and to cache.
     assert ours["pixel_values"].dtype == np.uint8

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mmoffload.contract.addresses import content_hash
 from mmoffload.errors import BadInputError
-from mmoffload.families import Families, Family
+from mmoffload.families import Families, Family, resolve_model_dir
 from mmoffload.inference.checks import check_location, check_request, materialize_ref
 from mmoffload.inference.decode_budget import DecodeBudget, decode_cost
 from mmoffload.inference.refs import (
@@ -41,9 +41,11 @@ HASH = "0123456789abcdef0123456789abcdef"
 URI = "file:///runs/r1/assets/images/0123456789abcdef0123456789abcdef.png"
 
 
-def prompt(assets: Path, seeds: tuple[int, ...] = (0, 1)) -> tuple[list[int], dict[str, Any]]:
+def prompt(
+    assets: Path, seeds: tuple[int, ...] = (0, 1), families: Families | None = None, compact: bool = False
+) -> tuple[list[int], dict[str, Any]]:
     """Return a Qwen-VL prompt with one stored image per seed, and its request features."""
-    family = Families().get("qwen_vl")
+    family = (families or Families()).get("qwen_vl")
     tokens, images = [1, 2], []
     for seed in seeds:
         data = image_bytes(seed=seed)
@@ -54,7 +56,7 @@ def prompt(assets: Path, seeds: tuple[int, ...] = (0, 1)) -> tuple[list[int], di
         tokens.append(QWEN_VISION_START)
         images.append((descriptor(stored.uri, list(grid)), stored.hash, len(tokens), length))
         tokens += [QWEN_IMAGE_PAD] * length + [QWEN_VISION_END, 3]
-    return tokens, features_from_sidecars([sidecar(images)], len(tokens))
+    return tokens, features_from_sidecars([sidecar(images)], len(tokens), compact=compact)
 
 
 def unnormalized(family: Family, image: Image.Image) -> dict[str, np.ndarray]:
@@ -115,6 +117,24 @@ def test_unwrapped_json_ref_is_accepted() -> None:
     body = {"family": "qwen_vl", "modality": "image", "mm_hash": HASH, "payload": {}, "raw_image_uri": URI}
     fields = decode_ref("mmraw:" + json.dumps(body, separators=(",", ":")))
     assert fields["mm_hash"] == HASH and fields["raw_image_uri"] == URI
+
+
+def test_a_compact_ref_is_readable_json_of_the_grid_and_uri_only() -> None:
+    compact = encode_ref(descriptor(URI, [1, 44, 80]), HASH, compact=True)
+    assert compact == 'mmraw:{"payload":{"image_grid_thw":[[1,44,80]]},"raw_image_uri":"' + URI + '"}'
+    # Less than half the spec's full ref, also once escaped inside the request's JSON.
+    full = encode_ref(descriptor(URI, [1, 44, 80]), HASH)
+    assert len(json.dumps(compact)) < 0.5 * len(json.dumps(full))
+
+
+def test_a_compact_ref_takes_family_modality_and_hash_from_the_server(tmp_path: Path) -> None:
+    model = Families(resolve_model_dir("qwen3_vl"))  # a served Qwen-VL model
+    tokens, compact = prompt(tmp_path, families=model, compact=True)
+    _, full = prompt(tmp_path, families=model)
+    assert check_request(compact, tokens, model) == check_request(full, tokens, model)
+    # Without a served model there is no family to take: the ref must name it.
+    error = refused(compact, tokens)
+    assert (error.check, error.image) == (2, 0) and "family" in error.message
 
 
 def test_encode_ref_refuses_a_processed_descriptor() -> None:

@@ -61,10 +61,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def image_prompt(
-    server: Server, seeds: tuple[int, ...], size: tuple[int, int] = (200, 120), assets: Path | None = None
+    server: Server,
+    seeds: tuple[int, ...],
+    size: tuple[int, int] = (200, 120),
+    assets: Path | None = None,
+    compact_refs: bool = True,
 ) -> dict[str, Any]:
     """Return a raw-ref request with one stored image per seed, text around each."""
-    return raw_ref_request(server, seeds, GREEDY, size, assets)
+    return raw_ref_request(server, seeds, GREEDY, size, assets, compact_refs=compact_refs)
 
 
 def vllm_own_request(
@@ -113,8 +117,9 @@ def test_good_two_image_request_returns_tokens_and_logprobs(server: Server) -> N
 
 
 @pytest.mark.parametrize("seeds", [(3,), (4, 5)])
-def test_raw_refs_equal_content_parts(server: Server, seeds: tuple[int, ...]) -> None:
-    status, ours = server.post(image_prompt(server, seeds))
+@pytest.mark.parametrize("compact_refs", [True, False], ids=["compact", "full"])
+def test_raw_refs_equal_content_parts(server: Server, seeds: tuple[int, ...], compact_refs: bool) -> None:
+    status, ours = server.post(image_prompt(server, seeds, compact_refs=compact_refs))
     assert status == 200, ours
     status, theirs = server.post(vllm_own_request(server, seeds))
     assert status == 200, theirs
@@ -156,7 +161,7 @@ def test_grid_mismatch_is_refused(server: Server) -> None:
     body = image_prompt(server, (0, 12))
     fields = decode_ref(body["features"]["kwargs_data"]["image"][1])
     item = {**descriptor(fields["raw_image_uri"], [1, 4, 24])}
-    body["features"]["kwargs_data"]["image"][1] = encode_ref(item, fields["mm_hash"])
+    body["features"]["kwargs_data"]["image"][1] = encode_ref(item, body["features"]["mm_hashes"]["image"][1])
     assert_refused(server, body, 1, "Expected the descriptor's grid [1, 4, 24]")
 
 
@@ -168,9 +173,13 @@ def test_missing_file_is_refused(server: Server) -> None:
 
 
 def test_hash_mismatch_is_refused(server: Server) -> None:
-    body = image_prompt(server, (0, 14))
+    body = image_prompt(server, (0, 14), compact_refs=False)
     body["features"]["mm_hashes"]["image"][0] = "f" * 32
     assert_refused(server, body, 0, "to equal `mm_hashes[0]`")
+    # A compact ref takes the outer hash as its own: the file's content then disagrees with it.
+    body = image_prompt(server, (0, 14))
+    body["features"]["mm_hashes"]["image"][0] = "f" * 32
+    assert_refused(server, body, 0, "Content hash mismatch")
 
 
 @pytest.mark.parametrize("item", [None, "AAAAbase64msgpack"])
@@ -201,7 +210,7 @@ def test_client_returns_the_completion_and_raises_on_refusal(server: Server) -> 
 
 
 def test_generate_command_writes_a_sampled_node(server: Server, tmp_path: Path) -> None:
-    body = image_prompt(server, (16, 17))
+    body = image_prompt(server, (16, 17), compact_refs=False)  # full refs carry whole descriptors
     tokens = body["token_ids"]
     features = body["features"]
     items = [decode_ref(ref) for ref in features["kwargs_data"]["image"]]

@@ -71,6 +71,7 @@ def raw_ref_request(
     size: tuple[int, int] = (200, 120),
     assets: Path | None = None,
     text: Sequence[int] = (72, 105),
+    compact_refs: bool = True,
 ) -> dict[str, Any]:
     """Return a raw-ref request: ``text`` tokens, then one stored image per seed with text after it."""
     family = Families(server.model_dir).get("qwen_vl")
@@ -82,7 +83,7 @@ def raw_ref_request(
         tokens.append(QWEN_VISION_START)
         images.append((descriptor(stored.uri, list(grid)), stored.hash, len(tokens), length))
         tokens += [QWEN_IMAGE_PAD] * length + [QWEN_VISION_END, 32]
-    return build_request(tokens, [sidecar(images)], sampling)
+    return build_request(tokens, [sidecar(images)], sampling, compact_refs=compact_refs)
 
 
 def _free_port() -> int:

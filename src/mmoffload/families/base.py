@@ -158,7 +158,7 @@ class Family(ABC):
     def engine_pixels(self, images: list[Image.Image], *, device_normalizes: bool) -> dict[str, np.ndarray]:
         """Return an inference engine's vision inputs for ``images`` (RGB), in order.
 
-        Unnormalized rows may come as uint8 (vLLM's fused on-device norm takes them so).
+        Unnormalized rows may come as uint8 (their values are whole levels, 0 to 255).
 
         Args:
             images: the request's images.

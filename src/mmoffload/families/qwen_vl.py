@@ -223,9 +223,9 @@ class QwenVL(Family):
     def engine_pixels(self, images: list[Image.Image], *, device_normalizes: bool) -> dict[str, np.ndarray]:
         if device_normalizes and self.own_pixels:
             # The trainer's own path (2-6x faster than the processor): the processor's unnormalized rows are
-            # exactly its resized levels, each patch repeated over the temporal axis. Kept as uint8, the
-            # dtype vLLM's fused on-device norm takes (it computes in float32: the same numbers as float
-            # rows), so each image is a quarter of the bytes to cache, to copy and to send to the engine.
+            # exactly its resized levels, each patch repeated over the temporal axis. Kept as uint8 (the
+            # same numbers, a quarter of the bytes to make and to cache); the server's engine items are
+            # float32 (inference/engine.py says why).
             prepared = [self.prepare_image(image) for image in images]
             levels = np.concatenate([item["levels"] for item in prepared])
             rows = np.empty((len(levels), CHANNELS, self.temporal_patch_size, self.patch_size**2), np.uint8)

@@ -60,15 +60,22 @@ class Completion:
 
 
 def build_request(
-    token_ids: Sequence[int], sidecars: Sequence[object], sampling_params: dict[str, Any]
+    token_ids: Sequence[int],
+    sidecars: Sequence[object],
+    sampling_params: dict[str, Any],
+    *,
+    compact_refs: bool = True,
 ) -> dict[str, Any]:
     """Return a ``GenerateRequest`` body: the prompt ids and every image of its sidecars as a ref.
+
+    Refs are compact (what ``mmoffload serve`` reads) unless ``compact_refs`` is False: then
+    the spec's full refs, for other raw-ref servers.
 
     Raises:
         BadInputError: a sidecar is invalid (names the image index).
     """
     request: dict[str, Any] = {"token_ids": list(token_ids), "sampling_params": dict(sampling_params)}
-    features = features_from_sidecars(sidecars, len(token_ids))
+    features = features_from_sidecars(sidecars, len(token_ids), compact=compact_refs)
     if features["mm_hashes"][MODALITY]:
         request["features"] = features
     return request
@@ -119,7 +126,7 @@ def build_parts_request(
     Raises:
         BadInputError: a sidecar is invalid (names the image index).
     """
-    features = features_from_sidecars(sidecars, len(token_ids))
+    features = features_from_sidecars(sidecars, len(token_ids))  # full refs: the check reads their family
     placeholders = features["mm_placeholders"][MODALITY]
     hashes = features["mm_hashes"][MODALITY]
     urls = [decode_ref(ref)["raw_image_uri"] for ref in features["kwargs_data"][MODALITY]]
@@ -344,15 +351,23 @@ class InferenceClient:
         return body
 
     def generate(
-        self, token_ids: Sequence[int], sidecars: Sequence[object], sampling_params: dict[str, Any]
+        self,
+        token_ids: Sequence[int],
+        sidecars: Sequence[object],
+        sampling_params: dict[str, Any],
+        *,
+        compact_refs: bool = True,
     ) -> Completion:
-        """Complete a prompt whose images are described by ``sidecars`` (absolute offsets).
+        """Complete a prompt whose images are described by ``sidecars`` (absolute offsets), as raw refs.
+
+        Refs are compact for ``mmoffload serve``; ``compact_refs=False`` sends the spec's full refs.
 
         Raises:
             BadInputError: a sidecar is invalid.
             InferenceServerError: the server refused the request.
         """
-        return parse_completion(self.post(build_request(token_ids, sidecars, sampling_params)))
+        request = build_request(token_ids, sidecars, sampling_params, compact_refs=compact_refs)
+        return parse_completion(self.post(request))
 
     def generate_parts(
         self, token_ids: Sequence[int], sidecars: Sequence[object], sampling_params: dict[str, Any]

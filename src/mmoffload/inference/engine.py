@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature
@@ -188,7 +189,17 @@ class RawRefEngineInputs:
         return arrays
 
     def _to_item(self, arrays: EngineArrays) -> MultiModalKwargsItem:
-        # No copy of the cached pixels: copying a screenshot's cost more than the rest of a cached request.
-        hf_inputs = BatchFeature({name: torch.from_numpy(array) for name, array in arrays.items()})
+        hf_inputs = BatchFeature({name: _engine_tensor(array) for name, array in arrays.items()})
         config = self.mm_processor._get_mm_fields_config(hf_inputs, {})
         return MultiModalKwargsItems.from_hf_inputs(hf_inputs, config)[MODALITY][0]
+
+
+def _engine_tensor(array: np.ndarray) -> torch.Tensor:
+    """Return a cached array as the engine's tensor: float32 pixels, other arrays as they are, no copy.
+
+    The cache keeps unnormalized pixels as uint8 (a quarter of the bytes); the engine gets float32,
+    because vLLM concatenates a batch's pixels into the first item's dtype: a uint8 item batched
+    with its own processor's float32 pixels (from its other routes) fails and kills the engine.
+    """
+    tensor = torch.from_numpy(array)
+    return tensor.float() if tensor.dtype == torch.uint8 else tensor

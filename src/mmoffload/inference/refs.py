@@ -15,7 +15,7 @@ import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -28,10 +28,6 @@ from mmoffload.contract.descriptors import (
 from mmoffload.errors import BadInputError, Where
 from mmoffload.families import Families, Family, Grid
 
-if TYPE_CHECKING:
-    pass
-
-
 # The route both the server and the client speak (vLLM's scale-out endpoint).
 GENERATE_ROUTE = "/inference/v1/generate"
 
@@ -42,8 +38,11 @@ REF_PREFIX = "mmraw:"
 MODALITY = "image"
 
 
-# The ref's own fields (section 1); any other key (fingerprint, run_id...) is carried through.
-REF_FIELDS = ("family", "modality", "mm_hash", "payload", "raw_image_uri")
+# The fields every ref carries (section 1); any other key (fingerprint, run_id...) is carried through.
+REF_FIELDS = ("payload", "raw_image_uri")
+# The fields a compact ref leaves out: the server knows them (its model's family, the modality key
+# of `features`, the outer `mm_hashes` entry). A full ref (the spec's, for other readers) writes them.
+DERIVED_REF_FIELDS = ("family", "modality", "mm_hash")
 
 
 FEATURE_KEYS = ("mm_hashes", "mm_placeholders", "kwargs_data")
@@ -89,8 +88,15 @@ class PromptLimits:
     max_images: int | None = None
 
 
-def encode_ref(descriptor: dict[str, Any], mm_hash: str) -> str:
+def encode_ref(descriptor: dict[str, Any], mm_hash: str, *, compact: bool = False) -> str:
     """Return the ``mmraw:`` ref of a strict descriptor and its content hash.
+
+    Args:
+        descriptor: the image's strict descriptor.
+        mm_hash: its content hash.
+        compact: write only what the server cannot derive (the grid and the URI), as readable
+            JSON (``mmraw:{...}``, the spec's unwrapped form); ``mmoffload serve`` reads it.
+            Otherwise the spec's full ref (every field, base64), which any reader takes.
 
     Raises:
         BadInputError: the descriptor is not strict or the hash is not 32 hex digits.
@@ -98,6 +104,9 @@ def encode_ref(descriptor: dict[str, Any], mm_hash: str) -> str:
     descriptor = validate_descriptor(descriptor)
     if not HASH_PATTERN.fullmatch(mm_hash):
         raise BadInputError(f"Expected `mm_hash` as 32 lowercase hex digits, got `{mm_hash!r}`")
+    if compact:
+        fields = {key: descriptor[key] for key in REF_FIELDS}
+        return REF_PREFIX + json.dumps(fields, separators=(",", ":"), sort_keys=True)
     fields = {key: value for key, value in descriptor.items() if key != "kind"}
     fields.setdefault("modality", MODALITY)
     fields["mm_hash"] = mm_hash
@@ -134,17 +143,18 @@ def decode_ref(ref: str, image: int | None = None) -> dict[str, Any]:
 
 
 def ref_descriptor(fields: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """Return the raw descriptor and the ``mm_hash`` a ref's fields carry (the inverse of ``encode_ref``)."""
+    """Return the raw descriptor and the ``mm_hash`` a full ref's fields carry (the inverse of ``encode_ref``)."""
     descriptor = {"kind": DESCRIPTOR_KIND, **{k: v for k, v in fields.items() if k != "mm_hash"}}
     return descriptor, fields["mm_hash"]
 
 
 def features_from_sidecars(
-    sidecars: Sequence[object], num_tokens: int, where: Where | None = None
+    sidecars: Sequence[object], num_tokens: int, where: Where | None = None, *, compact: bool = False
 ) -> dict[str, Any]:
     """Return a request's ``features`` from the sidecars of a prompt's nodes, in prompt order.
 
-    Offsets are absolute in the prompt (as trace nodes carry them); one ref per image.
+    Offsets are absolute in the prompt (as trace nodes carry them); one ref per image,
+    compact or full (``encode_ref``).
 
     Raises:
         BadInputError: a sidecar is invalid (names the image index).
@@ -169,7 +179,9 @@ def features_from_sidecars(
                 {"offset": image.placeholder.offset, "length": image.placeholder.length} for image in images
             ]
         },
-        "kwargs_data": {MODALITY: [encode_ref(image.descriptor, image.hash) for image in images]},
+        "kwargs_data": {
+            MODALITY: [encode_ref(image.descriptor, image.hash, compact=compact) for image in images]
+        },
     }
 
 
@@ -262,6 +274,13 @@ def _parse_image(
     index: int, ref: str, outer_hash: object, placeholder: object, families: Families
 ) -> ImageRef:
     fields = decode_ref(ref, index)
+    # A compact ref leaves these to the server: the features' modality, the outer hash, the model's family.
+    fields.setdefault("modality", MODALITY)
+    fields.setdefault("mm_hash", outer_hash)
+    if fields.setdefault("family", families.model_family) is None:
+        raise InvalidImageRefError(
+            2, "Expected the ref's `family`: the served model has no known image family to take", index
+        )
     if fields["modality"] != MODALITY:
         raise InvalidImageRefError(2, f"Expected ref modality `image`, got `{fields['modality']!r}`", index)
     if fields["mm_hash"] != outer_hash:
