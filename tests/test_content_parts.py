@@ -41,7 +41,7 @@ def unnormalized(family: Family, image: Image.Image) -> dict[str, np.ndarray]:
 class Server:
     """The engine side's state for these requests: one cache, one grid index, counting reads."""
 
-    def __init__(self, roots: list[Path] | None = None) -> None:
+    def __init__(self, roots: list[Path | str] | None = None) -> None:
         self.family = Families().get("qwen_vl")
         self.cache = PixelCache()
         self.grids = GridIndex()
@@ -184,3 +184,30 @@ def test_a_uuid_alone_after_eviction_is_a_cache_miss_not_stale(tmp_path: Path) -
     stored = store_image(tmp_path, image_bytes(seed=7))
     server.resolve([{"type": "image_url", "url": stored.uri, "uuid": stored.hash}], one_pad_prompt(1))
     refused(server, [{"type": "image_url", "uuid": stored.hash}], one_pad_prompt(1), CacheMissError)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://other-bucket/images/a.png",
+        "s3://bucket/images-other/a.png",
+        "s3://bucket/images/../secret/a.png",
+        "s3://bucket/images//a.png",
+        "gs://bucket/images/a.png",
+    ],
+)
+def test_an_object_url_outside_the_allowed_prefixes_is_refused_before_any_read(url: str) -> None:
+    # No S3 endpoint exists here: a read would fail otherwise, and no message would say "outside".
+    server = Server([Path("/assets"), "s3://bucket/images"])
+    error = refused(server, [{"type": "image_url", "url": url, "uuid": HASH}], one_pad_prompt(1))
+    assert (error.check, error.image) == (3, 0) and "outside the allowed roots" in error.message
+    assert server.made == 0
+
+
+def test_an_object_prefix_allows_no_file(tmp_path: Path) -> None:
+    stored = store_image(tmp_path, image_bytes(seed=8))
+    server = Server([f"s3://bucket{tmp_path}"])
+    error = refused(
+        server, [{"type": "image_url", "url": stored.uri, "uuid": stored.hash}], one_pad_prompt(1)
+    )
+    assert (error.check, error.image) == (3, 0) and "outside the allowed roots" in error.message

@@ -404,3 +404,16 @@ def test_a_large_decode_holds_its_cost_from_the_budget(tmp_path: Path) -> None:
 
 def test_text_only_request_has_no_images() -> None:
     assert parse_features(None, Families()) == []
+
+
+def test_an_object_url_is_allowed_under_an_object_prefix_only(tmp_path: Path) -> None:
+    _, features = prompt(tmp_path, seeds=(0,))
+    fields = decode_ref(features["kwargs_data"]["image"][0])
+    features["kwargs_data"]["image"][0] = "mmraw:" + json.dumps({**fields, "raw_image_uri": "s3://b/p/a.png"})
+    ref = parse_features(features, Families())[0]
+    assert check_location(ref, ["s3://b/p"], objects=True) == "s3://b/p/a.png"
+    assert check_location(ref, None, objects=True) == "s3://b/p/a.png"
+    with pytest.raises(InvalidImageRefError, match="outside the allowed roots"):
+        check_location(ref, [tmp_path], objects=True)
+    with pytest.raises(InvalidImageRefError, match="local `file://` URI"):
+        check_location(ref, ["s3://b/p"])  # raw refs name files only

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from mmoffload.contract.addresses import is_object_uri
 from mmoffload.errors import UsageError
 from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES
 from mmoffload.inference.decode_budget import DEFAULT_DECODE_BYTES
-from mmoffload.store.local import ASSETS_ENV_VAR, default_allowed_roots
+from mmoffload.store.local import ASSETS_ENV_VAR
 from mmoffload_cli import sink
 
 
@@ -44,12 +46,12 @@ def serve(
         ),
     ] = DEFAULT_DECODE_BYTES,
     allow_root: Annotated[
-        list[Path] | None,
+        list[str] | None,
         typer.Option(
             "--allow-root",
-            metavar="DIR",
-            help="Serve only images under this directory (repeatable; default: "
-            "$VF_RENDERER_IMAGE_OFFLOAD_DIR; with neither, serve refuses to start).",
+            metavar="DIR|URL",
+            help="Serve only images under this directory or object-store prefix (s3://bucket/prefix; "
+            "repeatable; default: $VF_RENDERER_IMAGE_OFFLOAD_DIR; with neither, serve refuses to start).",
         ),
     ] = None,
 ) -> None:
@@ -58,7 +60,7 @@ def serve(
     Image refs in requests are read, checked and processed here. Every vLLM route is kept (/health, /v1/models, the OpenAI endpoints);
     POST /inference/v1/generate takes features.kwargs_data entries as mmraw: refs.
     A bad ref gets HTTP 400 invalid_mm_image_ref and the engine keeps serving.
-    Image files are read only under --allow-root (or $VF_RENDERER_IMAGE_OFFLOAD_DIR):
+    Images (files, content_parts' s3:// URLs) are read only under --allow-root (or $VF_RENDERER_IMAGE_OFFLOAD_DIR):
     with neither, serve refuses to start rather than read any file a client names.
     Arguments after `--` go to vLLM unchanged. Needs the `vllm` extra.
 
@@ -67,11 +69,14 @@ def serve(
     \b
         mmoffload serve --model /models/Qwen3-VL-8B --allow-root /runs/r1/assets
         mmoffload serve --model tiny/ --allow-root A -- --max-model-len 4096
+        mmoffload serve --model tiny/ --allow-root s3://bucket/r1/images
     """
     with sink.errors_to_exit():
         if not (model / "config.json").is_file():
             raise UsageError(f"Expected a model directory with `config.json`, got `{model}`")
-        roots = allow_root or default_allowed_roots(None)
+        # An object-store prefix stays a string (a Path would drop a slash of `s3://`).
+        given = allow_root or ([env] if (env := os.environ.get(ASSETS_ENV_VAR)) else [])
+        roots = [root if is_object_uri(root) else Path(root) for root in given]
         if not roots:
             raise UsageError(
                 "Expected the directories image refs may point into: pass --allow-root DIR (where the "

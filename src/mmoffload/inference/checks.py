@@ -24,7 +24,7 @@ from mmoffload.inference.refs import (
 )
 from mmoffload.limits import max_image_bytes
 from mmoffload.store.images import load_rgb, open_image
-from mmoffload.store.read import check_allowed, read_verified
+from mmoffload.store.read import check_allowed, check_object_allowed, read_verified
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -50,7 +50,7 @@ def check_request(
     token_ids: Sequence[int],
     families: Families,
     limits: PromptLimits | None = None,
-    roots: Sequence[Path] | None = None,
+    roots: Sequence[Path | str] | None = None,
 ) -> list[ImageRef]:
     """Run every check that reads no image, over the whole request; return its images in order.
 
@@ -73,7 +73,7 @@ def check_request(
 
 
 def check_location(
-    ref: ImageRef, roots: Sequence[Path] | None = None, *, objects: bool = False
+    ref: ImageRef, roots: Sequence[Path | str] | None = None, *, objects: bool = False
 ) -> Path | str:
     """Run check 3's URI part without reading: a local ``file://`` URI under the allowed roots.
 
@@ -81,16 +81,16 @@ def check_location(
 
     Args:
         ref: the parsed image.
-        roots: allowed directories (None: anywhere).
-        objects: also take an object-store URL (``s3://bucket/key``), returned as it is.
+        roots: allowed directories, and object-store prefixes as URL strings (None: anywhere).
+        objects: also take an object-store URL (``s3://bucket/key``) under an allowed prefix.
 
     Raises:
         InvalidImageRefError: not a local file URI (or object URL), or outside the roots.
     """
-    if objects and is_object_uri(ref.uri):
-        return ref.uri
     at = Where(image=ref.index)
     try:
+        if objects and is_object_uri(ref.uri):
+            return check_object_allowed(ref.uri, roots, at)
         path = uri_to_path(ref.uri, at)
         check_allowed(path, roots, at)
     except BadInputError as exc:
@@ -99,7 +99,7 @@ def check_location(
 
 
 def read_image(
-    ref: ImageRef, roots: Sequence[Path] | None = None, *, objects: bool = False, verify: bool = True
+    ref: ImageRef, roots: Sequence[Path | str] | None = None, *, objects: bool = False, verify: bool = True
 ) -> bytes:
     """Run check 3: read the file (or object) a ref names and verify its hash.
 
@@ -132,7 +132,7 @@ def read_image(
         raise InvalidImageRefError(3, message, ref.index) from None
 
 
-def load_image(ref: ImageRef, roots: Sequence[Path] | None = None) -> Image.Image:
+def load_image(ref: ImageRef, roots: Sequence[Path | str] | None = None) -> Image.Image:
     """Run checks 3 and 4: read the file a ref names, verify its hash, decode it to RGB.
 
     Args:
@@ -215,7 +215,7 @@ def check_placeholders(refs: Sequence[ImageRef], token_ids: Sequence[int]) -> No
 def materialize_ref(
     ref: ImageRef,
     make_inputs: Callable[[Family, Image.Image], EngineArrays],
-    roots: Sequence[Path] | None = None,
+    roots: Sequence[Path | str] | None = None,
     budget: DecodeBudget | None = None,
 ) -> EngineArrays:
     """Run checks 3 to 5 and 7 on one image: read, verify, decode, check the grid, make engine inputs.

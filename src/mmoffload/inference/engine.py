@@ -69,7 +69,7 @@ class RawRefEngineInputs:
         mm_processor: the engine's vLLM multimodal processor (its field config builds the items).
         device_normalizes: the engine's ``mm_device_do_normalize``.
         cache_bytes: bound of the materialized-input cache.
-        roots: allowed directories for image files (None: anywhere).
+        roots: allowed directories for image files, and object-store prefixes (None: anywhere).
         limits: the engine's prompt length and per-prompt image limit, checked before any read.
         decode_bytes: bound of the images being decoded at once (``DecodeBudget``).
     """
@@ -81,7 +81,7 @@ class RawRefEngineInputs:
         *,
         device_normalizes: bool,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-        roots: Sequence[Path] | None = None,
+        roots: Sequence[Path | str] | None = None,
         limits: PromptLimits | None = None,
         decode_bytes: int = DEFAULT_DECODE_BYTES,
     ) -> None:

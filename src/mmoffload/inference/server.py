@@ -120,7 +120,7 @@ def serve(
     port: int = 8000,
     vllm_args: Sequence[str] = (),
     cache_bytes: int = DEFAULT_CACHE_BYTES,
-    roots: Sequence[Path] | None = None,
+    roots: Sequence[Path | str] | None = None,
     decode_bytes: int = DEFAULT_DECODE_BYTES,
 ) -> None:
     """Run the server until interrupted.
@@ -131,7 +131,7 @@ def serve(
         port: port to listen on.
         vllm_args: further ``vllm serve`` arguments, passed through unchanged.
         cache_bytes: bound of the materialized-input cache.
-        roots: allowed directories for image files (None: anywhere).
+        roots: allowed directories for image files, and object-store prefixes (None: anywhere).
         decode_bytes: bound of the images being decoded at once.
     """
     cli_env_setup()
@@ -144,7 +144,7 @@ def serve(
 
 
 async def _run(
-    args: Any, model_dir: Path, cache_bytes: int, roots: Sequence[Path] | None, decode_bytes: int
+    args: Any, model_dir: Path, cache_bytes: int, roots: Sequence[Path | str] | None, decode_bytes: int
 ) -> None:
     # vLLM's own start-up sequence (run_server), with the route installed between app state and serving.
     _, sock = setup_server(args, reuse_port=False)
@@ -172,7 +172,7 @@ def install_raw_refs(
     model_dir: Path,
     *,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
-    roots: Sequence[Path] | None = None,
+    roots: Sequence[Path | str] | None = None,
     decode_bytes: int = DEFAULT_DECODE_BYTES,
 ) -> RawRefEngineInputs:
     """Make a vLLM API app take raw refs on ``/inference/v1/generate``; return its engine side."""

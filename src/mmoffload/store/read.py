@@ -8,7 +8,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from mmoffload.contract.addresses import verify_hash
+from mmoffload.contract.addresses import is_object_uri, verify_hash
 from mmoffload.errors import BadInputError, IntegrityError, MissingImageError, Where
 from mmoffload.limits import MAX_IMAGE_BYTES_ENV_VAR, max_image_bytes
 from mmoffload.store.backend import asset_size, read_asset
@@ -19,7 +19,7 @@ def read_verified(
     expected_hash: str | None,
     where: Where | None = None,
     *,
-    allowed_roots: Sequence[Path] | None = None,
+    allowed_roots: Sequence[Path | str] | None = None,
     max_bytes: int | None = None,
 ) -> bytes:
     """Read a referenced image file (or object, see ``asset_location``), checking its hash when expected.
@@ -52,7 +52,9 @@ def read_verified(
     return data
 
 
-def _read_file(path: Path, limit: int, where: Where | None, allowed_roots: Sequence[Path] | None) -> bytes:
+def _read_file(
+    path: Path, limit: int, where: Where | None, allowed_roots: Sequence[Path | str] | None
+) -> bytes:
     resolved = check_allowed(path, allowed_roots, where)
     try:
         # Non-blocking, so a FIFO that never answers cannot hang the open.
@@ -98,15 +100,17 @@ def _check_size(path: Path | str, size: int, limit: int, where: Where | None) ->
         )
 
 
-def check_allowed(path: Path, allowed_roots: Sequence[Path] | None, where: Where | None = None) -> Path:
+def check_allowed(path: Path, allowed_roots: Sequence[Path | str] | None, where: Where | None = None) -> Path:
     """Return ``path`` resolved (links, ``..``), checking that it lies under an allowed root.
+
+    Object-store prefixes among the roots (see ``check_object_allowed``) allow no file.
 
     Raises:
         BadInputError: it lies outside every root (the file is not opened).
     """
     resolved = Path(os.path.realpath(path))
     if allowed_roots is not None and not any(
-        resolved.is_relative_to(os.path.realpath(root)) for root in allowed_roots
+        resolved.is_relative_to(os.path.realpath(root)) for root in allowed_roots if not _is_prefix(root)
     ):
         raise BadInputError(
             f"Image file `{path}` is outside the allowed roots "
@@ -114,3 +118,42 @@ def check_allowed(path: Path, allowed_roots: Sequence[Path] | None, where: Where
             where,
         )
     return resolved
+
+
+def check_object_allowed(
+    url: str, allowed_roots: Sequence[Path | str] | None, where: Where | None = None
+) -> str:
+    """Return an object URL, checking that it lies under an allowed object-store prefix (nothing is read).
+
+    A root given as an object-store URL string (``s3://bucket/prefix``) allows the
+    objects under it, of the same scheme; a URL with an empty, ``.`` or ``..`` key
+    segment is refused, as a client or store might resolve it elsewhere.
+
+    Raises:
+        BadInputError: no allowed prefix holds it.
+    """
+    if allowed_roots is None:
+        return url
+    scheme, _, rest = url.partition("://")
+    segments = rest.split("/")
+    for root in allowed_roots:
+        if not _is_prefix(root):
+            continue
+        root_scheme, _, root_rest = str(root).partition("://")
+        if (
+            scheme.lower() == root_scheme.lower()
+            and rest.startswith(root_rest.rstrip("/") + "/")
+            and not any(segment in ("", ".", "..") for segment in segments)
+        ):
+            return url
+    raise BadInputError(
+        f"Image object `{url[:200]}` is outside the allowed roots "
+        f"({', '.join(f'`{root}`' for root in allowed_roots)}); allow its prefix "
+        "(`--allow-root s3://bucket/prefix`) to read it",
+        where,
+    )
+
+
+def _is_prefix(root: Path | str) -> bool:
+    """True for an allowed root that is an object-store prefix (kept as a string, as ``Path`` drops a slash)."""
+    return isinstance(root, str) and is_object_uri(root)
