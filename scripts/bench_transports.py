@@ -7,10 +7,16 @@ servers run the tiny Qwen2-VL with the same vLLM arguments. Transports:
 - stock, file://: ``content_parts`` with every image's URL each turn (stock reads and decodes every time).
 - stock, uuid-only: earlier images as ``uuid`` alone (stock trusts the client's uuid).
 - ours, content_parts: ``mmoffload generate``'s protocol (uuid alone for images this server verified).
-- ours, mmraw: every image as an ``mmraw:`` ref.
+- ours, mmraw: every image as a compact ``mmraw:`` ref.
 
 Rounds are interleaved (each round on fresh images, so every round starts cold) and
 requests per second are compared within the run, for 1 and 4 concurrent clients.
+While one server is measured the other is stopped (SIGSTOP on its processes): on a
+small machine an idle vLLM engine still spins and would take the measured one's CPU.
+The report also gives each turn's p95 latency (4 clients), each server's resident
+memory (all its processes) after the workload, and a wrong-uuid probe: a fresh image's
+URL under another image's uuid (stock accepts it, and then serves those pixels for that
+uuid; ours refuses it).
 
 Usage: python scripts/bench_transports.py [--rounds 2] [--size 640x360]
 (needs vLLM; on a machine without torchvision it puts tests/vllm_shims on the servers' PYTHONPATH).
@@ -19,15 +25,21 @@ Usage: python scripts/bench_transports.py [--rounds 2] [--size 640x360]
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import itertools
 import json
+import signal
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "src"), str(REPO / "cli"), str(REPO)]
@@ -40,10 +52,15 @@ from tests.builders import (  # noqa: E402
     image_bytes,
     store_image,
 )
-from tests.vllm_helpers import running_servers  # noqa: E402
+from tests.vllm_helpers import Server, running_servers  # noqa: E402
 
 from mmoffload.families import Families  # noqa: E402
-from mmoffload.inference.client import InferenceClient, build_parts_request, parse_completion  # noqa: E402
+from mmoffload.inference.client import (  # noqa: E402
+    InferenceClient,
+    InferenceServerError,
+    build_parts_request,
+    parse_completion,
+)
 
 TURNS = 8
 SAMPLING = {"max_tokens": 4, "temperature": 0.0, "logprobs": 0}
@@ -74,27 +91,60 @@ def episode(family: Any, assets: Path, size: tuple[int, int]) -> list[tuple[list
     return prompts
 
 
-def play(transport: str, url: str, prompts: list[tuple[list[int], dict[str, Any]]]) -> None:
-    """Run one episode's turns in order through one transport."""
-    client = InferenceClient(url, retries=0)
+def play(transport: str, url: str, prompts: list[tuple[list[int], dict[str, Any]]]) -> list[float]:
+    """Run one episode's turns in order through one transport; return each turn's latency (s)."""
+    latencies = []
     held: set[str] = set()
-    for tokens, sidecar in prompts:
-        if transport == "ours, content_parts":
-            client.generate_parts(tokens, [sidecar], SAMPLING)
-        elif transport == "ours, mmraw":
-            client.generate(tokens, [sidecar], SAMPLING)
-        else:
-            request = build_parts_request(
-                tokens, [sidecar], SAMPLING, held if transport == "stock, uuid-only" else ()
-            )
+    with InferenceClient(url, retries=0) as client:
+        for tokens, sidecar in prompts:
+            started = time.perf_counter()
+            if transport == "ours, content_parts":
+                client.generate_parts(tokens, [sidecar], SAMPLING)
+            elif transport == "ours, mmraw":
+                client.generate(tokens, [sidecar], SAMPLING)
+            else:
+                request = build_parts_request(
+                    tokens, [sidecar], SAMPLING, held if transport == "stock, uuid-only" else ()
+                )
+                parse_completion(client.post(request.body))
+                held.update(request.hashes)
+            latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def processes(server: Server) -> list[psutil.Process]:
+    """The server's processes: the API server, the engine core and its workers."""
+    root = psutil.Process(server.process.pid)
+    return [root, *root.children(recursive=True)]
+
+
+@contextlib.contextmanager
+def paused(server: Server) -> Iterator[None]:
+    """Stop every process of ``server`` for the block (an idle engine spins on the CPU)."""
+    stopped = processes(server)
+    for process in stopped:
+        process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for process in stopped:
+            process.send_signal(signal.SIGCONT)
+
+
+def accepts_a_wrong_uuid(url: str, family: Any, assets: Path, size: tuple[int, int]) -> bool:
+    """Send a fresh image B's URL under another fresh image A's uuid: True when the server answers 200.
+
+    Stock vLLM then holds B's pixels under A's uuid and serves them to every later request naming A.
+    """
+    (tokens, first), (_, second) = episode(family, assets, size)[:2]
+    request = build_parts_request(tokens, [first], SAMPLING)
+    request.body["content_parts"][0]["url"] = second["mm_items"]["image"][1]["raw_image_uri"]
+    with InferenceClient(url, retries=0) as client:
+        try:
             parse_completion(client.post(request.body))
-            held.update(request.hashes)
-
-
-def measure(run: Callable[[], None], requests: int) -> float:
-    started = time.perf_counter()
-    run()
-    return requests / (time.perf_counter() - started)
+        except InferenceServerError:
+            return False
+        return True
 
 
 def main() -> None:
@@ -114,19 +164,40 @@ def main() -> None:
     ]
     with running_servers(specs) as (ours, stock):
         family = Families(ours.model_dir).get("qwen_vl")
-        urls = {"stock, file://": stock.url, "stock, uuid-only": stock.url}
-        urls |= {"ours, content_parts": ours.url, "ours, mmraw": ours.url}
+        servers = {"stock, file://": stock, "stock, uuid-only": stock}
+        servers |= {"ours, content_parts": ours, "ours, mmraw": ours}
         play("ours, mmraw", ours.url, episode(family, assets, size))  # warm-up, both engines
         play("stock, file://", stock.url, episode(family, assets, size))
         rates: dict[tuple[str, int], list[float]] = {}
-        for _, clients, transport in itertools.product(range(args.rounds), (1, 4), urls):
+        turns: dict[str, list[list[float]]] = {transport: [[] for _ in range(TURNS)] for transport in servers}
+        for _, clients, transport in itertools.product(range(args.rounds), (1, 4), servers):
+            server = servers[transport]
             episodes = [episode(family, assets, size) for _ in range(clients)]
+            with paused(stock if server is ours else ours), ThreadPoolExecutor(clients) as pool:
+                started = time.perf_counter()
+                played = list(pool.map(functools.partial(play, transport, server.url), episodes))
+                rates.setdefault((transport, clients), []).append(
+                    clients * TURNS / (time.perf_counter() - started)
+                )
+            if clients == 4:
+                for latencies in played:
+                    for turn, latency in enumerate(latencies):
+                        turns[transport][turn].append(latency)
+        named = {"ours": ours, "stock": stock}
+        rss = {name: sum(p.memory_info().rss for p in processes(server)) for name, server in named.items()}
+        wrong = {
+            name: accepts_a_wrong_uuid(server.url, family, assets, size) for name, server in named.items()
+        }
+    report(rates, turns, rss, wrong)
 
-            def run(episodes: list[Any] = episodes, transport: str = transport) -> None:
-                with ThreadPoolExecutor(len(episodes)) as pool:
-                    list(pool.map(lambda prompts: play(transport, urls[transport], prompts), episodes))
 
-            rates.setdefault((transport, clients), []).append(measure(run, clients * TURNS))
+def report(
+    rates: dict[tuple[str, int], list[float]],
+    turns: dict[str, list[list[float]]],
+    rss: dict[str, int],
+    wrong: dict[str, bool],
+) -> None:
+    """Print the best rate of each transport, the ratios, p95 per turn, memory and the wrong-uuid probe."""
     best = {key: max(values) for key, values in rates.items()}
     for (transport, clients), rate in sorted(best.items(), key=lambda item: (item[0][1], item[0][0])):
         print(f"{clients} client(s)  {transport:22s} {rate:6.2f} requests/s")
@@ -138,6 +209,17 @@ def main() -> None:
             f"{ours_rate / best[('stock, file://', clients)]:.2f}x, / ours mmraw "
             f"{ours_rate / best[('ours, mmraw', clients)]:.2f}x"
         )
+    print("p95 latency per turn, 4 clients (ms):")
+    for transport, per_turn in turns.items():
+        p95 = [1000 * statistics.quantiles(values, n=20)[-1] for values in per_turn]
+        print(f"  {transport:22s} " + " ".join(f"{value:6.0f}" for value in p95))
+    print(
+        f"resident memory after the workload: ours {rss['ours'] / 2**20:.0f} MiB, stock {rss['stock'] / 2**20:.0f} MiB"
+    )
+    print(
+        "images accepted under a uuid their bytes do not hash to: "
+        f"ours {int(wrong['ours'])}, stock {int(wrong['stock'])}"
+    )
 
 
 if __name__ == "__main__":
