@@ -40,6 +40,7 @@ from tests.builders import (
     write_run,
 )
 from tests.test_packaging import run_without_extras
+from tests.test_progress import forced_terminal, shown
 
 torch = pytest.importorskip("torch")
 
@@ -215,6 +216,17 @@ def test_clean_run_gives_every_sample_a_tiny_kl(fixture: Fixture, tmp_path: Path
     assert report["tokens"] == 6 * COMPLETION
     assert report["kl_max"] < 1e-9
     assert [s["status"] for s in report["per_sample"]] == ["ok"] * 6
+
+
+def test_the_bar_on_a_terminal_counts_up_to_the_micro_batches_checked(
+    fixture: Fixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run, _ = make_run(fixture, tmp_path / "run")
+    screen = forced_terminal(monkeypatch)
+
+    run_parity(run, fixture)
+
+    assert "2/2 micro batches, " in shown(screen), shown(screen)
 
 
 def test_packed_samples_must_not_see_each_other(fixture: Fixture, tmp_path: Path) -> None:

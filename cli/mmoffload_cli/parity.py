@@ -93,11 +93,15 @@ def parity(
     with sink.errors_to_exit(as_json, "nothing was written"):
         chosen = parse_steps(steps)
 
-        def announce(checked: int, total: int) -> None:
-            if not quiet:
-                sink.stderr.print(f"parity: checking {checked:,} of {total:,} micro batches", markup=False)
-
         with sink.counting_bar("parity", None, enabled=not quiet) as advance:
+
+            def announce(checked: int, total: int) -> None:
+                advance.add_total(checked)  # the bar's total: what is checked, known once the run is read
+                if not quiet:
+                    sink.stderr.print(
+                        f"parity: checking {checked:,} of {total:,} micro batches", markup=False
+                    )
+
             report = parity_run(
                 run,
                 model=model,
