@@ -9,7 +9,7 @@ servers run the tiny Qwen2-VL with the same vLLM arguments. Transports:
 - ours, content_parts: ``mmoffload generate``'s protocol (uuid alone for images this server verified).
 - ours, mmraw: every image as a compact ``mmraw:`` ref.
 
-Rounds are interleaved (each round on fresh images, so every round starts cold) and
+Rounds are interleaved (each measurement on images no earlier one sent, so every one starts cold) and
 requests per second are compared within the run, for 1 and 4 concurrent clients.
 While one server is measured the other is stopped (SIGSTOP on its processes): on a
 small machine an idle vLLM engine still spins and would take the measured one's CPU.
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import io
 import itertools
 import json
 import signal
@@ -39,7 +40,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "src"), str(REPO / "cli"), str(REPO)]
@@ -49,7 +52,6 @@ from tests.builders import (  # noqa: E402
     QWEN_VISION_END,
     QWEN_VISION_START,
     descriptor,
-    image_bytes,
     store_image,
 )
 from tests.vllm_helpers import Server, running_servers  # noqa: E402
@@ -68,11 +70,29 @@ VLLM_ARGS = ["--limit-mm-per-prompt", json.dumps({"image": TURNS, "video": 0})]
 _seeds = itertools.count(1000)
 
 
+def screenshot(size: tuple[int, int], seed: int) -> bytes:
+    """Return a PNG unlike every other seed's: a flat page with random blocks (tests' images repeat every
+    256 seeds, which would let a later transport hit the caches an earlier one filled)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    pixels = np.empty((height, width, 3), np.uint8)
+    pixels[...] = rng.integers(0, 256, 3, dtype=np.uint8)
+    for _ in range(12):  # panels and text lines
+        top, left = int(rng.integers(0, height - 8)), int(rng.integers(0, width - 8))
+        pixels[top : top + int(rng.integers(4, 60)), left : left + int(rng.integers(8, 240))] = rng.integers(
+            0, 256, 3
+        )
+    pixels[:32, :32] = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)  # a noisy icon
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
 def episode(family: Any, assets: Path, size: tuple[int, int]) -> list[tuple[list[int], dict[str, Any]]]:
     """Return the 8 prompts of one episode on fresh images: (expanded ids, sidecar) per turn."""
     grid = family.layout(*size)
     length = family.placeholder_length(grid)
-    stored = [store_image(assets, image_bytes(*size, seed=next(_seeds))) for _ in range(TURNS)]
+    stored = [store_image(assets, screenshot(size, next(_seeds))) for _ in range(TURNS)]
     prompts = []
     for turn in range(1, TURNS + 1):
         tokens, items, hashes, spans = [72, 105], [], [], []
