@@ -151,6 +151,21 @@ def paused(server: Server) -> Iterator[None]:
             process.send_signal(signal.SIGCONT)
 
 
+def measure(
+    transport: str, server: Server, other: Server, warm: dict[str, Any], episodes: list[Any]
+) -> tuple[float, list[list[float]]]:
+    """Play ``episodes`` at once through ``transport`` with ``other`` stopped; return requests/s and latencies.
+
+    A warm request (one image already sent) goes first, off the clock: a resumed server's first answer
+    is slower.
+    """
+    with paused(other), ThreadPoolExecutor(len(episodes)) as pool:
+        play("stock, file://", server.url, warm[server.url])
+        started = time.perf_counter()
+        played = list(pool.map(functools.partial(play, transport, server.url), episodes))
+        return len(episodes) * TURNS / (time.perf_counter() - started), played
+
+
 def accepts_a_wrong_uuid(url: str, family: Any, assets: Path, size: tuple[int, int]) -> bool:
     """Send a fresh image B's URL under another fresh image A's uuid: True when the server answers 200.
 
@@ -186,26 +201,28 @@ def main() -> None:
         family = Families(ours.model_dir).get("qwen_vl")
         servers = {"stock, file://": stock, "stock, uuid-only": stock}
         servers |= {"ours, content_parts": ours, "ours, mmraw": ours}
-        # Warm-up, both engines; its first turn runs again after each resume, before the clock starts.
-        warm = {ours.url: episode(family, assets, size)[:1], stock.url: episode(family, assets, size)[:1]}
-        for url, prompts in warm.items():
-            play("stock, file://", url, prompts)
+        warm = {server.url: episode(family, assets, size)[:1] for server in (ours, stock)}
+        other = {ours.url: stock, stock.url: ours}
+        # Warm-up: every transport with 4 clients (the engine pays once for each new batch shape).
+        for transport, server in servers.items():
+            measure(
+                transport, server, other[server.url], warm, [episode(family, assets, size) for _ in range(4)]
+            )
         rates: dict[tuple[str, int], list[float]] = {}
         turns: dict[str, list[list[float]]] = {transport: [[] for _ in range(TURNS)] for transport in servers}
-        for _, clients, transport in itertools.product(range(args.rounds), (1, 4), servers):
-            server = servers[transport]
-            episodes = [episode(family, assets, size) for _ in range(clients)]
-            with paused(stock if server is ours else ours), ThreadPoolExecutor(clients) as pool:
-                play("stock, file://", server.url, warm[server.url])
-                started = time.perf_counter()
-                played = list(pool.map(functools.partial(play, transport, server.url), episodes))
-                rates.setdefault((transport, clients), []).append(
-                    clients * TURNS / (time.perf_counter() - started)
-                )
-            if clients == 4:
-                for latencies in played:
-                    for turn, latency in enumerate(latencies):
-                        turns[transport][turn].append(latency)
+        order = list(servers)
+        for round_ in range(args.rounds):
+            # Each round starts with another transport: none always runs first after its server resumes.
+            rotated = order[round_ % len(order) :] + order[: round_ % len(order)]
+            for clients, transport in itertools.product((1, 4), rotated):
+                server = servers[transport]
+                episodes = [episode(family, assets, size) for _ in range(clients)]
+                rate, played = measure(transport, server, other[server.url], warm, episodes)
+                rates.setdefault((transport, clients), []).append(rate)
+                if clients == 4:
+                    for latencies in played:
+                        for turn, latency in enumerate(latencies):
+                            turns[transport][turn].append(latency)
         named = {"ours": ours, "stock": stock}
         rss = {name: sum(p.memory_info().rss for p in processes(server)) for name, server in named.items()}
         wrong = {

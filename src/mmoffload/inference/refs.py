@@ -39,10 +39,9 @@ MODALITY = "image"
 
 
 # The fields every ref carries (section 1); any other key (fingerprint, run_id...) is carried through.
+# A full ref (the spec's, for other readers) also writes `family`, `modality` and `mm_hash`; a compact
+# one leaves them to the server: its model's family, the key of `features`, the outer `mm_hashes` entry.
 REF_FIELDS = ("payload", "raw_image_uri")
-# The fields a compact ref leaves out: the server knows them (its model's family, the modality key
-# of `features`, the outer `mm_hashes` entry). A full ref (the spec's, for other readers) writes them.
-DERIVED_REF_FIELDS = ("family", "modality", "mm_hash")
 
 
 FEATURE_KEYS = ("mm_hashes", "mm_placeholders", "kwargs_data")
