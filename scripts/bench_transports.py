@@ -13,7 +13,8 @@ Rounds are interleaved (each measurement on images no earlier one sent, so every
 requests per second are compared within the run, for 1 and 4 concurrent clients.
 While one server is measured the other is stopped (SIGSTOP on its processes): on a
 small machine an idle vLLM engine still spins and would take the measured one's CPU.
-The report also gives each turn's p95 latency (4 clients), each server's resident
+The report also gives the API process's CPU per request (the engine's work is the same for
+both servers), each turn's p95 latency (4 clients), each server's resident
 memory (all its processes) after the workload, and a wrong-uuid probe: a fresh image's
 URL under another image's uuid (stock accepts it, and then serves those pixels for that
 uuid; ours refuses it).
@@ -151,19 +152,28 @@ def paused(server: Server) -> Iterator[None]:
             process.send_signal(signal.SIGCONT)
 
 
+def api_cpu_seconds(server: Server) -> float:
+    """CPU seconds used so far by the server's API process (HTTP, checks, images; not the engine's)."""
+    times = psutil.Process(server.process.pid).cpu_times()
+    return times.user + times.system
+
+
 def measure(
     transport: str, server: Server, other: Server, warm: dict[str, Any], episodes: list[Any]
-) -> tuple[float, list[list[float]]]:
-    """Play ``episodes`` at once through ``transport`` with ``other`` stopped; return requests/s and latencies.
+) -> tuple[float, list[list[float]], float]:
+    """Play ``episodes`` at once through ``transport`` with ``other`` stopped.
 
-    A warm request (one image already sent) goes first, off the clock: a resumed server's first answer
-    is slower.
+    A warm request (one image already sent) goes first, off the clock: a resumed server's first
+    answer is slower. Returns requests/s, each episode's latencies, and the API process's CPU
+    milliseconds per request (steadier than rates on a shared machine).
     """
     with paused(other), ThreadPoolExecutor(len(episodes)) as pool:
         play("stock, file://", server.url, warm[server.url])
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), api_cpu_seconds(server)
         played = list(pool.map(functools.partial(play, transport, server.url), episodes))
-        return len(episodes) * TURNS / (time.perf_counter() - started), played
+        requests = len(episodes) * TURNS
+        cpu_ms = 1000 * (api_cpu_seconds(server) - cpu) / requests
+        return requests / (time.perf_counter() - started), played, cpu_ms
 
 
 def accepts_a_wrong_uuid(url: str, family: Any, assets: Path, size: tuple[int, int]) -> bool:
@@ -209,6 +219,7 @@ def main() -> None:
                 transport, server, other[server.url], warm, [episode(family, assets, size) for _ in range(4)]
             )
         rates: dict[tuple[str, int], list[float]] = {}
+        api_cpu: dict[str, list[float]] = {}
         turns: dict[str, list[list[float]]] = {transport: [[] for _ in range(TURNS)] for transport in servers}
         order = list(servers)
         for round_ in range(args.rounds):
@@ -217,8 +228,9 @@ def main() -> None:
             for clients, transport in itertools.product((1, 4), rotated):
                 server = servers[transport]
                 episodes = [episode(family, assets, size) for _ in range(clients)]
-                rate, played = measure(transport, server, other[server.url], warm, episodes)
+                rate, played, cpu_ms = measure(transport, server, other[server.url], warm, episodes)
                 rates.setdefault((transport, clients), []).append(rate)
+                api_cpu.setdefault(transport, []).append(cpu_ms)
                 if clients == 4:
                     for latencies in played:
                         for turn, latency in enumerate(latencies):
@@ -228,16 +240,17 @@ def main() -> None:
         wrong = {
             name: accepts_a_wrong_uuid(server.url, family, assets, size) for name, server in named.items()
         }
-    report(rates, turns, rss, wrong)
+    report(rates, api_cpu, turns, rss, wrong)
 
 
 def report(
     rates: dict[tuple[str, int], list[float]],
+    api_cpu: dict[str, list[float]],
     turns: dict[str, list[list[float]]],
     rss: dict[str, int],
     wrong: dict[str, bool],
 ) -> None:
-    """Print the best rate of each transport, the ratios, p95 per turn, memory and the wrong-uuid probe."""
+    """Print the best rate of each transport, the ratios, API CPU, p95 per turn, memory, the wrong-uuid probe."""
     best = {key: max(values) for key, values in rates.items()}
     for (transport, clients), rate in sorted(best.items(), key=lambda item: (item[0][1], item[0][0])):
         print(f"{clients} client(s)  {transport:22s} {rate:6.2f} requests/s")
@@ -249,6 +262,9 @@ def report(
             f"{ours_rate / best[('stock, file://', clients)]:.2f}x, / ours mmraw "
             f"{ours_rate / best[('ours, mmraw', clients)]:.2f}x"
         )
+    print("API process CPU per request, median of the measurements (ms):")
+    for transport, values in api_cpu.items():
+        print(f"  {transport:22s} {statistics.median(values):6.1f}")
     print("p95 latency per turn, 4 clients (ms):")
     for transport, per_turn in turns.items():
         p95 = [1000 * statistics.quantiles(values, n=20)[-1] for values in per_turn]
