@@ -53,6 +53,7 @@ from tests.builders import (  # noqa: E402
     QWEN_VISION_END,
     QWEN_VISION_START,
     descriptor,
+    sidecar,
     store_image,
 )
 from tests.vllm_helpers import Server, running_servers  # noqa: E402
@@ -96,19 +97,12 @@ def episode(family: Any, assets: Path, size: tuple[int, int]) -> list[tuple[list
     stored = [store_image(assets, screenshot(size, next(_seeds))) for _ in range(TURNS)]
     prompts = []
     for turn in range(1, TURNS + 1):
-        tokens, items, hashes, spans = [72, 105], [], [], []
+        tokens, images = [72, 105], []
         for image in stored[:turn]:
             tokens.append(QWEN_VISION_START)
-            items.append(descriptor(image.uri, list(grid)))
-            hashes.append(image.hash)
-            spans.append({"offset": len(tokens), "length": length})
+            images.append((descriptor(image.uri, list(grid)), image.hash, len(tokens), length))
             tokens += [QWEN_IMAGE_PAD] * length + [QWEN_VISION_END, 32]
-        sidecar = {
-            "mm_items": {"image": items},
-            "mm_hashes": {"image": hashes},
-            "mm_placeholders": {"image": spans},
-        }
-        prompts.append((tokens, sidecar))
+        prompts.append((tokens, sidecar(images)))
     return prompts
 
 

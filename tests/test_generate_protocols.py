@@ -28,6 +28,7 @@ from tests.builders import (
     QWEN_VISION_START,
     descriptor,
     image_bytes,
+    sidecar,
     store_image,
 )
 
@@ -39,22 +40,15 @@ def trace_prompt(
 ) -> tuple[list[int], dict[str, Any]]:
     """Return an expanded Qwen prompt with one stored image per seed, and its sidecar."""
     family = family or Families().get("qwen_vl")
-    tokens, items, hashes, spans = [1, 2], [], [], []
+    tokens, images = [1, 2], []
     for seed in seeds:
         stored = store_image(assets, image_bytes(seed=seed))
         grid = family.layout(64, 48)
         length = family.placeholder_length(grid)
         tokens.append(QWEN_VISION_START)
-        items.append(descriptor(stored.uri, list(grid)))
-        hashes.append(stored.hash)
-        spans.append({"offset": len(tokens), "length": length})
+        images.append((descriptor(stored.uri, list(grid)), stored.hash, len(tokens), length))
         tokens += [QWEN_IMAGE_PAD] * length + [QWEN_VISION_END, 3]
-    sidecar = {
-        "mm_items": {"image": items},
-        "mm_hashes": {"image": hashes},
-        "mm_placeholders": {"image": spans},
-    }
-    return tokens, sidecar
+    return tokens, sidecar(images)
 
 
 def expanding(body: dict[str, Any], sidecar: dict[str, Any], tokens: list[int]) -> dict[str, Any]:
