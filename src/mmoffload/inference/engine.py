@@ -97,12 +97,16 @@ class RawRefEngineInputs:
         self.grids = GridIndex()
         # vLLM's sender cache (what the engine process holds, by hash), set by the server; None: no IPC cache.
         self.sender_cache: Any = None
+        # The pixels' name and dtype in vLLM's own engine items (set by ``prepare``; None: as cached).
+        self.pixel_dtype: tuple[str, torch.dtype] | None = None
         self.stats = EngineStats()
 
     def prepare(self) -> None:
-        """Load the model family's processor now rather than on the first request."""
+        """Load the model family's processor and learn vLLM's pixel dtype now, not on the first request."""
         if self.families.model_family is not None:
-            self.families.get(self.families.model_family).prepare_pixels()
+            family = self.families.get(self.families.model_family)
+            family.prepare_pixels()
+            self.pixel_dtype = family.pixel_kwarg, vllm_pixel_dtype(self.mm_processor, family.pixel_kwarg)
 
     def items(self, features: object, token_ids: Sequence[int]) -> list[MultiModalKwargsItem | Deferred]:
         """Run every check of section 3 and return one engine item per image, in order.
@@ -189,17 +193,34 @@ class RawRefEngineInputs:
         return arrays
 
     def _to_item(self, arrays: EngineArrays) -> MultiModalKwargsItem:
-        hf_inputs = BatchFeature({name: _engine_tensor(array) for name, array in arrays.items()})
+        hf_inputs = BatchFeature({name: self._engine_tensor(name, array) for name, array in arrays.items()})
         config = self.mm_processor._get_mm_fields_config(hf_inputs, {})
         return MultiModalKwargsItems.from_hf_inputs(hf_inputs, config)[MODALITY][0]
 
+    def _engine_tensor(self, name: str, array: np.ndarray) -> torch.Tensor:
+        """Return a cached array as the engine's tensor: pixels in vLLM's own dtype, the rest as they are.
 
-def _engine_tensor(array: np.ndarray) -> torch.Tensor:
-    """Return a cached array as the engine's tensor: float32 pixels, other arrays as they are, no copy.
+        The cache keeps unnormalized pixels as uint8 (a quarter of float32's bytes); the engine gets
+        them as vLLM's own processing would give them (``vllm_pixel_dtype``).
+        """
+        tensor = torch.from_numpy(array)
+        if self.pixel_dtype is None or name != self.pixel_dtype[0]:
+            return tensor
+        return tensor.to(self.pixel_dtype[1])
 
-    The cache keeps unnormalized pixels as uint8 (a quarter of the bytes); the engine gets float32,
-    because vLLM concatenates a batch's pixels into the first item's dtype: a uint8 item batched
-    with its own processor's float32 pixels (from its other routes) fails and kills the engine.
+
+def vllm_pixel_dtype(mm_processor: Any, pixel_kwarg: str) -> torch.dtype:
+    """Return the dtype of the pixels vLLM's own processing gives the engine, from one blank image.
+
+    vLLM casts a processor's floating output to the model's dtype (bfloat16 pixels for a bfloat16
+    model: half of float32's bytes to send and to hold in the engine's cache) and keeps integer
+    output (uint8 when the engine normalizes on the device and the processor leaves raw levels).
+    Engine items must match it: vLLM concatenates a batch's pixels into the first item's dtype, so
+    a float item after a uint8 one fails the batch and kills the engine. 0-255 levels are exact in
+    every float dtype, so the cast changes no value the engine sees.
     """
-    tensor = torch.from_numpy(array)
-    return tensor.float() if tensor.dtype == torch.uint8 else tensor
+    info = mm_processor.info
+    hf_processor = info.get_hf_processor()
+    image_processor = getattr(hf_processor, "image_processor", hf_processor)
+    out = info.ctx.call_hf_processor(image_processor, {"images": [Image.new("RGB", (224, 224))]})
+    return out[pixel_kwarg].dtype
