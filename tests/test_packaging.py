@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,28 @@ def test_a_quiet_offload_imports_nothing_it_does_not_use(tmp_path: Path) -> None
 
     assert (result.returncode, result.stdout.strip(), result.stderr) == (0, "[]", "")
     assert (tmp_path / "out.jsonl").read_text() == '{"messages": []}\n'
+
+
+def test_token_text_from_a_full_tokenizer_without_its_extra_says_which_extra_to_install(
+    tmp_path: Path,
+) -> None:
+    assert run_without_extras("demo", "--run-dir", str(tmp_path / "demo"), "-q").returncode == 0
+    model = tmp_path / "model"
+    shutil.copytree(REPO / "fixtures" / "models" / "qwen3_vl", model)
+    (model / "tokenizer.json").write_text("{}")
+
+    result = run_without_extras(
+        "inspect",
+        str(tmp_path / "demo" / "qwen_vl"),
+        "--html",
+        str(tmp_path / "p.html"),
+        "--model",
+        str(model),
+    )
+
+    assert result.returncode == 2
+    assert (
+        "needs `tokenizers`, from the `materialize` extra: pip install 'mmoffload[materialize]'"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mmoffload.contract.addresses import content_hash
 from mmoffload.contract.descriptors import HASH_PATTERN
@@ -46,9 +46,6 @@ from mmoffload.inference.refs import (
     check_image_count,
 )
 from mmoffload.limits import max_image_bytes
-
-if TYPE_CHECKING:
-    pass
 
 CACHE_MISS_TYPE = "mm_cache_miss"
 IMAGE_PART = "image_url"

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from mmoffload.contract.spans import IMAGE_TYPE, VIDEO_TYPE, run_edges, type_ids_from_spans
 from mmoffload.contract.wire import MicroBatch, MMImageRef
 from mmoffload.errors import BadInputError
+from mmoffload.extras import require
 from mmoffload.families import DEFAULT_TOKEN_NAMES, Families
 from mmoffload.families.base import read_added_tokens
 from mmoffload.views.page_parts import COLLAPSE_FROM, ImageFile, facts, thumbnail_html
@@ -40,9 +41,9 @@ class TokenText:
         names.update({token_id: name for name, token_id in read_added_tokens(model_dir).items()})
         if not (model_dir / "tokenizer.json").is_file():
             return cls(names)
-        from tokenizers import Tokenizer  # Only a model directory with a full tokenizer needs it.
-
-        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        # Only a model directory with a full tokenizer needs it: the light core says which extra does.
+        tokenizers = require("tokenizers", "Showing a model's token text")
+        tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         return cls(names, lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False))
 
     @property
