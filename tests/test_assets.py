@@ -16,7 +16,7 @@ from mmoffload.contract.addresses import (
     uri_to_path,
 )
 from mmoffload.errors import BadInputError, IntegrityError
-from mmoffload.store.local import AssetStore, resolve_assets_dir
+from mmoffload.store.local import AssetStore, default_allowed_roots, resolve_assets_dir
 from mmoffload.store.read import read_verified
 from tests.builders import image_bytes
 
@@ -116,3 +116,24 @@ def test_the_asset_directory_is_explicit_then_environment_then_run(
     monkeypatch.setenv("VF_RENDERER_IMAGE_OFFLOAD_DIR", str(tmp_path / "env"))
     assert resolve_assets_dir(None, run) == tmp_path / "env"
     assert resolve_assets_dir(tmp_path / "x", run) == tmp_path / "x"
+
+
+@pytest.mark.parametrize(
+    ("environment", "root"),
+    [
+        ("s3://bucket/prefix", "s3://bucket/prefix"),
+        ("/data/assets", Path("/data/assets")),
+        ("file:///data/assets", Path("/data/assets")),
+    ],
+)
+def test_the_default_allowed_roots_are_the_environments_store_then_the_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, environment: str, root: Path | str
+) -> None:
+    run = tmp_path / "run"
+    (run / "assets" / "images").mkdir(parents=True)
+    assert default_allowed_roots(None) is None
+    assert default_allowed_roots(run) == [run / "assets" / "images"]
+
+    monkeypatch.setenv("VF_RENDERER_IMAGE_OFFLOAD_DIR", environment)
+
+    assert default_allowed_roots(run) == [root, run / "assets" / "images"]

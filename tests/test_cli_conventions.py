@@ -17,6 +17,7 @@ from mmoffload_cli import app as app_module
 from mmoffload_cli import verbosity
 from mmoffload_cli.app import app
 from tests.test_audit_cli import broken_run
+from tests.test_guarantees import CONTROLS, IN_NAMES, payload
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = list(app_module.COMMANDS)
@@ -134,3 +135,30 @@ def test_serve_refuses_to_start_without_a_root_to_read_images_from(
 
     assert result.exit_code == 2
     assert "--allow-root DIR" in result.stderr and "never reads just any file" in result.stderr
+
+
+# Each kind of usage error, with the user's text in it (file names hold no NUL: none here).
+USAGE_ERRORS = {
+    "unknown option": ["audit", f"--bad{payload(IN_NAMES)}"],
+    "unknown command": [f"audi{payload(IN_NAMES)}"],
+    "extra argument": ["demo", f"extra{payload(IN_NAMES)}"],
+    "bad value": ["inline", "in.jsonl", "--format", f"jsonl{payload(IN_NAMES)}"],
+    "bad value from our parser": ["offload", "in.jsonl", "-o", f"/dev/null/{payload(IN_NAMES)}/"],
+}
+
+
+@pytest.mark.parametrize("error", USAGE_ERRORS)
+def test_a_usage_error_prints_the_users_text_escaped(error: str) -> None:
+    result = runner.invoke(app, USAGE_ERRORS[error])
+
+    assert result.exit_code == 2, result.output
+    for family in IN_NAMES:
+        raw, escaped = CONTROLS[family]
+        assert raw not in result.stderr and escaped in result.stderr, (family, result.stderr)
+
+
+def test_a_usage_error_quotes_the_users_text_short() -> None:
+    result = runner.invoke(app, ["audit", "--" + "x" * 100_000])
+
+    assert result.exit_code == 2
+    assert "No such option" in result.stderr and len(result.stderr) < 3_000

@@ -599,6 +599,34 @@ def test_an_explicit_allow_root_admits_files_there(tmp_path: Path) -> None:
     assert allowed.exit_code == 0, allowed.stderr
 
 
+@pytest.mark.parametrize("command", ["refs", "audit", "materialize", "inline"])
+def test_an_object_store_allow_root_is_named_whole_when_a_file_is_refused(
+    tmp_path: Path, command: str
+) -> None:
+    paths = make_run(tmp_path)
+    args: dict[str, list[str | Path]] = {
+        "refs": ["refs", paths["offloaded"], "--run-dir", tmp_path / "again", "--model", QWEN_MODEL],
+        "audit": ["audit", paths["run"], "--json"],
+        "materialize": ["materialize", paths["run"], "--model", QWEN_MODEL, "--missing-image-policy=error"],
+        "inline": ["inline", paths["offloaded"], "-o", tmp_path / "inline.jsonl"],
+    }
+
+    result = runner.invoke(app, [str(arg) for arg in args[command]] + ["--allow-root", "s3://bucket/prefix"])
+
+    assert result.exit_code == (1 if command == "audit" else 2), result.output
+    assert "outside the allowed roots (`s3://bucket/prefix`)" in result.stdout + result.stderr
+
+
+def test_directory_roots_still_admit_files_beside_an_object_store_root(tmp_path: Path) -> None:
+    paths = make_run(tmp_path)
+    roots = ["--allow-root", "s3://bucket/prefix", "--allow-root", str(paths["assets"])]
+
+    result = runner.invoke(app, ["audit", str(paths["run"]), "--verify-hashes", "--json", *roots])
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["violations"] == []
+
+
 def test_an_image_over_the_byte_limit_is_not_read(tmp_path: Path) -> None:
     paths = make_run(tmp_path)
     result = runner.invoke(

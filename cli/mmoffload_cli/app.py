@@ -45,8 +45,11 @@ def build(commands: Iterable[str] = COMMANDS) -> typer.Typer:
     """Return the app with ``commands`` registered (all of them by default)."""
     import typer
 
+    from mmoffload_cli.sink import EscapingGroup
+
     app = typer.Typer(
         name="mmoffload",
+        cls=EscapingGroup,
         help="Raw image offload for multimodal RL: store each image once, pass file:// refs, "
         "let the trainer make its own pixels.",
         no_args_is_help=True,

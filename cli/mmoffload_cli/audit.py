@@ -106,7 +106,7 @@ def audit(
         raise typer.Exit(sink.EXIT_PROBLEMS)
 
 
-def default_roots(inputs: list[Path]) -> list[Path] | None:
+def default_roots(inputs: list[Path]) -> list[Path | str] | None:
     """Return the asset directories of the runs among ``inputs`` (see ``default_allowed_roots``).
 
     A directory of runs (the demo's output) contributes each run's asset directory.

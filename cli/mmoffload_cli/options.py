@@ -8,8 +8,10 @@ from typing import Annotated
 
 import typer
 
+from mmoffload.errors import BadInputError
 from mmoffload.io.inputs import InputFormat
 from mmoffload.io.remote import is_url
+from mmoffload.store.local import directory_or_prefix
 from mmoffload_cli import verbosity
 
 
@@ -129,13 +131,30 @@ RayAddress = Annotated[
         "--ray-address", metavar="ADDRESS", help="Ray cluster for --ray (host:port, ray://host:port)."
     ),
 ]
+
+
+def allowed_root(value: str) -> Path | str:
+    """Parse an ``--allow-root``: a directory, or an object-store prefix kept as a string.
+
+    Raises:
+        typer.BadParameter: a ``file://`` URL that names no local path.
+    """
+    try:
+        return directory_or_prefix(value)
+    except BadInputError as exc:
+        raise typer.BadParameter(exc.message) from exc
+
+
+# Typed `list[str]`: Typer takes no `list[Path | str]`; the parser makes each value a Path or keeps a URL.
 AllowRoot = Annotated[
-    list[Path] | None,
+    list[str] | None,
     typer.Option(
         "--allow-root",
-        metavar="DIR",
-        help="Directory image refs may point into (repeatable; default: the run's assets/images "
-        "and $VF_RENDERER_IMAGE_OFFLOAD_DIR when they exist, else any regular file).",
+        metavar="DIR|URL",
+        parser=allowed_root,
+        help="Directory or object-store prefix (s3://bucket/prefix) image refs may point into "
+        "(repeatable; default: the run's assets/images and $VF_RENDERER_IMAGE_OFFLOAD_DIR when they "
+        "exist, else any regular file).",
     ),
 ]
 SkipInvalid = Annotated[

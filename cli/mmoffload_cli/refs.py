@@ -119,7 +119,7 @@ def refs(
                     skip_invalid=skip_invalid,
                     rejects_path=rejects,
                     remap=Remap.parse(remap or []),
-                    allowed_roots=_tuple(allow_root or default_allowed_roots(run_dir)),
+                    allowed_roots=allow_root or default_allowed_roots(run_dir),
                     overwrite=overwrite,
                 ),
                 advance,
@@ -134,7 +134,3 @@ def refs(
         if not quiet:
             sink.stderr.print(f"{report.rejected_records:,} record(s) rejected, see {report.rejects_path}")
         raise typer.Exit(sink.EXIT_PROBLEMS)
-
-
-def _tuple(roots: list[Path] | None) -> tuple[Path, ...] | None:
-    return tuple(roots) if roots is not None else None

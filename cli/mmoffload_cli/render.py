@@ -84,7 +84,7 @@ def render(
                 resolve_model_dir(model),
                 RenderOptions(
                     assets=store,
-                    allowed_roots=tuple(allow_root) if allow_root else None,
+                    allowed_roots=allow_root,
                     env_name=env_name,
                     trust_remote_code=trust_remote_code,
                 ),

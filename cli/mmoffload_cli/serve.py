@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from mmoffload.contract.addresses import is_object_uri
 from mmoffload.errors import UsageError
 from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES
 from mmoffload.inference.decode_budget import DEFAULT_DECODE_BYTES
-from mmoffload.store.local import ASSETS_ENV_VAR
+from mmoffload.store.local import ASSETS_ENV_VAR, default_allowed_roots
 from mmoffload_cli import sink
+from mmoffload_cli.options import allowed_root
 
 
 def serve(
@@ -50,6 +49,7 @@ def serve(
         typer.Option(
             "--allow-root",
             metavar="DIR|URL",
+            parser=allowed_root,
             help="Serve only images under this directory or object-store prefix (s3://bucket/prefix; "
             "repeatable; default: $VF_RENDERER_IMAGE_OFFLOAD_DIR; with neither, serve refuses to start).",
         ),
@@ -74,9 +74,7 @@ def serve(
     with sink.errors_to_exit():
         if not (model / "config.json").is_file():
             raise UsageError(f"Expected a model directory with `config.json`, got `{model}`")
-        # An object-store prefix stays a string (a Path would drop a slash of `s3://`).
-        given = allow_root or ([env] if (env := os.environ.get(ASSETS_ENV_VAR)) else [])
-        roots = [root if is_object_uri(root) else Path(root) for root in given]
+        roots = allow_root or default_allowed_roots(None)
         if not roots:
             raise UsageError(
                 "Expected the directories image refs may point into: pass --allow-root DIR (where the "

@@ -18,12 +18,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
+# Typer vendors Click (0.26 on) and exports only BadParameter of its usage errors.
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
+from typer.core import TyperGroup
+
 from mmoffload.errors import MMOffloadError, Where, json_path, shorten
 from mmoffload_cli import verbosity
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
     from rich.table import Table
+    from typer._click import Context
 
 # Exit codes as ruff uses them; a signal exits 128 + its number, as shells report it.
 EXIT_OK, EXIT_PROBLEMS, EXIT_CANNOT_RUN = 0, 1, 2
@@ -153,6 +158,34 @@ def fail(report: ErrorReport, code: int, as_json: bool = False) -> None:
     if as_json:
         sys.stdout.write(json_text(report) + "\n")
     raise typer.Exit(code) from None
+
+
+class EscapingGroup(TyperGroup):
+    """The app's group: a usage error (unknown option, bad value, extra argument) prints the user's
+    text escaped and cut short, as every other error does (Typer escapes some of it, C0/C1 only)."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: Context | None = None, **extra: Any
+    ) -> Context:
+        with _printable_usage_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: Context) -> Any:
+        # Covers the command's own parsing too: it runs inside the group's invoke.
+        with _printable_usage_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _printable_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except NoArgsIsHelpError:  # Its message is the help, ours.
+        raise
+    except UsageError as exc:
+        # User text lives in the message; the parameter hints Click adds around it are ours.
+        exc.message = printable(exc.message)
+        raise
 
 
 def report_table(report: msgspec.Struct, title: str) -> Table:

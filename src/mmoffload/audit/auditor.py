@@ -35,7 +35,7 @@ from mmoffload.errors import BadInputError, PathPart, UsageError, Where, json_pa
 from mmoffload.families import DEFAULT_TOKEN_NAMES, Families
 from mmoffload.io.inputs import decode_json_line, iter_lines, too_deep
 from mmoffload.store.backend import asset_size
-from mmoffload.store.read import check_allowed
+from mmoffload.store.read import AllowedRoots, check_allowed
 from mmoffload.store.remap import Remap
 
 _SHOWN_SOURCE_CHARS = 60
@@ -49,7 +49,7 @@ class Auditor:
         families: Families,
         verify_hashes: bool,
         remap: Remap | None = None,
-        allowed_roots: Sequence[Path] | None = None,
+        allowed_roots: AllowedRoots = None,
     ) -> None:
         self.families = families
         self.report = AuditReport(hashes_verified=verify_hashes)

@@ -36,6 +36,7 @@ from mmoffload.audit.report import AuditReport, judge, parse_expectation, sum_re
 from mmoffload.families import Families
 from mmoffload.io.inputs import iter_lines
 from mmoffload.runners import line_runner
+from mmoffload.store.read import AllowedRoots
 from mmoffload.store.remap import Remap
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def audit(
     expect: Sequence[str] = (),
     remap: Remap | None = None,
     ray: RayOptions | None = None,
-    allowed_roots: Sequence[Path] | None = None,
+    allowed_roots: AllowedRoots = None,
     advance: Callable[[int], None] = lambda _n: None,
     add_total: Callable[[int], None] = lambda _n: None,
 ) -> AuditReport:

@@ -24,7 +24,7 @@ from mmoffload.inference.refs import (
 )
 from mmoffload.limits import max_image_bytes
 from mmoffload.store.images import load_rgb, open_image
-from mmoffload.store.read import check_allowed, check_object_allowed, read_verified
+from mmoffload.store.read import AllowedRoots, check_allowed, check_object_allowed, read_verified
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -50,7 +50,7 @@ def check_request(
     token_ids: Sequence[int],
     families: Families,
     limits: PromptLimits | None = None,
-    roots: Sequence[Path | str] | None = None,
+    roots: AllowedRoots = None,
 ) -> list[ImageRef]:
     """Run every check that reads no image, over the whole request; return its images in order.
 
@@ -72,9 +72,7 @@ def check_request(
     return refs
 
 
-def check_location(
-    ref: ImageRef, roots: Sequence[Path | str] | None = None, *, objects: bool = False
-) -> Path | str:
+def check_location(ref: ImageRef, roots: AllowedRoots = None, *, objects: bool = False) -> Path | str:
     """Run check 3's URI part without reading: a local ``file://`` URI under the allowed roots.
 
     Runs on a cache hit too, so the answer to a ref never depends on what is cached.
@@ -99,7 +97,7 @@ def check_location(
 
 
 def read_image(
-    ref: ImageRef, roots: Sequence[Path | str] | None = None, *, objects: bool = False, verify: bool = True
+    ref: ImageRef, roots: AllowedRoots = None, *, objects: bool = False, verify: bool = True
 ) -> bytes:
     """Run check 3: read the file (or object) a ref names and verify its hash.
 
@@ -132,7 +130,7 @@ def read_image(
         raise InvalidImageRefError(3, message, ref.index) from None
 
 
-def load_image(ref: ImageRef, roots: Sequence[Path | str] | None = None) -> Image.Image:
+def load_image(ref: ImageRef, roots: AllowedRoots = None) -> Image.Image:
     """Run checks 3 and 4: read the file a ref names, verify its hash, decode it to RGB.
 
     Args:
@@ -215,7 +213,7 @@ def check_placeholders(refs: Sequence[ImageRef], token_ids: Sequence[int]) -> No
 def materialize_ref(
     ref: ImageRef,
     make_inputs: Callable[[Family, Image.Image], EngineArrays],
-    roots: Sequence[Path | str] | None = None,
+    roots: AllowedRoots = None,
     budget: DecodeBudget | None = None,
 ) -> EngineArrays:
     """Run checks 3 to 5 and 7 on one image: read, verify, decode, check the grid, make engine inputs.

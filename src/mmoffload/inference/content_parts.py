@@ -22,7 +22,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mmoffload.contract.addresses import content_hash
@@ -46,6 +45,7 @@ from mmoffload.inference.refs import (
     check_image_count,
 )
 from mmoffload.limits import max_image_bytes
+from mmoffload.store.read import AllowedRoots
 
 CACHE_MISS_TYPE = "mm_cache_miss"
 IMAGE_PART = "image_url"
@@ -223,7 +223,7 @@ def resolve_parts(
     grids: GridIndex,
     model: str,
     limits: PromptLimits | None = None,
-    roots: Sequence[Path | str] | None = None,
+    roots: AllowedRoots = None,
 ) -> ResolvedParts:
     """Check a ``content_parts`` request and return its expanded prompt and every image's engine arrays.
 
@@ -303,7 +303,7 @@ def _ref(part: ImagePart, family: Family, grid: Grid, mm_hash: str, length: int 
     )
 
 
-def _read_part(part: ImagePart, family: Family, roots: Sequence[Path | str] | None) -> tuple[bytes, str]:
+def _read_part(part: ImagePart, family: Family, roots: AllowedRoots) -> tuple[bytes, str]:
     """Read a part's bytes (check 3) and return them with their content hash, checked against its uuid."""
     assert part.url is not None
     ref = _ref(part, family, (1, 1, 1), part.uuid or "")

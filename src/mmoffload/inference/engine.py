@@ -36,6 +36,7 @@ from mmoffload.inference.checks import check_grid, check_request, materialize_by
 from mmoffload.inference.content_parts import GridIndex, resolve_parts
 from mmoffload.inference.decode_budget import DEFAULT_DECODE_BYTES, DecodeBudget
 from mmoffload.inference.refs import MODALITY, EngineArrays, ImageRef, InvalidImageRefError, PromptLimits
+from mmoffload.store.read import AllowedRoots
 
 # The cached arrays are read-only and their tensors share that memory: vLLM only sends them to the
 # engine process, never writes them, so torch's warning about it (raised here, nowhere else) is noise.
@@ -81,7 +82,7 @@ class RawRefEngineInputs:
         *,
         device_normalizes: bool,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-        roots: Sequence[Path | str] | None = None,
+        roots: AllowedRoots = None,
         limits: PromptLimits | None = None,
         decode_bytes: int = DEFAULT_DECODE_BYTES,
     ) -> None:

@@ -52,6 +52,7 @@ from mmoffload.inference.refs import (
     PromptLimits,
     PromptRefusedError,
 )
+from mmoffload.store.read import AllowedRoots
 
 STATS_ROUTE = "/mmoffload/v1/stats"
 # vLLM arguments every mmoffload server needs: the scale-out routes carry /inference/v1/generate.
@@ -120,7 +121,7 @@ def serve(
     port: int = 8000,
     vllm_args: Sequence[str] = (),
     cache_bytes: int = DEFAULT_CACHE_BYTES,
-    roots: Sequence[Path | str] | None = None,
+    roots: AllowedRoots = None,
     decode_bytes: int = DEFAULT_DECODE_BYTES,
 ) -> None:
     """Run the server until interrupted.
@@ -143,9 +144,7 @@ def serve(
     uvloop.run(_run(args, model_dir, cache_bytes, roots, decode_bytes))
 
 
-async def _run(
-    args: Any, model_dir: Path, cache_bytes: int, roots: Sequence[Path | str] | None, decode_bytes: int
-) -> None:
+async def _run(args: Any, model_dir: Path, cache_bytes: int, roots: AllowedRoots, decode_bytes: int) -> None:
     # vLLM's own start-up sequence (run_server), with the route installed between app state and serving.
     _, sock = setup_server(args, reuse_port=False)
     try:
@@ -172,7 +171,7 @@ def install_raw_refs(
     model_dir: Path,
     *,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
-    roots: Sequence[Path | str] | None = None,
+    roots: AllowedRoots = None,
     decode_bytes: int = DEFAULT_DECODE_BYTES,
 ) -> RawRefEngineInputs:
     """Make a vLLM API app take raw refs on ``/inference/v1/generate``; return its engine side."""

@@ -8,8 +8,7 @@ path or URL) becomes its ``data:`` URL; parts in nested chat columns get ``data:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from mmoffload.contract.addresses import HASH_HEX_DIGITS, IMAGE_EXTENSIONS
@@ -30,6 +29,7 @@ from mmoffload.io.parquet import (
     table_of,
     with_image_columns,
 )
+from mmoffload.store.read import AllowedRoots
 
 # A string cell that names a stored image ends with its content-addressed name.
 _STORED = rf"[0-9a-f]{{{HASH_HEX_DIGITS}}}\.({'|'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))})$"
@@ -116,7 +116,7 @@ class InlineColumns:
         return pa.array(values, column.type) if rewritten else column
 
 
-def inline_table(table: Any, allowed_roots: Sequence[Path] | None = None) -> Any:
+def inline_table(table: Any, allowed_roots: AllowedRoots = None) -> Any:
     """Inline every stored image ref of an Arrow table or a ``datasets.Dataset``; return the same kind.
 
     Raises:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import collections
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from mmoffload.contract.addresses import MEDIA_TYPES, address_hash, asset_locati
 from mmoffload.contract.imageparts import find_parts, inline_part
 from mmoffload.errors import BadInputError, Where
 from mmoffload.io.inputs import decode_json_line
-from mmoffload.store.read import read_verified
+from mmoffload.store.read import AllowedRoots, read_verified
 
 # Data URLs remembered (bytes of their text), so history repeated every turn is read once.
 CACHE_BYTES = 64 << 20
@@ -45,7 +44,7 @@ def data_url(data: bytes) -> str:
 class Inliner:
     """Reads stored images back into records, verifying each against its content-addressed name."""
 
-    def __init__(self, allowed_roots: Sequence[Path] | None = None) -> None:
+    def __init__(self, allowed_roots: AllowedRoots = None) -> None:
         self.allowed_roots = allowed_roots
         self._cache: collections.OrderedDict[str, tuple[bytes, str]] = collections.OrderedDict()
         self._cache_bytes = 0

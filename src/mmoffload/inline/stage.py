@@ -20,6 +20,7 @@ from mmoffload.errors import UsageError
 from mmoffload.inline.records import InlineCounts, Inliner
 from mmoffload.io.inputs import InputFormat, is_stdio, iter_lines, location, open_input, reads_parquet
 from mmoffload.io.outputs import atomic_writer, check_distinct, check_output_path, open_output
+from mmoffload.store.read import AllowedRoots
 
 
 class InlineReport(InlineCounts):
@@ -34,7 +35,7 @@ def inline_files(
     inputs: Sequence[str | os.PathLike[str]],
     outputs: Sequence[str | os.PathLike[str]],
     *,
-    allowed_roots: Sequence[Path] | None = None,
+    allowed_roots: AllowedRoots = None,
     input_format: InputFormat = "auto",
     advance: Callable[[int], None] = lambda _n: None,
 ) -> InlineReport:

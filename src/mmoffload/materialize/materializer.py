@@ -7,7 +7,6 @@ import enum
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ from mmoffload.families import DEFAULT_TOKEN_NAMES, Families, Family, ForwardPol
 from mmoffload.families.base import prepared_grid
 from mmoffload.families.pixel_cache import PixelCache
 from mmoffload.store.images import decode_rgb
-from mmoffload.store.read import read_verified
+from mmoffload.store.read import AllowedRoots, read_verified
 from mmoffload.store.remap import Remap
 
 
@@ -109,7 +108,7 @@ class Materializer:
         cache: PixelCache | None = None,
         as_torch: bool = False,
         remap: Remap | None = None,
-        allowed_roots: Sequence[Path] | None = None,
+        allowed_roots: AllowedRoots = None,
     ) -> None:
         """Configure a materializer.
 

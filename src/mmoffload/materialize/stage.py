@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -30,6 +30,7 @@ from mmoffload.families.pixel_cache import DEFAULT_CACHE_BYTES, PixelCache
 from mmoffload.io.staging import remove_dead_temps
 from mmoffload.materialize.materializer import Materializer, MissingImagePolicy
 from mmoffload.materialize.saving import check_free_space, save_micro_batch, saved_bytes, saved_path
+from mmoffload.store.read import AllowedRoots
 from mmoffload.store.remap import Remap
 
 
@@ -81,7 +82,7 @@ def materialize_run(
     advance: Callable[[int, int], None] | None = None,
     add_total: Callable[[int], None] | None = None,
     on_estimate: Callable[[int, int], None] | None = None,
-    allowed_roots: Sequence[Path] | None = None,
+    allowed_roots: AllowedRoots = None,
 ) -> MaterializeReport:
     """Materialize every micro batch of every rank file of a run, as a trainer would.
 

@@ -25,6 +25,7 @@ from mmoffload.parity.report import (
     StepParity,
     worst_first,
 )
+from mmoffload.store.read import AllowedRoots
 from mmoffload.store.remap import Remap
 
 
@@ -38,7 +39,7 @@ def parity_run(
     dtype: str = "float32",
     threshold: float = DEFAULT_THRESHOLD,
     remap: Remap | None = None,
-    allowed_roots: Sequence[Path] | None = None,
+    allowed_roots: AllowedRoots = None,
     on_total: Callable[[int, int], None] | None = None,
     advance: Callable[[int, int], None] | None = None,
 ) -> ParityReport:

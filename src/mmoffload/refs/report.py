@@ -9,6 +9,7 @@ import msgspec
 
 from mmoffload.errors import MMOffloadError
 from mmoffload.families import Families
+from mmoffload.store.read import AllowedRoots
 from mmoffload.store.remap import Remap
 
 # Where a group key is looked up, most specific first.
@@ -81,7 +82,7 @@ class RefsOptions:
     skip_invalid: bool = False
     rejects_path: Path | None = None
     remap: Remap = field(default_factory=Remap)
-    allowed_roots: tuple[Path, ...] | None = None
+    allowed_roots: AllowedRoots = None
     overwrite: bool = False
 
 

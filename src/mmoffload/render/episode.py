@@ -22,6 +22,7 @@ from mmoffload.render.messages import ChatMessage, chat_message, conversation, f
 from mmoffload.render.template import ChatTemplate, Segment
 from mmoffload.store.backend import open_store
 from mmoffload.store.local import AssetStore
+from mmoffload.store.read import AllowedRoots
 
 # Rollout fields carried onto the episode as they are (group keys, rewards, metadata).
 CARRIED = ("id", "example_id", "task", "group", "reward", "rewards", "metrics", "info", "answer",
@@ -66,7 +67,7 @@ class Renderer:
         families: Families,
         *,
         assets: str | os.PathLike[str] | AssetStore | None = None,
-        allowed_roots: tuple[Path, ...] | None = None,
+        allowed_roots: AllowedRoots = None,
         env_name: str = "",
     ) -> None:
         family = families.model()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmoffload.contract.addresses import asset_location, content_hash
@@ -20,7 +19,7 @@ from mmoffload.errors import BadInputError, Where
 from mmoffload.families import Family, Grid
 from mmoffload.store.images import open_image
 from mmoffload.store.local import AssetStore
-from mmoffload.store.read import read_verified
+from mmoffload.store.read import AllowedRoots, read_verified
 
 if TYPE_CHECKING:
     from mmoffload.store.objects import ObjectStore
@@ -63,7 +62,7 @@ class ImageReader:
     def __init__(
         self,
         family: Family,
-        allowed_roots: tuple[Path, ...] | None = None,
+        allowed_roots: AllowedRoots = None,
         store: AssetStore | ObjectStore | None = None,
     ) -> None:
         self.family = family

@@ -17,6 +17,7 @@ from mmoffload.families import Families
 from mmoffload.io.inputs import decode_json_line, is_stdio, iter_lines
 from mmoffload.io.outputs import check_distinct, check_output_path, open_output
 from mmoffload.render.episode import RenderCounts, Renderer
+from mmoffload.store.read import AllowedRoots
 
 
 class RenderReport(RenderCounts):
@@ -47,7 +48,7 @@ class RenderOptions:
     """
 
     assets: str | os.PathLike[str] | None = None
-    allowed_roots: tuple[Path, ...] | None = None
+    allowed_roots: AllowedRoots = None
     env_name: str = ""
     trust_remote_code: bool = False
 

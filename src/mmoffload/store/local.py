@@ -40,17 +40,34 @@ SYNC_THREADS = 8
 SYNC_PENDING_BYTES = 64 << 20
 
 
-def default_allowed_roots(run_dir: Path | None) -> list[Path] | None:
-    """Return the directories refs may point into when the user named none.
+def default_allowed_roots(run_dir: Path | None) -> list[Path | str] | None:
+    """Return the directories (and object-store prefixes) refs may point into when the user named none.
 
-    The run's asset directory (``RUN/assets/images``, when it exists) and
-    ``$VF_RENDERER_IMAGE_OFFLOAD_DIR`` (when set); None (any regular file) when
-    neither is known.
+    The run's asset directory (``RUN/assets/images``, when it exists) and the store
+    ``$VF_RENDERER_IMAGE_OFFLOAD_DIR`` names (when set; see ``directory_or_prefix``);
+    None (any regular file) when neither is known.
+
+    Raises:
+        BadInputError: the variable holds a ``file://`` URL that names no local path.
     """
-    roots = [Path(env)] if (env := os.environ.get(ASSETS_ENV_VAR)) else []
+    roots = [directory_or_prefix(env)] if (env := os.environ.get(ASSETS_ENV_VAR)) else []
     if run_dir is not None and (run_dir / "assets" / "images").is_dir():
         roots.append(run_dir / "assets" / "images")
     return roots or None
+
+
+def directory_or_prefix(text: str) -> Path | str:
+    """Return the directory or object-store prefix a command-line or environment value names.
+
+    An object-store URL (``s3://bucket/prefix``) is kept as a string (a Path would drop
+    a slash of ``s3://``), a ``file://`` URL becomes its path, anything else is a directory.
+
+    Raises:
+        BadInputError: a ``file://`` URL that names no local path.
+    """
+    if is_object_uri(text):
+        return text.rstrip("/")
+    return uri_to_path(text) if text.startswith("file:") else Path(text)
 
 
 def resolve_assets_dir(
@@ -58,18 +75,16 @@ def resolve_assets_dir(
 ) -> Path | str:
     """Pick the asset store: explicit, else ``$VF_RENDERER_IMAGE_OFFLOAD_DIR``, else RUN's.
 
-    An object-store URL (``s3://bucket/prefix``) is kept as a string, a ``file://``
-    URL becomes its path, anything else is a directory.
+    A string is read by ``directory_or_prefix``.
 
     Raises:
         UsageError: none is given, the variable is unset and there is no run directory.
+        BadInputError: a ``file://`` URL that names no local path.
     """
     if explicit is None:
         explicit = os.environ.get(ASSETS_ENV_VAR) or None
     if isinstance(explicit, str):
-        if is_object_uri(explicit):
-            return explicit.rstrip("/")
-        return uri_to_path(explicit) if explicit.startswith("file:") else Path(explicit)
+        return directory_or_prefix(explicit)
     if explicit is not None:
         return Path(explicit)
     if run_dir is not None:

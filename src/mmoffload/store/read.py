@@ -7,11 +7,16 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 from mmoffload.contract.addresses import is_object_uri, verify_hash
 from mmoffload.errors import BadInputError, IntegrityError, MissingImageError, Where
 from mmoffload.limits import MAX_IMAGE_BYTES_ENV_VAR, max_image_bytes
 from mmoffload.store.backend import asset_size, read_asset
+
+# Where refs may point: directories, and object-store prefixes kept as URL strings (``s3://bucket/prefix``;
+# a Path would drop a slash); None allows any regular file.
+AllowedRoots: TypeAlias = Sequence[Path | str] | None
 
 
 def read_verified(
@@ -19,7 +24,7 @@ def read_verified(
     expected_hash: str | None,
     where: Where | None = None,
     *,
-    allowed_roots: Sequence[Path | str] | None = None,
+    allowed_roots: AllowedRoots = None,
     max_bytes: int | None = None,
 ) -> bytes:
     """Read a referenced image file (or object, see ``asset_location``), checking its hash when expected.
@@ -52,9 +57,7 @@ def read_verified(
     return data
 
 
-def _read_file(
-    path: Path, limit: int, where: Where | None, allowed_roots: Sequence[Path | str] | None
-) -> bytes:
+def _read_file(path: Path, limit: int, where: Where | None, allowed_roots: AllowedRoots) -> bytes:
     resolved = check_allowed(path, allowed_roots, where)
     try:
         # Non-blocking, so a FIFO that never answers cannot hang the open.
@@ -100,7 +103,7 @@ def _check_size(path: Path | str, size: int, limit: int, where: Where | None) ->
         )
 
 
-def check_allowed(path: Path, allowed_roots: Sequence[Path | str] | None, where: Where | None = None) -> Path:
+def check_allowed(path: Path, allowed_roots: AllowedRoots, where: Where | None = None) -> Path:
     """Return ``path`` resolved (links, ``..``), checking that it lies under an allowed root.
 
     Object-store prefixes among the roots (see ``check_object_allowed``) allow no file.
@@ -120,9 +123,7 @@ def check_allowed(path: Path, allowed_roots: Sequence[Path | str] | None, where:
     return resolved
 
 
-def check_object_allowed(
-    url: str, allowed_roots: Sequence[Path | str] | None, where: Where | None = None
-) -> str:
+def check_object_allowed(url: str, allowed_roots: AllowedRoots, where: Where | None = None) -> str:
     """Return an object URL, checking that it lies under an allowed object-store prefix (nothing is read).
 
     A root given as an object-store URL string (``s3://bucket/prefix``) allows the
