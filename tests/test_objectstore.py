@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from mmoffload.audit import audit
 from mmoffload.contract.addresses import content_hash
 from mmoffload.demo import fixtures_dir
-from mmoffload.errors import IntegrityError, UsageError
+from mmoffload.errors import BadInputError, IntegrityError, UsageError
 from mmoffload.materialize import MissingImagePolicy, materialize_run
 from mmoffload.offload import offload_files
 from mmoffload.pack import PackOptions, pack_run
@@ -311,3 +311,21 @@ def test_audit_verify_hashes_of_chat_jsonl_finds_an_overwritten_image(
 def chat_record(url: str) -> dict:
     part = {"type": "image_url", "image_url": {"url": url}}
     return {"messages": [{"role": "user", "content": [part]}]}
+
+
+def test_allowed_object_prefixes_bound_object_refs_in_refs_audit_and_materialize(tmp_path, bucket):
+    run_to_rank_files(QWEN_TRACES, tmp_path, f"{bucket}/run/images")
+    inside, outside = [f"{bucket}/run/images"], [f"{bucket}/other", tmp_path]
+
+    assert audit([tmp_path], verify_hashes=True, allowed_roots=inside).ok
+    report = audit([tmp_path], allowed_roots=outside)
+    assert report.violations and {v.kind for v in report.violations} == {"disallowed_file"}
+    assert f"`{bucket}/other`" in report.violations[0].reason  # the prefix named whole
+    with pytest.raises(BadInputError, match="outside the allowed roots"):
+        build_refs(
+            [tmp_path / "offloaded.jsonl"],
+            tmp_path / "again",
+            RefsOptions(model_dir=QWEN_MODEL, verify_hashes=True, allowed_roots=outside),
+        )
+    with pytest.raises(BadInputError, match="outside the allowed roots"):  # refused, not taken as missing
+        materialize_run(tmp_path, model=QWEN_MODEL, allowed_roots=outside)

@@ -35,7 +35,7 @@ from mmoffload.errors import BadInputError, PathPart, UsageError, Where, json_pa
 from mmoffload.families import DEFAULT_TOKEN_NAMES, Families
 from mmoffload.io.inputs import decode_json_line, iter_lines, too_deep
 from mmoffload.store.backend import asset_size
-from mmoffload.store.read import AllowedRoots, check_allowed
+from mmoffload.store.read import AllowedRoots, check_allowed_location
 from mmoffload.store.remap import Remap
 
 _SHOWN_SOURCE_CHARS = 60
@@ -314,8 +314,7 @@ class Auditor:
         present: list[tuple[Path | str, FileUse, int]] = []
         for path, use in self.files.items():
             try:
-                if isinstance(path, Path):
-                    check_allowed(path, self.allowed_roots)
+                check_allowed_location(path, self.allowed_roots)
             except BadInputError as exc:
                 self.violation(use.first, "disallowed_file", exc.message, image=use.image)
                 continue

@@ -14,7 +14,7 @@ from mmoffload.contract.wire import MMImageRef
 from mmoffload.errors import BadInputError, IntegrityError, Where
 from mmoffload.refs.report import Context
 from mmoffload.store.backend import asset_size
-from mmoffload.store.read import check_allowed, read_verified
+from mmoffload.store.read import check_allowed_location, read_verified
 
 
 @dataclass(slots=True)
@@ -56,9 +56,9 @@ def _check_file(path: Path | str, digest: str, where: Where, context: Context) -
             roots = context.options.allowed_roots
             if context.options.verify_hashes:
                 read_verified(path, digest, allowed_roots=roots)
-            elif isinstance(path, str):
-                _object_exists(path)
-            elif not check_allowed(path, roots).is_file():
+            elif isinstance(location := check_allowed_location(path, roots), str):
+                _object_exists(location)
+            elif not location.is_file():
                 raise IntegrityError(f"Missing image file `{path}`")
             context.checked_files[key] = None
         except (BadInputError, IntegrityError) as exc:

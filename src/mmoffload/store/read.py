@@ -39,11 +39,12 @@ def read_verified(
         path: the file (or object URL) a ref names.
         expected_hash: the ref's ``mm_hash``; None to skip the check.
         where: the ref's location, for errors.
-        allowed_roots: directories file refs may point into; None allows any regular file.
+        allowed_roots: directories file refs may point into, and object-store prefixes object refs may
+            (``check_allowed_location``); None allows any regular file and any object.
         max_bytes: the most bytes read (default ``max_image_bytes()``).
 
     Raises:
-        BadInputError: the file is outside the allowed roots, not a regular file, or too large.
+        BadInputError: it is outside the allowed roots, not a regular file, or too large.
         MissingImageError: there is no such file or object.
         IntegrityError: it is unreadable, or its content hashes to something else.
     """
@@ -51,7 +52,7 @@ def read_verified(
     if isinstance(path, Path):
         data = _read_file(path, limit, where, allowed_roots)
     else:
-        data = _read_object(path, limit, where)
+        data = _read_object(check_object_allowed(path, allowed_roots, where), limit, where)
     if expected_hash is not None:
         verify_hash(data, expected_hash, path, where, show_actual=allowed_roots is not None)
     return data
@@ -101,6 +102,21 @@ def _check_size(path: Path | str, size: int, limit: int, where: Where | None) ->
             f"Image file `{path}` is {size:,} bytes, over the {limit:,}-byte limit (${MAX_IMAGE_BYTES_ENV_VAR})",
             where,
         )
+
+
+def check_allowed_location(
+    location: Path | str, allowed_roots: AllowedRoots, where: Where | None = None
+) -> Path | str:
+    """Return a ref's location checked against the allowed roots, nothing read: a file under a
+    directory root (resolved, ``check_allowed``), an object under an object-store prefix
+    (``check_object_allowed``).
+
+    Raises:
+        BadInputError: no allowed root holds it.
+    """
+    if isinstance(location, Path):
+        return check_allowed(location, allowed_roots, where)
+    return check_object_allowed(location, allowed_roots, where)
 
 
 def check_allowed(path: Path, allowed_roots: AllowedRoots, where: Where | None = None) -> Path:
