@@ -8,7 +8,8 @@ import re
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from mmoffload.errors import MMOffloadError, Where, json_path, shorten
+from mmoffload.errors import MMOffloadError, UsageError, Where, json_path, shorten
+from mmoffload.io.inputs import is_stdio
 from mmoffload_cli import verbosity
 
 if TYPE_CHECKING:
@@ -207,12 +209,31 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def emit_report(report: msgspec.Struct, title: str, *, as_json: bool, quiet: bool = False) -> None:
-    """Print a report: exactly one JSON document with ``--json``, else a table unless quiet."""
+def results_on_stdout(output: str | os.PathLike[str] | None, as_json: bool, option: str = "-o") -> bool:
+    """Whether a command writes its results to stdout (``-o -``): its report then goes to stderr.
+
+    Raises:
+        UsageError: ``--json`` would write to stdout too.
+    """
+    on_stdout = output is not None and is_stdio(output)
+    if on_stdout and as_json:
+        raise UsageError(f"Expected one of `{option} -` and `--json`: both would write to stdout")
+    return on_stdout
+
+
+def emit_report(
+    report: msgspec.Struct, title: str, *, as_json: bool, quiet: bool = False, stdout_taken: bool = False
+) -> None:
+    """Print a report: exactly one JSON document with ``--json``, else a table unless quiet.
+
+    Args:
+        stdout_taken: the command's results went to stdout (see ``results_on_stdout``): the table
+            goes to stderr.
+    """
     if as_json:
         sys.stdout.write(json_text(report) + "\n")
     elif not quiet:
-        stdout.print(report_table(report, title))
+        (stderr if stdout_taken else stdout).print(report_table(report, title))
     if not quiet:
         for warning in getattr(report, "warnings", None) or []:
             stderr.print(f"warning: {warning}", markup=False)  # Escaped and cut by the console.
@@ -258,6 +279,11 @@ class CountingBar(Bar):
 def _drawn(enabled: bool) -> bool:
     """Whether a bar is drawn: asked for, and stderr an interactive terminal (rich decides)."""
     return enabled and stderr.is_terminal and not stderr.is_dumb_terminal
+
+
+def local_bytes(paths: Iterable[str | os.PathLike[str]]) -> int:
+    """Return the size of the local files among ``paths``: a bar's total (stdin and URLs add nothing)."""
+    return sum(path.stat().st_size for path in paths if isinstance(path, Path) and path.is_file())
 
 
 @contextlib.contextmanager
