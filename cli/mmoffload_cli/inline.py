@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from mmoffload.errors import UsageError
 from mmoffload.inline import inline_files
-from mmoffload.io.inputs import expand_inputs
-from mmoffload.io.outputs import plan_outputs
 from mmoffload_cli import sink
+from mmoffload_cli.files import plan_files
 from mmoffload_cli.options import AllowRoot, Format, Json, Output, Quiet, Verbose
 
 
@@ -52,10 +50,7 @@ def inline(
         to_stdout = sink.results_on_stdout(output, json_output)
         if output is None:
             raise UsageError("Expected an output (`-o PATH`, `-o DIR/` or `-o -`)")
-        # A directory or a glob finds no input among this command's own outputs (a second run's rereads).
-        expanded = expand_inputs(inputs, exclude=[output] if isinstance(output, Path) else [])
-        outputs = plan_outputs(expanded, output, False)
-        paths = [item.path for item in expanded]
+        paths, outputs = plan_files(inputs, output)
         with sink.progress_bar("inline", sink.local_bytes(paths), enabled=not quiet) as advance:
             report = inline_files(
                 paths,

@@ -7,11 +7,12 @@ from typing import Annotated
 
 import typer
 
-from mmoffload.io.inputs import expand_inputs
-from mmoffload.offload import REJECTS_SUFFIX, OffloadOptions, offload_files, plan_outputs
+from mmoffload.offload import OffloadOptions, offload_files
+from mmoffload.offload.report import default_rejects
 from mmoffload.runners.ray import RayOptions
 from mmoffload.store.local import resolve_assets_dir
 from mmoffload_cli import options, sink
+from mmoffload_cli.files import plan_files
 from mmoffload_cli.options import Assets, Format, Json, Output, Quiet, Ray, RayAddress, Verbose, Workers
 
 
@@ -89,11 +90,8 @@ def offload(
         "directory, each whole (content addressed)",
     ):
         to_stdout = sink.results_on_stdout(output, json_output)
-        # A directory or a glob finds no input among this command's own outputs (a second run's rereads).
-        own = [output, output.with_name(output.name + REJECTS_SUFFIX)] if isinstance(output, Path) else []
-        expanded = expand_inputs(inputs, exclude=[*own, *([rejects] if rejects else [])])
-        outputs = plan_outputs(expanded, output, in_place)
-        paths = [item.path for item in expanded]
+        own = [default_rejects(output)] if isinstance(output, Path) else []
+        paths, outputs = plan_files(inputs, output, in_place, own=[*own, *([rejects] if rejects else [])])
         # Progress counts decompressed bytes: for a compressed input the size is only a guess.
         with sink.progress_bar("offload", sink.local_bytes(paths), enabled=not quiet) as advance:
             report = offload_files(
