@@ -184,7 +184,10 @@ class ColumnRewriter(ABC, Generic[Counts]):
 
     @abstractmethod
     def rewrite_image_cells(self, column: pa.Array, row: Row, changed: set[int]) -> pa.Array:
-        """Return an image struct array rewritten (see ``image_cells``), adding each row changed to ``changed``."""
+        """Return an image struct array rewritten (see ``image_cells``).
+
+        ``row`` gives an item's row number and ``Where``; each row whose cell changed goes in ``changed``.
+        """
 
     @abstractmethod
     def strings_to_rewrite(self, column: pa.Array) -> pa.Array:
