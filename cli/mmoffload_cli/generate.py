@@ -10,7 +10,6 @@ import typer
 
 from mmoffload.errors import UsageError
 from mmoffload.inference.generate import generate_traces
-from mmoffload.io.inputs import is_stdio
 from mmoffload_cli import options, sink
 
 
@@ -86,10 +85,8 @@ def generate(
         mmoffload generate t.jsonl --server URL -o o.jsonl --protocol mmraw
         mmoffload generate t.jsonl.gz --server URL -o - | gzip > out.jsonl.gz
     """
-    to_stdout = is_stdio(output)
     with sink.errors_to_exit(as_json):
-        if to_stdout and as_json:
-            raise UsageError("Expected one of `-o -` and `--json`: both would write to stdout")
+        to_stdout = sink.results_on_stdout(output, as_json)
         sampling: dict[str, object] = {}
         if sampling_json is not None:
             try:
@@ -106,9 +103,4 @@ def generate(
             report = generate_traces(
                 traces, output, server, sampling, protocol=protocol, concurrency=concurrency, advance=advance
             )
-    if to_stdout:
-        # The traces are stdout's: the report goes to stderr.
-        if not quiet:
-            sink.stderr.print(sink.report_table(report, "generate"))
-    else:
-        sink.emit_report(report, "generate", as_json=as_json, quiet=quiet)
+    sink.emit_report(report, "generate", as_json=as_json, quiet=quiet, stdout_taken=to_stdout)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from mmoffload.errors import UsageError
 from mmoffload.inline import inline_files
-from mmoffload.io.inputs import expand_inputs, is_stdio
-from mmoffload.io.outputs import plan_outputs
 from mmoffload_cli import sink
+from mmoffload_cli.files import plan_files
 from mmoffload_cli.options import AllowRoot, Format, Json, Output, Quiet, Verbose
 
 
@@ -48,30 +46,17 @@ def inline(
         mmoffload inline out.parquet -o inline.parquet --allow-root DIR
         mmoffload inline 'runs/*/rollouts.offloaded.jsonl' -o inline/
     """
-    to_stdout = output is not None and is_stdio(output)
     with sink.errors_to_exit(json_output):
-        if to_stdout and json_output:
-            raise UsageError("Expected one of `-o -` and `--json`: both would write to stdout")
+        to_stdout = sink.results_on_stdout(output, json_output)
         if output is None:
             raise UsageError("Expected an output (`-o PATH`, `-o DIR/` or `-o -`)")
-        # A directory or a glob finds no input among this command's own outputs (a second run's rereads).
-        expanded = expand_inputs(inputs, exclude=[output] if isinstance(output, Path) else [])
-        outputs = plan_outputs(expanded, output, False)
-        total = sum(
-            item.path.stat().st_size
-            for item in expanded
-            if isinstance(item.path, Path) and item.path.is_file()
-        )
-        with sink.progress_bar("inline", total, enabled=not quiet) as advance:
+        paths, outputs = plan_files(inputs, output)
+        with sink.progress_bar("inline", sink.local_bytes(paths), enabled=not quiet) as advance:
             report = inline_files(
-                [item.path for item in expanded],
+                paths,
                 outputs,
                 allowed_roots=allow_root,
                 input_format=input_format,
                 advance=advance,
             )
-    if to_stdout:
-        if not quiet:
-            sink.stderr.print(sink.report_table(report, "inline"))
-    else:
-        sink.emit_report(report, "inline", as_json=json_output, quiet=quiet)
+    sink.emit_report(report, "inline", as_json=json_output, quiet=quiet, stdout_taken=to_stdout)

@@ -7,9 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mmoffload.errors import UsageError
 from mmoffload.families import Families, resolve_model_dir
-from mmoffload.io.inputs import is_stdio
 from mmoffload.io.outputs import open_output
 from mmoffload.views.inspect_html import inspect_page
 from mmoffload.views.show import select
@@ -50,20 +48,14 @@ def inspect(
         mmoffload inspect RUN --rank 0 --micro-batch 1 --model DIR --html mb.html
         mmoffload inspect RUN --sample 0 --html - > sample.html
     """
-    to_stdout = is_stdio(html_out)
     with sink.errors_to_exit(as_json):
-        if to_stdout and as_json:
-            raise UsageError("Expected one of `--html -` and `--json`: both would write to stdout")
+        to_stdout = sink.results_on_stdout(html_out, as_json, "--html")
         families = Families(resolve_model_dir(model) if model is not None else None)
         selected = select(target, step=step, rank=rank, micro_batch=micro_batch, sample=sample)
         document, report = inspect_page(selected, families, TokenText.for_model(families))
         with open_output(html_out) as out:
             out.write(document.encode())
-    if to_stdout:
-        # The page is stdout's: the report goes to stderr.
-        if not quiet:
-            sink.stderr.print(sink.report_table(report, "inspect: wrote the page to stdout"))
-    else:
-        sink.emit_report(report, f"inspect: wrote {html_out}", as_json=as_json, quiet=quiet)
+    title = "inspect: wrote the page to stdout" if to_stdout else f"inspect: wrote {html_out}"
+    sink.emit_report(report, title, as_json=as_json, quiet=quiet, stdout_taken=to_stdout)
     if not report.ok:
         raise typer.Exit(sink.EXIT_PROBLEMS)

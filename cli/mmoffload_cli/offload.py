@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
-from mmoffload.errors import UsageError
-from mmoffload.io.inputs import expand_inputs, is_stdio
-from mmoffload.offload import REJECTS_SUFFIX, OffloadOptions, offload_files, plan_outputs
+from mmoffload.offload import OffloadOptions, offload_files
+from mmoffload.offload.report import default_rejects
 from mmoffload.runners.ray import RayOptions
 from mmoffload.store.local import resolve_assets_dir
 from mmoffload_cli import options, sink
+from mmoffload_cli.files import plan_files
 from mmoffload_cli.options import Assets, Format, Json, Output, Quiet, Ray, RayAddress, Verbose, Workers
 
 
@@ -84,27 +84,18 @@ def offload(
         cat rollouts.jsonl | mmoffload offload - -o - --assets DIR | head
         mmoffload offload dumps/*.jsonl -o out/ --assets s3://bkt/run1 --ray
     """
-    to_stdout = output is not None and is_stdio(output)
     with sink.errors_to_exit(
         json_output,
         on_interrupt="no output or rejects file was written; images already stored stay in the asset "
         "directory, each whole (content addressed)",
     ):
-        if to_stdout and json_output:
-            raise UsageError("Expected one of `-o -` and `--json`: both would write to stdout")
-        # A directory or a glob finds no input among this command's own outputs (a second run's rereads).
-        own = [output, output.with_name(output.name + REJECTS_SUFFIX)] if isinstance(output, Path) else []
-        expanded = expand_inputs(inputs, exclude=[*own, *([rejects] if rejects else [])])
-        outputs = plan_outputs(expanded, output, in_place)
+        to_stdout = sink.results_on_stdout(output, json_output)
+        own = [default_rejects(output)] if isinstance(output, Path) else []
+        paths, outputs = plan_files(inputs, output, in_place, own=[*own, *([rejects] if rejects else [])])
         # Progress counts decompressed bytes: for a compressed input the size is only a guess.
-        total = sum(
-            item.path.stat().st_size
-            for item in expanded
-            if isinstance(item.path, Path) and item.path.is_file()
-        )
-        with sink.progress_bar("offload", total, enabled=not quiet) as advance:
+        with sink.progress_bar("offload", sink.local_bytes(paths), enabled=not quiet) as advance:
             report = offload_files(
-                [item.path for item in expanded],
+                paths,
                 outputs,
                 resolve_assets_dir(assets, None),
                 options=OffloadOptions(allow_remote, check_files, adopt_files),
@@ -115,12 +106,7 @@ def offload(
                 advance=advance,
                 input_format=input_format,
             )
-    if to_stdout:
-        # The records are stdout's: the report goes to stderr.
-        if not quiet:
-            sink.stderr.print(sink.report_table(report, "offload"))
-    else:
-        sink.emit_report(report, "offload", as_json=json_output, quiet=quiet)
+    sink.emit_report(report, "offload", as_json=json_output, quiet=quiet, stdout_taken=to_stdout)
     if report.rejected_lines:
         sink.stderr.print(f"{report.rejected_lines} line(s) rejected, see {', '.join(report.rejects)}")
         raise typer.Exit(sink.EXIT_PROBLEMS)

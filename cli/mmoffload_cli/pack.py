@@ -92,9 +92,7 @@ def pack(
     with sink.errors_to_exit(as_json, "no rank file was written (a run's rank files appear all at once)"):
         # Progress by the bytes of each step's TrainingBatch packed.
         batches = [rundir.training_batch_path(run, step) for step in rundir.steps(run)]
-        total = sum(path.stat().st_size for path in batches if path.is_file())
-        bar = sink.progress_bar("pack", total, enabled=not quiet)
-        with bar as advance:
+        with sink.progress_bar("pack", sink.local_bytes(batches), enabled=not quiet) as advance:
             report = pack_run(
                 run,
                 PackOptions(

@@ -104,8 +104,7 @@ def refs(
         inputs = [
             item.path for item in expand_inputs(traces, exclude=[run_dir, *([rejects] if rejects else [])])
         ]
-        total = sum(path.stat().st_size for path in inputs if isinstance(path, Path) and path.is_file())
-        with sink.progress_bar("refs", total, enabled=not quiet) as advance:
+        with sink.progress_bar("refs", sink.local_bytes(inputs), enabled=not quiet) as advance:
             report = build_refs(
                 inputs,
                 run_dir,

@@ -10,7 +10,7 @@ import typer
 
 from mmoffload.errors import UsageError
 from mmoffload.families import resolve_model_dir
-from mmoffload.io.inputs import expand_inputs, is_stdio
+from mmoffload.io.inputs import expand_inputs
 from mmoffload.render import RenderOptions, render_files
 from mmoffload.store.local import ASSETS_ENV_VAR, resolve_assets_dir
 from mmoffload_cli import options, sink
@@ -63,7 +63,6 @@ def render(
         mmoffload render offloaded.jsonl --model ORG/NAME -o ep.jsonl
         mmoffload render 'runs/*/results.jsonl' --model DIR -o - | head -1
     """
-    to_stdout = output is not None and is_stdio(output)
     with sink.errors_to_exit(
         as_json,
         on_interrupt="no output was written; images already stored stay in the asset directory, each whole",
@@ -72,14 +71,12 @@ def render(
             raise UsageError("Expected --model: a model directory with a tokenizer and its chat template")
         if output is None:
             raise UsageError("Expected an output: -o FILE (or -o - for stdout)")
-        if to_stdout and as_json:
-            raise UsageError("Expected one of `-o -` and `--json`: both would write to stdout")
-        expanded = expand_inputs(inputs)
+        to_stdout = sink.results_on_stdout(output, as_json)
+        paths = [item.path for item in expand_inputs(inputs)]
         store = resolve_assets_dir(assets, None) if assets or os.environ.get(ASSETS_ENV_VAR) else None
-        total = sum(item.path.stat().st_size for item in expanded if item.path.is_file())
-        with sink.progress_bar("render", total, enabled=not quiet) as advance:
+        with sink.progress_bar("render", sink.local_bytes(paths), enabled=not quiet) as advance:
             report = render_files(
-                [item.path for item in expanded],
+                paths,
                 output,
                 resolve_model_dir(model),
                 RenderOptions(
@@ -90,8 +87,4 @@ def render(
                 ),
                 advance=advance,
             )
-    if to_stdout:
-        if not quiet:
-            sink.stderr.print(sink.report_table(report, "render"))
-    else:
-        sink.emit_report(report, "render", as_json=as_json, quiet=quiet)
+    sink.emit_report(report, "render", as_json=as_json, quiet=quiet, stdout_taken=to_stdout)

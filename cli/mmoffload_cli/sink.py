@@ -8,7 +8,8 @@ import re
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +20,12 @@ from rich.markup import escape
 from rich.text import Text
 
 # Typer vendors Click (0.26 on) and exports only BadParameter of its usage errors.
-from typer._click.exceptions import NoArgsIsHelpError, UsageError
+from typer._click.exceptions import NoArgsIsHelpError
+from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperGroup
 
-from mmoffload.errors import MMOffloadError, Where, json_path, shorten
+from mmoffload.errors import MMOffloadError, UsageError, Where, json_path, shorten
+from mmoffload.io.inputs import is_stdio
 from mmoffload_cli import verbosity
 
 if TYPE_CHECKING:
@@ -182,7 +185,7 @@ def _printable_usage_errors() -> Iterator[None]:
         yield
     except NoArgsIsHelpError:  # Its message is the help, ours.
         raise
-    except UsageError as exc:
+    except ClickUsageError as exc:
         # User text lives in the message; the parameter hints Click adds around it are ours.
         exc.message = printable(exc.message)
         raise
@@ -240,12 +243,31 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def emit_report(report: msgspec.Struct, title: str, *, as_json: bool, quiet: bool = False) -> None:
-    """Print a report: exactly one JSON document with ``--json``, else a table unless quiet."""
+def results_on_stdout(output: str | os.PathLike[str] | None, as_json: bool, option: str = "-o") -> bool:
+    """Whether a command writes its results to stdout (``-o -``): its report then goes to stderr.
+
+    Raises:
+        UsageError: ``--json`` would write to stdout too.
+    """
+    on_stdout = output is not None and is_stdio(output)
+    if on_stdout and as_json:
+        raise UsageError(f"Expected one of `{option} -` and `--json`: both would write to stdout")
+    return on_stdout
+
+
+def emit_report(
+    report: msgspec.Struct, title: str, *, as_json: bool, quiet: bool = False, stdout_taken: bool = False
+) -> None:
+    """Print a report: exactly one JSON document with ``--json``, else a table unless quiet.
+
+    Args:
+        stdout_taken: the command's results went to stdout (see ``results_on_stdout``): the table
+            goes to stderr.
+    """
     if as_json:
         sys.stdout.write(json_text(report) + "\n")
     elif not quiet:
-        stdout.print(report_table(report, title))
+        (stderr if stdout_taken else stdout).print(report_table(report, title))
     if not quiet:
         for warning in getattr(report, "warnings", None) or []:
             stderr.print(f"warning: {warning}", markup=False)  # Escaped and cut by the console.
@@ -291,6 +313,11 @@ class CountingBar(Bar):
 def _drawn(enabled: bool) -> bool:
     """Whether a bar is drawn: asked for, and stderr an interactive terminal (rich decides)."""
     return enabled and stderr.is_terminal and not stderr.is_dumb_terminal
+
+
+def local_bytes(paths: Iterable[str | os.PathLike[str]]) -> int:
+    """Return the size of the local files among ``paths``: a bar's total (stdin and URLs add nothing)."""
+    return sum(path.stat().st_size for path in paths if isinstance(path, Path) and path.is_file())
 
 
 @contextlib.contextmanager

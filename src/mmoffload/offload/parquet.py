@@ -18,27 +18,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mmoffload.contract.addresses import sniff_extension
 from mmoffload.contract.imageparts import plain_path
 from mmoffload.errors import Where
 from mmoffload.io.parquet import (
+    ColumnRewriter,
+    Rewrite,
+    Row,
     image_cells,
     image_type,
     is_binary,
-    is_image_list,
-    is_image_struct,
-    is_string,
-    list_items,
     map_row_groups,
     map_table,
     normal_image_type,
     pa,
     pc,
-    rebuild_list,
     table_of,
-    with_image_columns,
 )
 from mmoffload.offload.records import Offloader, OffloadOptions, RecordCounts
 from mmoffload.store.backend import open_store
@@ -47,54 +45,27 @@ if TYPE_CHECKING:
     from mmoffload.store.local import AssetStore
     from mmoffload.store.objects import ObjectStore
 
-Row = Callable[[int], tuple[int, Where]]
 
-
-class OffloadColumns:
+class OffloadColumns(ColumnRewriter[RecordCounts]):
     """Offload the image cells of record batches, with a column plan decided once per table.
 
-    Attributes:
-        schema: the output schema.
-        counts: what was done so far (records are rows).
+    Besides the shapes every rewriter plans, a binary column whose first value is an image
+    becomes an image struct column. A bad image cell raises BadInputError, naming its file,
+    row (``index``) and column path.
     """
 
     def __init__(self, offloader: Offloader, schema: pa.Schema, first: pa.RecordBatch | None) -> None:
         self.offloader = offloader
-        self.counts = RecordCounts()
-        self.kinds: dict[str, str] = {}
-        retyped: dict[str, pa.DataType] = {}
-        for field in schema:
-            kind = field.type
-            if is_image_struct(kind) or is_image_list(kind):
-                self.kinds[field.name] = "images" if is_image_list(kind) else "image"
-                retyped[field.name] = normal_image_type(kind)
-            elif is_binary(kind) and first is not None and _first_is_image(first.column(field.name)):
-                self.kinds[field.name] = "binary"
-                retyped[field.name] = image_type(kind)
-            elif is_string(kind):
-                self.kinds[field.name] = "data_url"
-            elif pa.types.is_nested(kind):
-                self.kinds[field.name] = "nested"
-        self.schema = with_image_columns(schema, retyped)
+        super().__init__(schema, first, RecordCounts())
 
-    def __call__(self, batch: pa.RecordBatch, where: Where, first_row: int) -> pa.RecordBatch:
-        """Offload one batch's image cells; return it in the output schema.
+    def plan_column(
+        self, field: pa.Field, first: pa.RecordBatch | None
+    ) -> tuple[Rewrite, pa.DataType | None] | None:
+        if is_binary(field.type) and first is not None and _first_is_image(first.column(field.name)):
+            return self._binary, image_type(field.type)
+        return super().plan_column(field, first)
 
-        Raises:
-            BadInputError: a bad image cell, naming its file, row (``index``) and column path.
-        """
-        self.counts.records += batch.num_rows
-        changed: set[int] = set()
-        columns = []
-        for name, column in zip(batch.schema.names, batch.columns, strict=True):
-            if (kind := self.kinds.get(name)) is not None:
-                at = where.at(path=(name,))
-                column = getattr(self, f"_{kind}")(column, at, first_row, changed)
-            columns.append(column)
-        self.counts.records_rewritten += len(changed)
-        return pa.RecordBatch.from_arrays(columns, schema=self.schema)
-
-    def _cells(self, column: pa.Array, row: Row, changed: set[int]) -> pa.Array:
+    def rewrite_image_cells(self, column: pa.Array, row: Row, changed: set[int]) -> pa.Array:
         """Store every ``bytes`` of an image struct array; return it with null bytes and plain paths."""
         blobs_array, paths_array = column.flatten()
         blobs, paths = blobs_array.to_pylist(), paths_array.to_pylist()
@@ -108,43 +79,20 @@ class OffloadColumns:
                 self.counts.already_file += 1
         return image_cells(column, paths, normal_image_type(column.type), paths=True)
 
-    def _image(self, column: pa.Array, where: Where, first_row: int, changed: set[int]) -> pa.Array:
-        return self._cells(column, lambda i: (first_row + i, where.at(index=first_row + i)), changed)
+    def strings_to_rewrite(self, column: pa.Array) -> pa.Array:
+        return pc.starts_with(column, "data:")
 
-    def _images(self, column: pa.Array, where: Where, first_row: int, changed: set[int]) -> pa.Array:
-        items, row = list_items(column, first_row, where)
-        return rebuild_list(column, self._cells(items, row, changed))
+    def rewrite_string(self, value: str, where: Where) -> str:
+        return plain_path(self.offloader.data_url(value, where, self.counts))
+
+    def rewrite_record(self, record: dict[str, Any], where: Where) -> RecordCounts:
+        return self.offloader.record(record, where, reshape=False)
 
     def _binary(self, column: pa.Array, where: Where, first_row: int, changed: set[int]) -> pa.Array:
         kind = image_type(column.type)
         paths = pa.nulls(len(column), pa.string())
         structs = pa.StructArray.from_arrays([column, paths], fields=list(kind), mask=column.is_null())
         return self._image(structs, where, first_row, changed)
-
-    def _data_url(self, column: pa.Array, where: Where, first_row: int, changed: set[int]) -> pa.Array:
-        is_data = pc.fill_null(pc.starts_with(column, "data:"), False)
-        if not pc.any(is_data).as_py():
-            return column
-        values = column.to_pylist()
-        for index in pc.indices_nonzero(is_data).to_pylist():
-            uri = self.offloader.data_url(values[index], where.at(index=first_row + index), self.counts)
-            values[index] = plain_path(uri)
-            changed.add(first_row + index)
-        return pa.array(values, column.type)
-
-    def _nested(self, column: pa.Array, where: Where, first_row: int, changed: set[int]) -> pa.Array:
-        name = where.path[0]  # type: ignore[index]
-        values, rewritten = column.to_pylist(), False
-        for index, value in enumerate(values):
-            # The column's name heads the JSON path of every part found in the cell.
-            record = {name: value}
-            found = self.offloader.record(record, where.at(index=first_row + index, path=None), reshape=False)
-            rewrote, found.records, found.records_rewritten = found.records_rewritten, 0, 0
-            self.counts.add(found)
-            if rewrote:
-                values[index], rewritten = record[name], True
-                changed.add(first_row + index)
-        return pa.array(values, column.type) if rewritten else column
 
 
 def _first_is_image(column: pa.Array) -> bool:
@@ -174,7 +122,7 @@ def offload_table(
     arrow, wrap = table_of(table)
     offloader = Offloader(open_store(assets), options)
     with offloader.store.syncing():
-        return wrap(map_table(arrow, lambda schema, first: OffloadColumns(offloader, schema, first)))
+        return wrap(map_table(arrow, partial(OffloadColumns, offloader)))
 
 
 def offload_parquet(
@@ -188,11 +136,4 @@ def offload_parquet(
     Raises:
         BadInputError: the file is not Parquet, or a bad image cell (file, row, column path).
     """
-    work: list[OffloadColumns] = []
-
-    def plan(schema: pa.Schema, first: pa.RecordBatch | None) -> OffloadColumns:
-        work.append(OffloadColumns(offloader, schema, first))
-        return work[0]
-
-    map_row_groups(source, out, plan, advance)
-    return work[0].counts if work else RecordCounts()
+    return map_row_groups(source, out, partial(OffloadColumns, offloader), advance).counts
