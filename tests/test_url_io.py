@@ -41,8 +41,9 @@ def record(seed: int = 21) -> bytes:
     return msgspec.json.encode({"messages": [{"role": "user", "content": [part]}]}) + b"\n"
 
 
-def test_offload_reads_and_writes_s3_urls_without_mangling_them(tmp_path, bucket):
+def test_offload_reads_and_writes_s3_urls_without_mangling_them(tmp_path, bucket, monkeypatch):
     put(f"{bucket}/in/rollouts.jsonl", record())
+    monkeypatch.chdir(tmp_path)  # a URL taken for a path would land here, as `s3:/...`
 
     result = runner.invoke(
         app,
@@ -62,6 +63,7 @@ def test_offload_reads_and_writes_s3_urls_without_mangling_them(tmp_path, bucket
     written = json.loads(cat(f"{bucket}/out/rollouts.jsonl"))
     url = written["messages"][0]["content"][0]["image_url"]["url"]
     assert url == (tmp_path / "a" / f"{content_hash(PNG)}.png").as_uri()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a"]
 
 
 def test_an_s3_prefix_is_expanded_and_mirrored_under_an_output_prefix(tmp_path, bucket):
@@ -91,9 +93,12 @@ def test_a_parquet_file_on_s3_is_offloaded_and_inlined_back(tmp_path, bucket):
         app, ["offload", f"{bucket}/t.parquet", "-o", f"{bucket}/o.parquet", "--assets", assets]
     )
     inlined = runner.invoke(app, ["inline", f"{bucket}/o.parquet", "-o", str(tmp_path / "back.parquet")])
+    inlined_to_s3 = runner.invoke(app, ["inline", f"{bucket}/o.parquet", "-o", f"{bucket}/back.parquet"])
 
     assert (offloaded.exit_code, inlined.exit_code) == (0, 0), offloaded.output + inlined.output
     assert pq.read_table(tmp_path / "back.parquet").to_pylist() == table.to_pylist()
+    assert inlined_to_s3.exit_code == 0, inlined_to_s3.output
+    assert cat(f"{bucket}/back.parquet") == (tmp_path / "back.parquet").read_bytes()
 
 
 def test_a_missing_s3_input_is_named_before_any_work(tmp_path, bucket):

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import msgspec
 
-from mmoffload.errors import UsageError
 from mmoffload.inline.records import InlineCounts, Inliner
 from mmoffload.io.inputs import InputFormat, is_stdio, iter_lines, location, open_input, reads_parquet
-from mmoffload.io.outputs import atomic_writer, check_distinct, check_output_path, open_output
+from mmoffload.io.outputs import check_distinct, check_output_path, open_output
 from mmoffload.store.read import AllowedRoots
 
 
@@ -74,15 +73,9 @@ def inline_files(
     with contextlib.ExitStack() as commits:
         for source, target in zip(inputs, outputs, strict=True):
             if reads_parquet(source, input_format):
-                if is_stdio(source):
-                    raise UsageError(
-                        "Expected a Parquet file, got stdin (`-`): Parquet is read by its footer"
-                    )
                 from mmoffload.inline.parquet import inline_parquet  # Only Parquet runs import pyarrow.
 
-                out = commits.enter_context(
-                    open_output(target) if is_stdio(target) else atomic_writer(target)
-                )
+                out = commits.enter_context(open_output(target, compress=False))
                 report.add(inline_parquet(source, out, inliner, advance))
             else:
                 out = commits.enter_context(open_output(target))

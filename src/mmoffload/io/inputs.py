@@ -84,7 +84,13 @@ InputFormat = Literal["auto", "jsonl", "parquet"]
 
 
 def reads_parquet(path: str | os.PathLike[str], input_format: InputFormat = "auto") -> bool:
-    """Whether an input is read as Parquet: said by ``input_format``, else told by ``is_parquet``."""
+    """Whether an input is read as Parquet: said by ``input_format``, else told by ``is_parquet``.
+
+    Raises:
+        UsageError: Parquet is said for stdin, which cannot be read by its footer.
+    """
+    if input_format == "parquet" and is_stdio(path):
+        raise UsageError("Expected a Parquet file, got stdin (`-`): Parquet is read by its footer")
     return input_format == "parquet" or (input_format == "auto" and is_parquet(path))
 
 

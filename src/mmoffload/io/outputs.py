@@ -315,9 +315,10 @@ def _identity(path: Path) -> tuple[Any, ...]:
 
 
 @contextlib.contextmanager
-def open_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+def open_output(path: str | os.PathLike[str], *, compress: bool = True) -> Iterator[BinaryIO]:
     """Yield a binary output: ``-`` is stdout, a URL is put when the block succeeds, else an
-    ``atomic_writer``; an output named ``.gz`` or ``.zst`` is compressed."""
+    ``atomic_writer``; an output named ``.gz`` or ``.zst`` is compressed, unless ``compress`` is
+    False (a format that compresses its own pages: Parquet)."""
     if is_stdio(path):
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
@@ -329,7 +330,7 @@ def open_output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
         writer = url_writer(target)
     else:
         writer = atomic_writer(target)
-    with writer as raw, _compressed(raw, os.fspath(path)) as out:
+    with writer as raw, _compressed(raw, os.fspath(path)) if compress else contextlib.nullcontext(raw) as out:
         yield out
 
 

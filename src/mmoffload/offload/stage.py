@@ -190,14 +190,10 @@ def _offload_parquet(
     report: OffloadReport,
 ) -> None:
     """Offload one Parquet input into its output (committed with the others at the end)."""
-    if is_stdio(source):
-        raise UsageError("Expected a Parquet file, got stdin (`-`): Parquet is read by its footer")
     # Only a Parquet run imports pyarrow (the `parquet` extra).
     from mmoffload.offload.parquet import offload_parquet
 
-    # open_output would compress a `.gz` name; a Parquet file compresses its own pages.
-    local = isinstance(target, Path) and not is_stdio(target)
-    out = commits.enter_context(atomic_writer(target) if local else open_output(target))
+    out = commits.enter_context(open_output(target, compress=False))
     report.add(offload_parquet(source, out, task.offloader(), advance))
     report.outputs.append("<stdout>" if is_stdio(target) else str(target))
 
