@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -36,3 +37,21 @@ def test_engine_items_equal_vllms_own_processing_in_the_models_dtype() -> None:
     for line in lines:
         assert line["ours"] == line["theirs"] == f"torch.{line['dtype']}", line
         assert line["equal"], line
+
+
+def test_a_processor_that_takes_no_plain_image_gives_the_models_dtype_and_the_server_starts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    torch = pytest.importorskip("torch")
+    from mmoffload.inference.engine import vllm_pixel_dtype
+
+    def refuses() -> object:
+        raise ValueError("expected `medias`, got `images`")
+
+    # The shape of vLLM's processor info that the probe reads: a processor that refuses a plain image.
+    info = SimpleNamespace(
+        get_hf_processor=refuses, ctx=SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float16))
+    )
+
+    assert vllm_pixel_dtype(SimpleNamespace(info=info), "pixel_values") == torch.float16
+    assert "Could not learn vLLM's pixel dtype (ValueError: expected `medias`" in caplog.text

@@ -17,6 +17,7 @@ cached. Only ``mmoffload serve`` imports this module (it imports vLLM and torch)
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ from mmoffload.store.read import AllowedRoots
 warnings.filterwarnings(
     "ignore", "The given NumPy array is not writable", UserWarning, r"mmoffload\.inference\.engine"
 )
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -219,9 +221,22 @@ def vllm_pixel_dtype(mm_processor: Any, pixel_kwarg: str) -> torch.dtype:
     Engine items must match it: vLLM concatenates a batch's pixels into the first item's dtype, so
     a float item after a uint8 one fails the batch and kills the engine. 0-255 levels are exact in
     every float dtype, so the cast changes no value the engine sees.
+
+    A processor that cannot take one image this way gets the model's dtype (vLLM's cast of float
+    pixels), with a warning: the server still starts.
     """
     info = mm_processor.info
-    hf_processor = info.get_hf_processor()
-    image_processor = getattr(hf_processor, "image_processor", hf_processor)
-    out = info.ctx.call_hf_processor(image_processor, {"images": [Image.new("RGB", (224, 224))]})
-    return out[pixel_kwarg].dtype
+    try:
+        hf_processor = info.get_hf_processor()
+        image_processor = getattr(hf_processor, "image_processor", hf_processor)
+        out = info.ctx.call_hf_processor(image_processor, {"images": [Image.new("RGB", (224, 224))]})
+        return out[pixel_kwarg].dtype
+    except Exception as exc:  # processors raise anything; this only picks a dtype
+        dtype = info.ctx.model_config.dtype
+        _logger.warning(
+            "Could not learn vLLM's pixel dtype (%s: %.200s); sending %s pixels",
+            type(exc).__name__,
+            exc,
+            dtype,
+        )
+        return dtype
